@@ -1,0 +1,54 @@
+//! Entry (aarch64-rt at EL1), the boot page table, exceptions and panics.
+
+use aarch64_rt::{
+    ExceptionHandlers, InitialPagetable, entry, exception_handlers, initial_pagetable,
+};
+
+use crate::console::{self, println};
+use crate::hyp;
+
+/// Stage-1 page table used from the first instruction: 1 GiB identity
+/// blocks, device memory below RAM (the PL011), normal memory for RAM.
+/// MAIR index 0 is Device-nGnRE, index 1 Normal write-back (aarch64-rt's
+/// `DEFAULT_MAIR`).
+const fn pagetable() -> InitialPagetable {
+    const VALID: usize = 1;
+    const ATTR_DEVICE: usize = 0 << 2;
+    const ATTR_NORMAL: usize = 1 << 2;
+    const SH_INNER: usize = 3 << 8;
+    const AF: usize = 1 << 10;
+    const PXN: usize = 1 << 53;
+    const UXN: usize = 1 << 54;
+    let mut table = [0; 512];
+    table[0] = VALID | ATTR_DEVICE | AF | PXN | UXN;
+    table[1] = (1 << 30) | VALID | ATTR_NORMAL | SH_INNER | AF;
+    InitialPagetable(table)
+}
+
+initial_pagetable!(pagetable());
+
+/// Any exception is unexpected for this guest: aarch64-rt's default
+/// handlers panic, and the panic handler reports a failure.
+struct Exceptions;
+impl ExceptionHandlers for Exceptions {}
+exception_handlers!(Exceptions);
+
+entry!(main, 16);
+
+/// Flag bit 0 in `x1`: add a deliberately failing test.
+const FLAG_FAIL: u64 = 1;
+
+fn main(_dtb: u64, flags: u64, _x2: u64, _x3: u64) -> ! {
+    console::init();
+    println!("guest: running at EL1 under lazyhyp (flags {flags:#x})");
+    let (passed, failed) = crate::tests::run_all(flags & FLAG_FAIL != 0);
+    println!("guest: {passed} passed, {failed} failed");
+    hyp::report_and_power_off(passed, failed)
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    console::print_in_panic(format_args!("guest: PANIC: {info}\n"));
+    // A panicking guest counts as a failed run.
+    hyp::report_and_power_off(0, 1)
+}

@@ -1,0 +1,481 @@
+//! AArch64 EL2: boot, the hypervisor's main flow, trap entry points, panic.
+//!
+//! Boot, in order:
+//! 1. aarch64-rt's entry (before any Rust): boot page table (1 GiB identity
+//!    blocks: device memory below RAM, normal memory for the first GiB of
+//!    RAM), MMU and caches on, `.bss` zeroed, boot stack set.
+//! 2. [`main`]: console; device tree (QEMU puts it at the start of RAM for an
+//!    ELF kernel) for RAM and bootargs; the guest payload's extent; the
+//!    memory layout; heap; the EL2 map, switched to with the MMU off; the
+//!    page pool; the guest's stage 2; the guest image copied in; EL2 controls
+//!    for the guest; `ERET` into it.
+
+pub mod cache;
+pub mod console;
+pub mod el2map;
+pub mod mm_hw;
+pub mod semihosting;
+pub mod sysreg;
+pub mod vectors;
+pub mod vm;
+
+use aarch64_paging::idmap::IdMap;
+use aarch64_paging::paging::El2;
+use aarch64_rt::InitialPagetable;
+use buddy_system_allocator::LockedHeap;
+use core::fmt::Write;
+use core::ops::Range;
+use spin::Once;
+use spin::mutex::SpinMutex;
+
+use crate::bootargs::BootArgs;
+use crate::esr::Esr;
+use crate::layout::{Layout, LayoutInput};
+use crate::loader::GuestElf;
+use crate::mm::arch::Vmid;
+use crate::mm::counters::MmCounters;
+use crate::mm::pool::PagePool;
+use crate::mm::stage2::{S2Attrs, Stage2};
+use crate::mm::{PAGE_SIZE, PhysAddr, align_up};
+use crate::vcpu::{ExitCounters, GuestRegs, Stop, Trap, TrapReport, Vcpu};
+use console::{PL011_BASE, println};
+use mm_hw::HwMmArch;
+use sysreg::read_sysreg;
+
+/// IPA at which guest RAM starts (as RAM does on QEMU `virt`).
+pub const GUEST_RAM_IPA: u64 = 0x4000_0000;
+
+/// Largest guest payload accepted.
+const MAX_PAYLOAD: usize = 64 << 20;
+
+/// Where QEMU places the device tree for an ELF kernel: the start of RAM.
+const DTB_ADDR: usize = 0x4000_0000;
+
+/// The guest's VMID.
+const GUEST_VMID: Vmid = Vmid(1);
+
+/// Exit statuses of QEMU, as documented in `docs/run-contract.md`.
+mod exit_code {
+    pub const PASS: u32 = 0;
+    pub const GUEST_FAILED: u32 = 1;
+    pub const NO_REPORT: u32 = 2;
+    pub const CRASH: u32 = 3;
+    pub const SETUP: u32 = 4;
+}
+
+/// Boot page table for aarch64-rt, used until the EL2 map is built: a level-1
+/// table of 1 GiB identity blocks with MAIR indices as in [`el2map::MAIR_EL2`].
+const fn boot_pagetable() -> InitialPagetable {
+    const VALID: usize = 1;
+    const ATTR_DEVICE: usize = 0 << 2;
+    const ATTR_NORMAL: usize = 1 << 2;
+    const AP1_RES1: usize = 1 << 6;
+    const SH_INNER: usize = 3 << 8;
+    const AF: usize = 1 << 10;
+    const XN: usize = 1 << 54;
+    let mut table = [0; 512];
+    // 0..1 GiB: GIC, PL011 and the other devices of `virt`.
+    table[0] = VALID | ATTR_DEVICE | AP1_RES1 | AF | XN;
+    // 1..2 GiB: the first GiB of RAM (image, device tree, payload).
+    table[1] = (1 << 30) | VALID | ATTR_NORMAL | AP1_RES1 | SH_INNER | AF;
+    InitialPagetable(table)
+}
+
+// The boot map is RWX (1 GiB blocks), so the boot SCTLR leaves WXN off; its
+// TCR uses PS = 40 bits, enough for the first 2 GiB it maps.
+aarch64_rt::initial_pagetable!(
+    boot_pagetable(),
+    el2map::MAIR_EL2,
+    el2map::SCTLR_EL2 & !(1 << 19),
+    el2map::tcr_el2(2)
+);
+
+#[global_allocator]
+static HEAP: LockedHeap<32> = LockedHeap::empty();
+
+/// The EL2 map; kept forever once active.
+static EL2_MAP: Once<SpinMutex<IdMap<El2>>> = Once::new();
+/// The page pool for translation tables.
+static POOL: Once<spin::Mutex<PagePool>> = Once::new();
+/// mm core counters.
+static MM_COUNTERS: MmCounters = MmCounters::new();
+/// Guest exit counters.
+static EXITS: ExitCounters = ExitCounters::new();
+/// The guest.
+static VM: Once<SpinMutex<Vm>> = Once::new();
+
+/// The one guest.
+struct Vm {
+    /// Owned here so the tables live as long as the guest. Nothing changes
+    /// them after boot yet: the guest interface (hypercalls, stage-2 faults)
+    /// will.
+    #[expect(
+        dead_code,
+        reason = "kept alive for the guest; used by the coming guest interface"
+    )]
+    stage2: Stage2<'static, HwMmArch>,
+    vcpu: Vcpu,
+}
+
+/// The hypervisor's main function, called by aarch64-rt's entry on the boot
+/// stack with the boot map active.
+pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
+    vectors::install();
+    console::init(log::LevelFilter::Info);
+    if sysreg::current_el() != 2 {
+        setup_error(format_args!(
+            "entered at EL{}, not EL2",
+            sysreg::current_el()
+        ));
+    }
+
+    // SAFETY: QEMU placed a device tree at the start of RAM (checked by the
+    // parser's magic and size checks); the boot map covers it read-write.
+    let fdt = unsafe { fdt::Fdt::from_ptr(DTB_ADDR as *const u8) }
+        .unwrap_or_else(|e| setup_error(format_args!("no device tree at {DTB_ADDR:#x}: {e:?}")));
+    let bootargs = BootArgs::parse(fdt.chosen().bootargs().unwrap_or(""))
+        .unwrap_or_else(|e| setup_error(format_args!("{e}")));
+    log::set_max_level(bootargs.log);
+    log::info!(
+        "lazyhyp {} at EL2, bootargs {:?}",
+        env!("CARGO_PKG_VERSION"),
+        bootargs
+    );
+
+    let ram = fdt
+        .memory()
+        .regions()
+        .next()
+        .and_then(|r| {
+            let start = r.starting_address as usize;
+            Some(start..start.checked_add(r.size?)?)
+        })
+        .unwrap_or_else(|| setup_error(format_args!("device tree has no memory region")));
+    let dtb = DTB_ADDR..align_up(DTB_ADDR + fdt.total_size(), PAGE_SIZE);
+    let image = el2map::ImageLayout::get();
+    log::info!(
+        "RAM {:#x}..{:#x}, image {:#x}..{:#x}",
+        ram.start,
+        ram.end,
+        image.whole().start,
+        image.whole().end
+    );
+
+    // The boot map covers the first GiB of RAM: the payload must be there.
+    let boot_ram_end = ram.end.min(ram.start + (1 << 30));
+    if !(ram.start..boot_ram_end).contains(&bootargs.payload) {
+        setup_error(format_args!(
+            "payload address {:#x} is not in the first GiB of RAM",
+            bootargs.payload
+        ));
+    }
+    let payload_len = (boot_ram_end - bootargs.payload).min(MAX_PAYLOAD);
+    // SAFETY: the range is RAM covered by the boot map; it is only read, and
+    // nothing writes it until the guest image has been copied out of it.
+    let payload_bytes =
+        unsafe { core::slice::from_raw_parts(bootargs.payload as *const u8, payload_len) };
+    let guest_elf = GuestElf::parse(payload_bytes).unwrap_or_else(|e| {
+        setup_error(format_args!(
+            "guest payload at {:#x}: {e}",
+            bootargs.payload
+        ))
+    });
+    let payload = bootargs.payload..align_up(bootargs.payload + guest_elf.file_size(), PAGE_SIZE);
+
+    let guest_ram = bootargs.guest_ram_mib << 20;
+    let layout = Layout::new(&LayoutInput {
+        ram: ram.clone(),
+        in_use: [
+            ("device tree", dtb.clone()),
+            ("hypervisor image", image.whole()),
+            ("guest payload", payload.clone()),
+        ],
+        guest_ram,
+    })
+    .unwrap_or_else(|e| setup_error(format_args!("memory layout: {e}")));
+    log::info!(
+        "heap {:#x?}, pool {:#x?}, guest RAM backing {:#x?}, payload {:#x?}",
+        layout.heap,
+        layout.pool,
+        layout.guest_backing,
+        payload
+    );
+
+    // SAFETY: the layout gave the heap region to the heap alone; it is RAM
+    // mapped read-write by the boot map and by the EL2 map built next.
+    unsafe {
+        HEAP.lock()
+            .init(layout.heap.start, layout.heap.end - layout.heap.start)
+    };
+
+    let pa_range = sysreg::pa_range();
+    let mut map = el2map::build(
+        &image,
+        &el2map::El2Regions {
+            read_only: [dtb, payload],
+            read_write: [
+                layout.heap.clone(),
+                layout.pool.clone(),
+                layout.guest_backing.clone(),
+            ],
+        },
+    );
+    // SAFETY: the map covers the image, stacks, heap and console at their
+    // addresses, and is kept in a static forever below.
+    unsafe { el2map::activate(&mut map, pa_range) };
+    EL2_MAP.call_once(|| SpinMutex::new(map));
+    log::info!("EL2 map active");
+
+    // SAFETY: the layout gave the pool region to the pool alone, and the EL2
+    // map maps it read-write at the same addresses.
+    let pool = POOL.call_once(|| spin::Mutex::new(unsafe { PagePool::new(layout.pool.clone()) }));
+    let mut stage2 = Stage2::new(GUEST_VMID, HwMmArch, pool, &MM_COUNTERS)
+        .unwrap_or_else(|e| setup_error(format_args!("stage-2 root table: {e:?}")));
+    let vtcr = vm::vtcr_el2(pa_range)
+        .unwrap_or_else(|| setup_error(format_args!("PARange {pa_range} is below 40 bits")));
+
+    load_guest(&guest_elf, &layout.guest_backing, guest_ram);
+    stage2
+        .map(
+            GUEST_RAM_IPA,
+            guest_ram,
+            layout.guest_backing.start,
+            S2Attrs::RAM,
+        )
+        .unwrap_or_else(|e| setup_error(format_args!("mapping guest RAM: {e:?}")));
+    stage2
+        .map(PL011_BASE as u64, PAGE_SIZE, PL011_BASE, S2Attrs::DEVICE)
+        .unwrap_or_else(|e| setup_error(format_args!("mapping the PL011: {e:?}")));
+    log::info!(
+        "guest RAM IPA {GUEST_RAM_IPA:#x}..{:#x} -> PA {:#x}",
+        GUEST_RAM_IPA + guest_ram as u64,
+        layout.guest_backing.start
+    );
+
+    let vttbr = stage2.vttbr();
+    VM.call_once(|| {
+        SpinMutex::new(Vm {
+            stage2,
+            vcpu: Vcpu::default(),
+        })
+    });
+
+    // SAFETY: the stage-2 tables live in a static forever and map only guest
+    // RAM backing and the PL011; vtcr describes them.
+    unsafe { vm::configure(vttbr, vtcr) };
+
+    let entry = guest_elf_entry(&guest_elf, guest_ram);
+    let mut regs = GuestRegs::default();
+    regs.x[0] = 0; // no device tree for the test guest
+    regs.x[1] = bootargs.guest_flags;
+    regs.elr = entry;
+    regs.spsr = SPSR_EL1H_MASKED;
+    log::info!("entering guest at {entry:#x}");
+    // SAFETY: stage 2, EL2 controls and vectors are set up; everything `main`
+    // set up lives in statics, so its stack frames may be discarded.
+    unsafe { vectors::enter_guest(&regs, image.boot_stack.end) }
+}
+
+/// `SPSR_EL2` for entering the guest: EL1h, with D, A, I and F masked.
+const SPSR_EL1H_MASKED: u64 = 0x3c5;
+
+/// Copies the guest's segments into its RAM backing and zeroes the rest of
+/// it, then makes it all visible to a guest running with caches off.
+fn load_guest(elf: &GuestElf<'_>, backing: &Range<PhysAddr>, guest_ram: usize) {
+    let to_pa = |ipa: u64| backing.start + (ipa - GUEST_RAM_IPA) as usize;
+    // Fresh RAM may hold anything: the guest gets zeroes.
+    // SAFETY: the backing is ours alone and mapped read-write by the EL2 map.
+    unsafe { core::ptr::write_bytes(backing.start as *mut u8, 0, guest_ram) };
+    elf.load(
+        &(GUEST_RAM_IPA..GUEST_RAM_IPA + guest_ram as u64),
+        |ipa, bytes| {
+            // SAFETY: `load` checked the segment lies in guest RAM, whose
+            // backing is ours and mapped read-write; source and destination
+            // are different regions.
+            unsafe {
+                core::ptr::copy_nonoverlapping(bytes.as_ptr(), to_pa(ipa) as *mut u8, bytes.len());
+            }
+        },
+        |ipa, len| {
+            // SAFETY: as above.
+            unsafe { core::ptr::write_bytes(to_pa(ipa) as *mut u8, 0, len) };
+        },
+    )
+    .unwrap_or_else(|e| setup_error(format_args!("loading the guest: {e}")));
+    cache::clean_invalidate_to_poc_and_sync_icache(backing.start, guest_ram);
+}
+
+fn guest_elf_entry(elf: &GuestElf<'_>, guest_ram: usize) -> u64 {
+    // `load` already checked the entry lies in a loaded segment; loading
+    // again into a sink just returns it.
+    elf.load(
+        &(GUEST_RAM_IPA..GUEST_RAM_IPA + guest_ram as u64),
+        |_, _| {},
+        |_, _| {},
+    )
+    .map(|img| img.entry)
+    .unwrap_or_else(|e| setup_error(format_args!("guest entry: {e}")))
+}
+
+/// Called from the lower-EL synchronous vector.
+pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
+    let trap = Trap {
+        esr: Esr(read_sysreg!("esr_el2")),
+        far: read_sysreg!("far_el2"),
+        hpfar: read_sysreg!("hpfar_el2"),
+    };
+    let vm = VM.get().expect("guest traps only after the VM exists");
+    let exit = vm.lock().vcpu.handle_sync(regs, trap, &EXITS);
+    if let crate::vcpu::Exit::Stop(stop) = exit {
+        finish(stop, regs);
+    }
+}
+
+/// Called from the lower-EL IRQ, FIQ and SError vectors (and AArch32
+/// vectors): none is routed to EL2, so any is a fatal surprise.
+pub(crate) fn handle_guest_async(regs: &mut GuestRegs, kind: vectors::Kind) {
+    crate::mm::counters::inc(&EXITS.exits_irq);
+    println!("LAZYHYP-PANIC: unexpected {kind:?} exception from the guest");
+    report_trap("guest (EL1)", regs);
+    exit(exit_code::CRASH, "guest-unexpected-exception");
+}
+
+/// Called from the current-EL vectors, on the emergency stack.
+pub(crate) fn handle_el2_exception(regs: &GuestRegs, kind: vectors::Kind) -> ! {
+    console::print_in_panic(format_args!("LAZYHYP-PANIC: {kind:?} exception at EL2\n"));
+    report_trap("hypervisor (EL2)", regs);
+    exit(exit_code::CRASH, "hypervisor-exception")
+}
+
+fn report_trap(origin: &str, regs: &GuestRegs) {
+    let trap = Trap {
+        esr: Esr(read_sysreg!("esr_el2")),
+        far: read_sysreg!("far_el2"),
+        hpfar: read_sysreg!("hpfar_el2"),
+    };
+    let report = TrapReport {
+        origin,
+        trap,
+        elr: regs.elr,
+        spsr: regs.spsr,
+    };
+    console::print_in_panic(format_args!("{report}\n"));
+    print_registers(regs);
+}
+
+fn print_registers(regs: &GuestRegs) {
+    for (i, pair) in regs.x.chunks(2).enumerate() {
+        match pair {
+            [a, b] => println!("  x{:<2} {a:#018x}  x{:<2} {b:#018x}", 2 * i, 2 * i + 1),
+            [a] => println!("  x{:<2} {a:#018x}", 2 * i),
+            _ => {}
+        }
+    }
+}
+
+/// Ends the run after the guest stopped: its report, the counters, the exit
+/// status.
+fn finish(stop: Stop, regs: &GuestRegs) -> ! {
+    let report = VM.get().and_then(|vm| vm.lock().vcpu.report);
+    if let Some(r) = report {
+        println!("LAZYHYP-RESULT: passed={} failed={}", r.passed, r.failed);
+    }
+    match stop {
+        Stop::SystemOff | Stop::SystemReset => {
+            let reason = if stop == Stop::SystemOff {
+                "system-off"
+            } else {
+                "system-reset"
+            };
+            match report {
+                Some(r) if r.failed == 0 && r.passed > 0 => exit(exit_code::PASS, reason),
+                Some(_) => exit(exit_code::GUEST_FAILED, reason),
+                None => exit(exit_code::NO_REPORT, reason),
+            }
+        }
+        Stop::UnhandledTrap(trap) => {
+            println!("LAZYHYP-PANIC: unhandled trap from the guest");
+            let report = TrapReport {
+                origin: "guest (EL1)",
+                trap,
+                elr: regs.elr,
+                spsr: regs.spsr,
+            };
+            println!("{report}");
+            print_registers(regs);
+            exit(exit_code::CRASH, "guest-unhandled-trap")
+        }
+    }
+}
+
+fn print_stats() {
+    let mut line = heapless_line();
+    let mut add = |name: &str, value: u64| {
+        let _ = write!(line, " {name}={value}");
+    };
+    MM_COUNTERS.for_each(&mut add);
+    EXITS.for_each(&mut add);
+    console::print_in_panic(format_args!("LAZYHYP-STATS:{}\n", line.as_str()));
+}
+
+/// A fixed-capacity string for the stats line, so printing it needs no heap
+/// (it is also printed on the panic path).
+fn heapless_line() -> LineBuf {
+    LineBuf {
+        buf: [0; 1024],
+        len: 0,
+    }
+}
+
+struct LineBuf {
+    buf: [u8; 1024],
+    len: usize,
+}
+
+impl LineBuf {
+    fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.buf[..self.len]).unwrap_or("<stats line not UTF-8>")
+    }
+}
+
+impl Write for LineBuf {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let end = self
+            .len
+            .checked_add(s.len())
+            .filter(|&e| e <= self.buf.len())
+            .ok_or(core::fmt::Error)?;
+        self.buf[self.len..end].copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// Prints the counters and the exit marker, then ends QEMU with `code`.
+fn exit(code: u32, reason: &str) -> ! {
+    print_stats();
+    console::print_in_panic(format_args!("LAZYHYP-EXIT: code={code} reason={reason}\n"));
+    semihosting::exit(code)
+}
+
+/// Reports a setup failure and ends QEMU with the setup status.
+fn setup_error(args: core::fmt::Arguments<'_>) -> ! {
+    console::print_in_panic(format_args!("lazyhyp: setup error: {args}\n"));
+    exit(exit_code::SETUP, "setup-error")
+}
+
+/// PSCI `SYSTEM_OFF` to QEMU's firmware (conduit SMC at EL2).
+pub fn psci_system_off() -> ! {
+    let _ = smccc::psci::system_off::<smccc::Smc>();
+    loop {
+        // SAFETY: waiting for an interrupt that will not come; nothing else
+        // is left to do.
+        unsafe { core::arch::asm!("wfi", options(nomem, nostack, preserves_flags)) };
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    console::print_in_panic(format_args!("LAZYHYP-PANIC: {info}\n"));
+    exit(exit_code::CRASH, "panic")
+}

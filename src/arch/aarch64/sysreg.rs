@@ -1,0 +1,60 @@
+//! System register access that the `aarch64-cpu` crate does not cover, and
+//! CPU feature checks.
+
+/// Reads a system register by name.
+macro_rules! read_sysreg {
+    ($name:literal) => {{
+        let value: u64;
+        // SAFETY: reading a system register has no side effect on memory.
+        unsafe {
+            core::arch::asm!(concat!("mrs {0}, ", $name), out(reg) value, options(nomem, nostack, preserves_flags));
+        }
+        value
+    }};
+}
+
+/// Writes a system register by name.
+///
+/// Not `nomem`: callers rely on the compiler keeping memory accesses (such as
+/// page-table writes) on their side of a register write.
+macro_rules! write_sysreg {
+    ($name:literal, $value:expr) => {{
+        let value: u64 = $value;
+        // SAFETY: the caller's comment says why this value is safe for this
+        // register at this point; the write touches no Rust-visible memory.
+        unsafe {
+            core::arch::asm!(concat!("msr ", $name, ", {0}"), in(reg) value, options(nostack, preserves_flags));
+        }
+    }};
+}
+
+pub(crate) use read_sysreg;
+pub(crate) use write_sysreg;
+
+/// `ID_AA64MMFR0_EL1.PARange`, bits \[3:0\].
+pub fn pa_range() -> u64 {
+    read_sysreg!("id_aa64mmfr0_el1") & 0xf
+}
+
+/// FEAT_PAuth: `ID_AA64ISAR1_EL1.{APA,API,GPA,GPI}` or `ID_AA64ISAR2_EL1.{APA3,GPA3}`.
+pub fn has_pauth() -> bool {
+    let isar1 = read_sysreg!("id_aa64isar1_el1");
+    let isar2 = read_sysreg!("id_aa64isar2_el1");
+    // APA [7:4], API [11:8], GPA [27:24], GPI [31:28]; APA3 [15:12], GPA3 [11:8].
+    isar1 & 0xff00_0ff0 != 0 || isar2 & 0xff00 != 0
+}
+
+/// GICv3 system register interface: `ID_AA64PFR0_EL1.GIC`, bits \[27:24\].
+pub fn has_gic_sysregs() -> bool {
+    (read_sysreg!("id_aa64pfr0_el1") >> 24) & 0xf != 0
+}
+
+/// FEAT_TLBIRANGE: `ID_AA64ISAR0_EL1.TLB`, bits \[59:56\], equals 2.
+pub fn has_tlbi_range() -> bool {
+    (read_sysreg!("id_aa64isar0_el1") >> 56) & 0xf == 2
+}
+
+/// The current exception level.
+pub fn current_el() -> u64 {
+    (read_sysreg!("CurrentEL") >> 2) & 3
+}

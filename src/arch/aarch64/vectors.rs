@@ -1,0 +1,247 @@
+//! EL2 exception vectors, guest entry and exit.
+//!
+//! Exceptions from the guest (lower EL, AArch64) save all of `x0..x30`,
+//! `ELR_EL2` and `SPSR_EL2` as a [`GuestRegs`] frame on the EL2 stack, call a
+//! Rust handler with it, restore from it (so the handler can change results
+//! and the return address) and `ERET`. The guest's `SP_EL1` and system
+//! registers stay in the CPU; the hypervisor is built for the softfloat
+//! target, so it never touches the guest's FP/SIMD registers.
+//!
+//! Exceptions taken at EL2 itself are always fatal: their vectors switch to a
+//! separate emergency stack first (the fault may be a stack overflow into the
+//! guard page), save the same frame for the report, and never return.
+
+use core::arch::global_asm;
+
+use spin::mutex::SpinMutex;
+
+use crate::vcpu::{GUEST_REGS_SIZE, GuestRegs};
+
+/// Kind of exception, passed to the handlers in `x1`.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+#[repr(u64)]
+pub enum Kind {
+    /// Synchronous.
+    Sync = 0,
+    /// IRQ.
+    Irq = 1,
+    /// FIQ.
+    Fiq = 2,
+    /// SError.
+    SError = 3,
+}
+
+impl Kind {
+    fn from_raw(raw: u64) -> Self {
+        match raw {
+            0 => Self::Sync,
+            1 => Self::Irq,
+            2 => Self::Fiq,
+            _ => Self::SError,
+        }
+    }
+}
+
+/// Pages of the emergency stack used by EL2-internal exception handlers.
+const EMERGENCY_STACK_PAGES: usize = 4;
+
+#[unsafe(link_section = ".stack.emergency")]
+#[unsafe(no_mangle)]
+static mut EMERGENCY_STACK: aarch64_rt::Stack<EMERGENCY_STACK_PAGES> = aarch64_rt::Stack::new();
+
+global_asm!(
+    r#"
+.macro save_guest_regs
+    sub sp, sp, #{frame}
+    stp x0, x1, [sp, #16 * 0]
+    stp x2, x3, [sp, #16 * 1]
+    stp x4, x5, [sp, #16 * 2]
+    stp x6, x7, [sp, #16 * 3]
+    stp x8, x9, [sp, #16 * 4]
+    stp x10, x11, [sp, #16 * 5]
+    stp x12, x13, [sp, #16 * 6]
+    stp x14, x15, [sp, #16 * 7]
+    stp x16, x17, [sp, #16 * 8]
+    stp x18, x19, [sp, #16 * 9]
+    stp x20, x21, [sp, #16 * 10]
+    stp x22, x23, [sp, #16 * 11]
+    stp x24, x25, [sp, #16 * 12]
+    stp x26, x27, [sp, #16 * 13]
+    stp x28, x29, [sp, #16 * 14]
+    mrs x0, elr_el2
+    stp x30, x0, [sp, #16 * 15]
+    mrs x1, spsr_el2
+    str x1, [sp, #16 * 16]
+.endm
+
+/* An exception from the guest: save, handle, restore, return. */
+.macro lower_vector kind, handler
+    save_guest_regs
+    mov x0, sp
+    mov x1, #\kind
+    bl \handler
+    b lazyhyp_restore_guest_regs_and_eret
+.endm
+
+/* An exception at EL2: fatal. Report from the emergency stack. */
+.macro current_vector kind
+    msr tpidr_el2, x0
+    adrp x0, {emergency_stack} + {emergency_size}
+    add x0, x0, :lo12:{emergency_stack} + {emergency_size}
+    mov sp, x0
+    mrs x0, tpidr_el2
+    save_guest_regs
+    mov x0, sp
+    mov x1, #\kind
+    b {current_handler}
+.endm
+
+.section .text.lazyhyp_vectors, "ax"
+.balign 0x800
+.global lazyhyp_vectors
+lazyhyp_vectors:
+/* Current EL with SP_EL0: never used (EL2 runs on SP_EL2). */
+.balign 0x80
+    current_vector 0
+.balign 0x80
+    current_vector 1
+.balign 0x80
+    current_vector 2
+.balign 0x80
+    current_vector 3
+/* Current EL with SP_ELx. */
+.balign 0x80
+    current_vector 0
+.balign 0x80
+    current_vector 1
+.balign 0x80
+    current_vector 2
+.balign 0x80
+    current_vector 3
+/* Lower EL, AArch64: the guest. */
+.balign 0x80
+    lower_vector 0, {lower_sync}
+.balign 0x80
+    lower_vector 1, {lower_async}
+.balign 0x80
+    lower_vector 2, {lower_async}
+.balign 0x80
+    lower_vector 3, {lower_async}
+/* Lower EL, AArch32: impossible with HCR_EL2.RW = 1; reported if seen. */
+.balign 0x80
+    lower_vector 0, {lower_async}
+.balign 0x80
+    lower_vector 1, {lower_async}
+.balign 0x80
+    lower_vector 2, {lower_async}
+.balign 0x80
+    lower_vector 3, {lower_async}
+
+.balign 4
+.global lazyhyp_restore_guest_regs_and_eret
+lazyhyp_restore_guest_regs_and_eret:
+    ldp x30, x0, [sp, #16 * 15]
+    ldr x1, [sp, #16 * 16]
+    msr elr_el2, x0
+    msr spsr_el2, x1
+    ldp x0, x1, [sp, #16 * 0]
+    ldp x2, x3, [sp, #16 * 1]
+    ldp x4, x5, [sp, #16 * 2]
+    ldp x6, x7, [sp, #16 * 3]
+    ldp x8, x9, [sp, #16 * 4]
+    ldp x10, x11, [sp, #16 * 5]
+    ldp x12, x13, [sp, #16 * 6]
+    ldp x14, x15, [sp, #16 * 7]
+    ldp x16, x17, [sp, #16 * 8]
+    ldp x18, x19, [sp, #16 * 9]
+    ldp x20, x21, [sp, #16 * 10]
+    ldp x22, x23, [sp, #16 * 11]
+    ldp x24, x25, [sp, #16 * 12]
+    ldp x26, x27, [sp, #16 * 13]
+    ldp x28, x29, [sp, #16 * 14]
+    add sp, sp, #{frame}
+    eret
+    /* Nothing after ERET runs; stop straight-line speculation into it. */
+    dsb nsh
+    isb
+
+/*
+ * lazyhyp_enter_guest(regs: *const GuestRegs, stack_top: usize) -> !
+ * Resets SP_EL2 to `stack_top` (the hypervisor keeps no frames while the
+ * guest runs), copies the initial frame below it and returns into the guest.
+ */
+.balign 4
+.global lazyhyp_enter_guest
+lazyhyp_enter_guest:
+    mov sp, x1
+    sub sp, sp, #{frame}
+    mov x2, sp
+    mov x3, #({frame} / 16)
+0:  ldp x4, x5, [x0], #16
+    stp x4, x5, [x2], #16
+    subs x3, x3, #1
+    b.ne 0b
+    b lazyhyp_restore_guest_regs_and_eret
+"#,
+    frame = const GUEST_REGS_SIZE,
+    emergency_stack = sym EMERGENCY_STACK,
+    emergency_size = const EMERGENCY_STACK_PAGES * 4096,
+    lower_sync = sym lower_sync,
+    lower_async = sym lower_async,
+    current_handler = sym current_el_exception,
+);
+
+unsafe extern "C" {
+    static lazyhyp_vectors: u8;
+    fn lazyhyp_enter_guest(regs: *const GuestRegs, stack_top: usize) -> !;
+}
+
+/// Installs the vectors in `VBAR_EL2`.
+pub fn install() {
+    let vbar = (&raw const lazyhyp_vectors) as u64;
+    // Points VBAR_EL2 at our table, which is 2 KiB aligned and mapped
+    // executable in both the boot map and the EL2 map.
+    super::sysreg::write_sysreg!("vbar_el2", vbar);
+    // SAFETY: a context synchronization barrier.
+    unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
+}
+
+/// Enters the guest with `regs` (its initial registers, `ELR` and `SPSR`),
+/// resetting the EL2 stack to `stack_top`.
+///
+/// # Safety
+///
+/// Stage 2, the guest's EL2 controls and the vectors must be set up, and no
+/// live data may remain on the EL2 stack below `stack_top`.
+pub unsafe fn enter_guest(regs: &GuestRegs, stack_top: usize) -> ! {
+    // `regs` may itself live on the stack about to be reset: stage it in a
+    // static first, so the copy onto the fresh stack never reads memory it
+    // is overwriting.
+    static ENTRY_FRAME: SpinMutex<GuestRegs> = SpinMutex::new(GuestRegs {
+        x: [0; 31],
+        elr: 0,
+        spsr: 0,
+        pad: 0,
+    });
+    let mut frame = ENTRY_FRAME.lock();
+    frame.clone_from(regs);
+    let staged: *const GuestRegs = &raw const *frame;
+    // The lock is never released: this CPU leaves for the guest and this
+    // function never returns; no one else reads the staged frame.
+    core::mem::forget(frame);
+    // SAFETY: the caller guarantees the conditions above; the staged frame
+    // is in a static, away from the stack being reset.
+    unsafe { lazyhyp_enter_guest(staged, stack_top) }
+}
+
+extern "C" fn lower_sync(regs: &mut GuestRegs, _kind: u64) {
+    super::handle_guest_sync(regs);
+}
+
+extern "C" fn lower_async(regs: &mut GuestRegs, kind: u64) {
+    super::handle_guest_async(regs, Kind::from_raw(kind));
+}
+
+extern "C" fn current_el_exception(regs: &GuestRegs, kind: u64) -> ! {
+    super::handle_el2_exception(regs, Kind::from_raw(kind))
+}

@@ -1,0 +1,107 @@
+//! The EL2 controls for running the guest at EL1 behind stage 2.
+
+use crate::mm::stage2::IPA_BITS;
+
+use super::sysreg::{has_gic_sysregs, has_pauth, read_sysreg, write_sysreg};
+
+/// `VTCR_EL2` for this hypervisor's IPA space: T0SZ = 64 - `IPA_BITS`
+/// (25), SL0 = 1 (walks start at level 1 with a 4 KiB granule), inner and
+/// outer write-back read/write-allocate, inner-shareable walks, 4 KiB
+/// granule, 8-bit VMID, and PS = the CPU's `PARange` capped at 48 bits
+/// (the 52-bit output format is not used).
+///
+/// Returns `None` if the CPU's physical range is below 40 bits, too small
+/// for a 39-bit IPA space whose output addresses are physical.
+pub fn vtcr_el2(pa_range: u64) -> Option<u64> {
+    const RES1: u64 = 1 << 31;
+    const SL0_LEVEL1: u64 = 1 << 6;
+    const IRGN0_WBWA: u64 = 1 << 8;
+    const ORGN0_WBWA: u64 = 1 << 10;
+    const SH0_INNER: u64 = 3 << 12;
+    // PARange 2 = 40 bits.
+    if pa_range < 2 {
+        return None;
+    }
+    let t0sz = u64::from(64 - IPA_BITS);
+    Some(RES1 | t0sz | SL0_LEVEL1 | IRGN0_WBWA | ORGN0_WBWA | SH0_INNER | (pa_range.min(5) << 16))
+}
+
+/// `HCR_EL2` while the guest runs:
+/// - `VM`: stage 2 on;
+/// - `SWIO`: set/way invalidation by the guest is upgraded to clean+invalidate;
+/// - `FB`: the guest's TLBIs and I-cache invalidations are broadcast;
+/// - `BSU` = inner shareable: the guest's barriers cover the inner domain;
+/// - `TSC`: the guest's SMCs trap here (PSCI is emulated);
+/// - `RW`: EL1 is AArch64;
+/// - `APK`, `API` (with FEAT_PAuth): pointer authentication is not trapped.
+///
+/// `IMO`/`FMO`/`AMO` stay clear: physical interrupts and SErrors go to the
+/// guest's EL1 directly.
+fn hcr_el2() -> u64 {
+    const VM: u64 = 1 << 0;
+    const SWIO: u64 = 1 << 1;
+    const FB: u64 = 1 << 9;
+    const BSU_INNER: u64 = 1 << 10;
+    const TSC: u64 = 1 << 19;
+    const RW: u64 = 1 << 31;
+    const APK: u64 = 1 << 40;
+    const API: u64 = 1 << 41;
+    let mut hcr = VM | SWIO | FB | BSU_INNER | TSC | RW;
+    if has_pauth() {
+        hcr |= APK | API;
+    }
+    hcr
+}
+
+/// `CPTR_EL2` (E2H = 0): the RES1 bits, `TZ` set (SVE traps: its state is
+/// not context-switched or sized via `ZCR_EL2` yet), `TFP` clear (FP/SIMD is
+/// the guest's; EL2 code never uses it, being built softfloat).
+const CPTR_EL2: u64 = 0x33ff;
+
+/// `SCTLR_EL1` at guest entry: MMU and caches off, RES1 bits set.
+const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
+
+/// `CNTHCTL_EL2`: `EL1PCTEN`, `EL1PCEN`: EL1 may use the physical counter
+/// and timer.
+const CNTHCTL_EL2: u64 = 0b11;
+
+/// `ICC_SRE_EL2`: `SRE` (system register interface), `DFB`, `DIB`, and
+/// `Enable` (EL1 may use `ICC_SRE_EL1`).
+const ICC_SRE_EL2: u64 = 0b1111;
+
+/// Programs the EL2 controls for the guest, installs its stage 2 and
+/// drops any stale translation for its VMID on this CPU.
+///
+/// # Safety
+///
+/// `vttbr` must be the value of a stage-2 table that stays alive and maps no
+/// hypervisor memory; `vtcr` must describe it.
+pub unsafe fn configure(vttbr: u64, vtcr: u64) {
+    // The guest sees the real CPU's identification (these reset to UNKNOWN).
+    write_sysreg!("vpidr_el2", read_sysreg!("midr_el1"));
+    write_sysreg!("vmpidr_el2", read_sysreg!("mpidr_el1"));
+    write_sysreg!("cptr_el2", CPTR_EL2);
+    write_sysreg!("cnthctl_el2", CNTHCTL_EL2);
+    write_sysreg!("cntvoff_el2", 0);
+    write_sysreg!("sctlr_el1", SCTLR_EL1_RESET);
+    if has_gic_sysregs() {
+        write_sysreg!("icc_sre_el2", ICC_SRE_EL2);
+    }
+    write_sysreg!("vtcr_el2", vtcr);
+    // The stage-2 tables were completed with DSB ISHST by the mm core.
+    write_sysreg!("vttbr_el2", vttbr);
+    write_sysreg!("hcr_el2", hcr_el2());
+    // SAFETY: barriers and TLB maintenance only.
+    unsafe {
+        core::arch::asm!(
+            // The VTTBR/VTCR/HCR writes take effect for what follows.
+            "isb",
+            // Nothing cached for this VMID may predate its tables (reset
+            // leaves TLB contents UNKNOWN): local, since no other CPU ran it.
+            "tlbi vmalls12e1",
+            "dsb nsh",
+            "isb",
+            options(nostack, preserves_flags),
+        );
+    }
+}

@@ -1,0 +1,165 @@
+//! The hypervisor's command line: `/chosen/bootargs` of the device tree that
+//! QEMU builds from `-append`. Space-separated `key=value` words; an unknown
+//! key or a malformed value is an error, never ignored.
+
+use log::LevelFilter;
+
+use crate::mm::PhysAddr;
+
+/// Where xtask loads the guest payload when `payload=` is not given.
+pub const DEFAULT_PAYLOAD: PhysAddr = 0x4800_0000;
+
+/// Guest RAM size when `guest.ram_mib=` is not given.
+pub const DEFAULT_GUEST_RAM_MIB: usize = 128;
+
+/// Flag bits handed to the test guest in `x1`.
+pub mod guest_flags {
+    /// The guest adds a test that deliberately fails (for the failure-path test).
+    pub const FAIL: u64 = 1 << 0;
+}
+
+/// Parsed boot arguments.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct BootArgs {
+    /// `log=`: maximum log level.
+    pub log: LevelFilter,
+    /// `payload=`: physical address of the raw guest ELF.
+    pub payload: PhysAddr,
+    /// `guest.ram_mib=`: guest RAM size in MiB.
+    pub guest_ram_mib: usize,
+    /// Flags for the test guest (see [`guest_flags`]).
+    pub guest_flags: u64,
+}
+
+impl Default for BootArgs {
+    fn default() -> Self {
+        Self {
+            log: LevelFilter::Info,
+            payload: DEFAULT_PAYLOAD,
+            guest_ram_mib: DEFAULT_GUEST_RAM_MIB,
+            guest_flags: 0,
+        }
+    }
+}
+
+/// Why the boot arguments were rejected.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum BootArgsError<'a> {
+    /// A word without `=`.
+    NotKeyValue(&'a str),
+    /// A key this hypervisor does not know.
+    UnknownKey(&'a str),
+    /// A value that does not parse for its key.
+    BadValue {
+        /// The key.
+        key: &'a str,
+        /// The value given.
+        value: &'a str,
+    },
+}
+
+impl core::fmt::Display for BootArgsError<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NotKeyValue(w) => write!(f, "boot argument `{w}` is not key=value"),
+            Self::UnknownKey(k) => write!(
+                f,
+                "unknown boot argument `{k}` (known: log, payload, guest.ram_mib, guest.fail)"
+            ),
+            Self::BadValue { key, value } => write!(f, "bad value `{value}` for `{key}`"),
+        }
+    }
+}
+
+impl BootArgs {
+    /// Parses a command line.
+    ///
+    /// # Errors
+    ///
+    /// The first word that is not a known `key=value` with a valid value.
+    pub fn parse(cmdline: &str) -> Result<Self, BootArgsError<'_>> {
+        let mut args = Self::default();
+        for word in cmdline.split_ascii_whitespace() {
+            let (key, value) = word
+                .split_once('=')
+                .ok_or(BootArgsError::NotKeyValue(word))?;
+            let bad = BootArgsError::BadValue { key, value };
+            match key {
+                "log" => args.log = parse_level(value).ok_or(bad)?,
+                "payload" => args.payload = parse_number(value).ok_or(bad)?,
+                "guest.ram_mib" => {
+                    args.guest_ram_mib = parse_number(value).filter(|&m| m > 0).ok_or(bad)?;
+                }
+                "guest.fail" => match value {
+                    "0" => args.guest_flags &= !guest_flags::FAIL,
+                    "1" => args.guest_flags |= guest_flags::FAIL,
+                    _ => return Err(bad),
+                },
+                _ => return Err(BootArgsError::UnknownKey(key)),
+            }
+        }
+        Ok(args)
+    }
+}
+
+fn parse_level(s: &str) -> Option<LevelFilter> {
+    Some(match s {
+        "off" => LevelFilter::Off,
+        "error" => LevelFilter::Error,
+        "warn" => LevelFilter::Warn,
+        "info" => LevelFilter::Info,
+        "debug" => LevelFilter::Debug,
+        "trace" => LevelFilter::Trace,
+        _ => return None,
+    })
+}
+
+/// Parses a decimal or `0x` hexadecimal number.
+fn parse_number(s: &str) -> Option<usize> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => usize::from_str_radix(&hex.replace('_', ""), 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_gives_defaults() {
+        assert_eq!(BootArgs::parse(""), Ok(BootArgs::default()));
+    }
+
+    #[test]
+    fn parses_every_key() {
+        let a = BootArgs::parse("log=debug payload=0x4900_0000 guest.ram_mib=64 guest.fail=1")
+            .expect("valid");
+        assert_eq!(a.log, LevelFilter::Debug);
+        assert_eq!(a.payload, 0x4900_0000);
+        assert_eq!(a.guest_ram_mib, 64);
+        assert_eq!(a.guest_flags, guest_flags::FAIL);
+    }
+
+    #[test]
+    fn rejects_unknown_malformed_and_bad_values() {
+        assert_eq!(
+            BootArgs::parse("lg=info"),
+            Err(BootArgsError::UnknownKey("lg"))
+        );
+        assert_eq!(
+            BootArgs::parse("quiet"),
+            Err(BootArgsError::NotKeyValue("quiet"))
+        );
+        assert_eq!(
+            BootArgs::parse("log=loud"),
+            Err(BootArgsError::BadValue {
+                key: "log",
+                value: "loud"
+            })
+        );
+        assert!(BootArgs::parse("guest.ram_mib=0").is_err());
+        assert!(BootArgs::parse("guest.fail=yes").is_err());
+        assert!(BootArgs::parse("payload=0xzz").is_err());
+    }
+}

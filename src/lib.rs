@@ -1,0 +1,26 @@
+//! lazyhyp: an EL2 mini-hypervisor for AArch64 whose heart is a stage-2
+//! page-table manager with a lazy-update batching mode.
+//!
+//! The crate is split along one boundary:
+//! - portable code, built and unit-tested on the host: the mm core
+//!   ([`mm`]), boot argument parsing ([`bootargs`]), the memory layout
+//!   ([`layout`]), guest image loading ([`loader`]), exception syndrome
+//!   decoding ([`esr`]) and trap handling ([`vcpu`]);
+//! - [`arch`]: everything that only exists on AArch64 at EL2 (boot, vectors,
+//!   system registers, the console, semihosting), compiled only for the
+//!   bare-metal target.
+
+#![cfg_attr(not(test), no_std)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+extern crate alloc;
+
+pub mod bootargs;
+pub mod esr;
+pub mod layout;
+pub mod loader;
+pub mod mm;
+pub mod vcpu;
+
+#[cfg(all(target_arch = "aarch64", target_os = "none"))]
+pub mod arch;

@@ -1,0 +1,91 @@
+//! Boots the hypervisor and the test guest under QEMU and checks the run
+//! against `docs/run-contract.md`. Needs `qemu-system-aarch64` (`cargo xtask
+//! test` installs it where it can) and the bare-metal targets.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use xtask::{Artifacts, RunOptions, RunOutcome, Verdict};
+
+const TIMEOUT: Duration = Duration::from_mins(1);
+
+/// Release build of hypervisor and guest, done once per test binary.
+fn artifacts() -> &'static Artifacts {
+    static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
+    let built = ARTIFACTS.get_or_init(|| {
+        xtask::ensure_qemu().map_err(|e| format!("{e:#}"))?;
+        xtask::build(true).map_err(|e| format!("{e:#}"))
+    });
+    match built {
+        Ok(artifacts) => artifacts,
+        Err(e) => panic!("cannot build or find QEMU: {e}"),
+    }
+}
+
+fn boot(bootargs: &[&str]) -> RunOutcome {
+    let opts = RunOptions {
+        timeout: TIMEOUT,
+        bootargs: bootargs.iter().map(|&a| a.to_owned()).collect(),
+        echo: false,
+        ..RunOptions::default()
+    };
+    xtask::run(artifacts(), &opts).unwrap_or_else(|e| panic!("could not run QEMU: {e:#}"))
+}
+
+/// The run in full, for assertion messages.
+fn report(outcome: &RunOutcome) -> String {
+    format!(
+        "verdict: {}\nQEMU exit code: {:?}, timed out: {}, {:.1} s\n\
+         ---- QEMU output ----\n{}---- end of QEMU output ----",
+        outcome.verdict(),
+        outcome.exit_code,
+        outcome.timed_out,
+        outcome.elapsed.as_secs_f64(),
+        outcome.output
+    )
+}
+
+#[test]
+fn guest_suite_passes() {
+    let outcome = boot(&[]);
+    let report = report(&outcome);
+    assert_eq!(outcome.verdict(), Verdict::Pass, "{report}");
+    assert_eq!(outcome.exit_code, Some(0), "{report}");
+    let summary = outcome
+        .summary
+        .unwrap_or_else(|| panic!("no guest summary\n{report}"));
+    assert!(summary.passed > 0, "{report}");
+    assert_eq!(summary.failed, 0, "{report}");
+    let stats = outcome
+        .stats
+        .as_ref()
+        .unwrap_or_else(|| panic!("no LAZYHYP-STATS line\n{report}"));
+    for key in ["mappings", "pages_mapped"] {
+        assert!(
+            stats.iter().any(|(k, _)| k == key),
+            "LAZYHYP-STATS lacks `{key}`\n{report}"
+        );
+    }
+    assert!(
+        stats.iter().any(|(k, _)| k.starts_with("exits_")),
+        "LAZYHYP-STATS has no exits_* counter\n{report}"
+    );
+}
+
+#[test]
+fn failing_guest_is_reported_as_failure() {
+    let outcome = boot(&["guest.fail=1"]);
+    let report = report(&outcome);
+    assert!(!outcome.timed_out, "{report}");
+    assert!(
+        matches!(outcome.verdict(), Verdict::Fail(_)),
+        "a failing guest test must fail the run\n{report}"
+    );
+    assert_eq!(outcome.exit_code, Some(1), "{report}");
+    let summary = outcome
+        .summary
+        .unwrap_or_else(|| panic!("no guest summary\n{report}"));
+    assert!(summary.failed >= 1, "{report}");
+    assert_eq!(outcome.exit.as_ref().map(|e| e.code), Some(1), "{report}");
+    assert!(outcome.panic.is_none(), "{report}");
+}

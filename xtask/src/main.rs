@@ -1,0 +1,175 @@
+//! `cargo xtask`: build, boot under QEMU, and test lazyhyp.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use xtask::{RunOptions, Verdict};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Build, boot and test lazyhyp", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Build the hypervisor and the guest, boot them under QEMU, judge the run.
+    Qemu(QemuArgs),
+    /// Run the host tests, the QEMU integration tests among them.
+    Test,
+    /// Build the hypervisor and the guest and print where the ELF files are.
+    Build {
+        /// Debug build instead of release.
+        #[arg(long)]
+        debug: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct QemuArgs {
+    /// Debug build instead of release.
+    #[arg(long)]
+    debug: bool,
+    /// Hypervisor log level (the `log=` bootarg).
+    #[arg(long, default_value = "info", value_name = "LEVEL",
+          value_parser = ["off", "error", "warn", "info", "debug", "trace"])]
+    log: String,
+    /// Kill QEMU and report a hang after this many seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    timeout: u64,
+    /// Start QEMU's gdb stub on :1234 and wait for gdb (no timeout).
+    #[arg(long)]
+    gdb: bool,
+    /// Extra bootarg for the hypervisor (repeatable), e.g. `guest.fail=1`.
+    #[arg(long = "bootarg", value_name = "KEY=VAL", value_parser = parse_bootarg)]
+    bootargs: Vec<String>,
+    /// Extra QEMU arguments.
+    #[arg(last = true, value_name = "EXTRA QEMU ARGS")]
+    extra: Vec<String>,
+}
+
+fn parse_bootarg(arg: &str) -> Result<String, String> {
+    match arg.split_once('=') {
+        Some((key, _)) if !key.is_empty() && !arg.contains(char::is_whitespace) => {
+            Ok(arg.to_owned())
+        }
+        _ => Err(format!("`{arg}` is not KEY=VALUE (without spaces)")),
+    }
+}
+
+fn qemu(args: QemuArgs) -> Result<bool> {
+    xtask::ensure_qemu()?;
+    let artifacts = xtask::build(!args.debug)?;
+    let opts = RunOptions {
+        log: args.log,
+        timeout: Duration::from_secs(args.timeout),
+        gdb: args.gdb,
+        bootargs: args.bootargs,
+        extra_qemu_args: args.extra,
+        echo: true,
+    };
+    let outcome = xtask::run(&artifacts, &opts)?;
+    println!("{}", outcome.stage2_line());
+    let verdict = outcome.verdict();
+    match &verdict {
+        Verdict::Pass => {
+            let passed = outcome.summary.map_or(0, |s| s.passed);
+            println!(
+                "xtask qemu: PASS ({passed} guest tests, {:.1} s)",
+                outcome.elapsed.as_secs_f64()
+            );
+        }
+        Verdict::Fail(reason) => {
+            println!("xtask qemu: FAIL");
+            eprintln!("xtask qemu: {reason}");
+        }
+    }
+    Ok(verdict.is_pass())
+}
+
+fn test() -> Result<bool> {
+    let totals = xtask::run_host_tests()?;
+    let counts = format!(
+        "{} tests passed, {} failed, {} ignored in {} suites",
+        totals.passed, totals.failed, totals.ignored, totals.suites
+    );
+    if totals.success && totals.failed == 0 {
+        println!("xtask test: all passed ({counts})");
+        Ok(true)
+    } else {
+        println!("xtask test: FAILED ({counts})");
+        eprintln!("xtask test: cargo test failed");
+        Ok(false)
+    }
+}
+
+fn build(debug: bool) -> Result<bool> {
+    let artifacts = xtask::build(!debug)?;
+    println!("hypervisor: {}", artifacts.hypervisor.display());
+    println!("guest:      {}", artifacts.guest.display());
+    Ok(true)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Qemu(args) => qemu(args),
+        Cmd::Test => test(),
+        Cmd::Build { debug } => build(debug),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn qemu_arguments_parse() {
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "qemu",
+            "--debug",
+            "--log",
+            "trace",
+            "--timeout",
+            "5",
+            "--bootarg",
+            "guest.fail=1",
+            "--",
+            "-d",
+            "int",
+        ])
+        .expect("parses");
+        let Cmd::Qemu(args) = cli.command else {
+            panic!("not qemu");
+        };
+        assert!(args.debug && !args.gdb);
+        assert_eq!(args.log, "trace");
+        assert_eq!(args.timeout, 5);
+        assert_eq!(args.bootargs, ["guest.fail=1"]);
+        assert_eq!(args.extra, ["-d", "int"]);
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        assert!(Cli::try_parse_from(["xtask", "qemu", "--bootarg", "nokey"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "qemu", "--log", "loud"]).is_err());
+    }
+}
