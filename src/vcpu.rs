@@ -29,7 +29,7 @@ pub struct GuestRegs {
 
 /// Size of [`GuestRegs`] in bytes, used by the vector assembly.
 pub const GUEST_REGS_SIZE: usize = core::mem::size_of::<GuestRegs>();
-const _: () = assert!(GUEST_REGS_SIZE == 34 * 8 && GUEST_REGS_SIZE % 16 == 0);
+const _: () = assert!(GUEST_REGS_SIZE == 34 * 8 && GUEST_REGS_SIZE.is_multiple_of(16));
 
 /// The syndrome of a synchronous trap from the guest.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -154,20 +154,15 @@ impl Vcpu {
                 regs.elr += 4;
                 self.smccc_call(regs)
             }
-            ec::DABT_LOWER => {
-                inc(&exits.exits_dabt);
-                Exit::Stop(Stop::UnhandledTrap(trap))
-            }
-            ec::IABT_LOWER => {
-                inc(&exits.exits_iabt);
-                Exit::Stop(Stop::UnhandledTrap(trap))
-            }
-            ec::SYSREG => {
-                inc(&exits.exits_sysreg);
-                Exit::Stop(Stop::UnhandledTrap(trap))
-            }
-            _ => {
-                inc(&exits.exits_other);
+            // Nothing else is handled yet: count it by kind, then stop with
+            // a report.
+            other => {
+                inc(match other {
+                    ec::DABT_LOWER => &exits.exits_dabt,
+                    ec::IABT_LOWER => &exits.exits_iabt,
+                    ec::SYSREG => &exits.exits_sysreg,
+                    _ => &exits.exits_other,
+                });
                 Exit::Stop(Stop::UnhandledTrap(trap))
             }
         }
@@ -192,8 +187,6 @@ impl Vcpu {
             // One vCPU: turning it off turns the system off.
             smccc::PSCI_CPU_OFF | smccc::PSCI_SYSTEM_OFF => return Exit::Stop(Stop::SystemOff),
             smccc::PSCI_SYSTEM_RESET => return Exit::Stop(Stop::SystemReset),
-            // No secondary vCPUs until multi-CPU support exists.
-            smccc::PSCI_CPU_ON_32 | smccc::PSCI_CPU_ON_64 => smccc::NOT_SUPPORTED,
             smccc::HYP_VERSION => smccc::HYP_ABI_VERSION,
             smccc::HYP_REPORT_RESULT => {
                 self.report = Some(GuestReport {
@@ -202,6 +195,8 @@ impl Vcpu {
                 });
                 smccc::SUCCESS
             }
+            // Everything else, CPU_ON included (no secondary vCPUs until
+            // multi-CPU support exists), is not supported.
             _ => smccc::NOT_SUPPORTED,
         };
         Exit::Resume

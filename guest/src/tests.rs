@@ -7,13 +7,16 @@ use crate::hyp::{self, hvc, smc};
 
 type TestResult = Result<(), &'static str>;
 
+/// A named test.
+type Test = (&'static str, fn() -> TestResult);
+
 fn check(cond: bool, reason: &'static str) -> TestResult {
     if cond { Ok(()) } else { Err(reason) }
 }
 
 /// Runs every test, printing a line each; returns (passed, failed).
 pub fn run_all(add_failing: bool) -> (u64, u64) {
-    let mut tests: [(&str, fn() -> TestResult); 9] = [
+    let tests: [Test; 9] = [
         ("runs_at_el1", runs_at_el1),
         ("smccc_version_over_hvc", smccc_version_over_hvc),
         (
@@ -45,8 +48,8 @@ pub fn run_all(add_failing: bool) -> (u64, u64) {
             failed += 1;
         }
     };
-    for (name, f) in &mut tests {
-        run(name, *f);
+    for (name, f) in tests {
+        run(name, f);
     }
     if add_failing {
         run("deliberate_failure", || Err("asked to fail (guest.fail=1)"));

@@ -59,8 +59,8 @@ impl PagePool {
     pub unsafe fn new(region: Range<PhysAddr>) -> Self {
         assert!(
             region.start < region.end
-                && region.start % PAGE_SIZE == 0
-                && region.end % PAGE_SIZE == 0,
+                && region.start.is_multiple_of(PAGE_SIZE)
+                && region.end.is_multiple_of(PAGE_SIZE),
             "pool region {:#x}..{:#x} must be non-empty and page-aligned",
             region.start,
             region.end
@@ -138,7 +138,7 @@ impl PagePool {
     /// If `pa` is not a page of the pool.
     pub unsafe fn free(&mut self, pa: PhysAddr, counters: &MmCounters) {
         assert!(
-            self.region.contains(&pa) && pa % PAGE_SIZE == 0,
+            self.region.contains(&pa) && pa.is_multiple_of(PAGE_SIZE),
             "freeing {pa:#x}, which is not a page of the pool"
         );
         self.frames.dealloc(pa / PAGE_SIZE, 1);

@@ -304,6 +304,11 @@ impl<'p, A: MmArch> Stage2<'p, A> {
     ///
     /// Any [`Stage2Error`] but `PaRangeTooSmall`; on error the tables are as
     /// they were before the call.
+    ///
+    /// # Panics
+    ///
+    /// Only on a broken internal invariant (aarch64-paging refusing a range
+    /// this function already checked).
     pub fn map(
         &mut self,
         ipa: Ipa,
@@ -312,7 +317,7 @@ impl<'p, A: MmArch> Stage2<'p, A> {
         attrs: S2Attrs,
     ) -> Result<(), Stage2Error> {
         let region = Self::checked_region(ipa, size)?;
-        if pa % PAGE_SIZE != 0 {
+        if !pa.is_multiple_of(PAGE_SIZE) {
             return Err(Stage2Error::Unaligned);
         }
         pa.checked_add(size).ok_or(Stage2Error::Overflow)?;
@@ -348,6 +353,10 @@ impl<'p, A: MmArch> Stage2<'p, A> {
     }
 
     /// Looks up what `ipa` translates to, if it is mapped.
+    ///
+    /// # Panics
+    ///
+    /// Only if aarch64-paging refuses to walk an in-range page (a bug).
     #[must_use]
     pub fn query(&self, ipa: Ipa) -> Option<S2Translation> {
         if ipa >= IPA_LIMIT {
@@ -378,7 +387,7 @@ impl<'p, A: MmArch> Stage2<'p, A> {
         if size == 0 {
             return Err(Stage2Error::EmptyRange);
         }
-        if ipa % PAGE_SIZE as u64 != 0 || size % PAGE_SIZE != 0 {
+        if !ipa.is_multiple_of(PAGE_SIZE as u64) || !size.is_multiple_of(PAGE_SIZE) {
             return Err(Stage2Error::Unaligned);
         }
         let end = ipa.checked_add(size as u64).ok_or(Stage2Error::Overflow)?;
@@ -495,7 +504,7 @@ fn paging_granularity(level: usize) -> usize {
 fn tables_needed_upper_bound(ipa: usize, size: usize, pa: usize) -> usize {
     let end = ipa + size;
     let needs_table = |gran: usize| {
-        let blockable = (ipa ^ pa) % gran == 0;
+        let blockable = (ipa ^ pa).is_multiple_of(gran);
         let first = ipa / gran;
         let last = (end - 1) / gran;
         (first..=last)

@@ -17,8 +17,8 @@ pub fn clean_invalidate_to_poc_and_sync_icache(start: usize, len: usize) {
         // SAFETY: clean+invalidate by VA only moves data between cache and
         // memory; the range is mapped in the EL2 map.
         unsafe {
-            core::arch::asm!("dc civac, {0}", in(reg) addr, options(nostack, preserves_flags))
-        };
+            core::arch::asm!("dc civac, {0}", in(reg) addr, options(nostack, preserves_flags));
+        }
         addr += line;
     }
     // SAFETY: barriers and I-cache invalidation change no state Rust sees.

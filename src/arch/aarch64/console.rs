@@ -17,6 +17,10 @@ pub const PL011_BASE: usize = 0x0900_0000;
 static CONSOLE: SpinMutex<Option<Uart<'static>>> = SpinMutex::new(None);
 
 /// Sets up the console and the logger. Call once, first thing.
+///
+/// # Panics
+///
+/// If called twice (a logger is already set).
 pub fn init(level: LevelFilter) {
     // SAFETY: PL011_BASE is the PL011's MMIO page, mapped as device memory by
     // the boot page table; this is the only `Uart` made for it in the

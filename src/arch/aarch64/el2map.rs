@@ -77,6 +77,7 @@ pub struct ImageLayout {
 
 impl ImageLayout {
     /// Reads the linker symbols.
+    #[must_use]
     pub fn get() -> Self {
         let addr = |s: *const u8| s as PhysAddr;
         // Only the addresses of the linker-defined symbols are taken (`&raw
@@ -94,6 +95,7 @@ impl ImageLayout {
     }
 
     /// The whole image.
+    #[must_use]
     pub fn whole(&self) -> Range<PhysAddr> {
         self.text.start..self.data.end
     }
@@ -121,6 +123,7 @@ fn region(r: &Range<PhysAddr>) -> MemoryRegion {
 /// # Panics
 ///
 /// If a region is outside the 39-bit VA space (a layout bug).
+#[must_use]
 pub fn build(image: &ImageLayout, regions: &El2Regions) -> IdMap<El2> {
     let mut map = IdMap::new(1, El2);
     let mut map_region = |r: &Range<PhysAddr>, flags| {
@@ -146,6 +149,7 @@ pub fn build(image: &ImageLayout, regions: &El2Regions) -> IdMap<El2> {
 
 /// TCR_EL2 for the EL2 map: T0SZ = 25 (39-bit VA, walks start at level 1),
 /// 4 KiB granule, inner-shareable write-back walks, PS from `pa_range`.
+#[must_use]
 pub const fn tcr_el2(pa_range: u64) -> u64 {
     const RES1: u64 = (1 << 31) | (1 << 23);
     const T0SZ: u64 = 64 - 39;

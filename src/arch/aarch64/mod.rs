@@ -128,18 +128,70 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
             sysreg::current_el()
         ));
     }
+    let boot = read_boot_info();
+    let image = el2map::ImageLayout::get();
+    let layout = Layout::new(&LayoutInput {
+        ram: boot.ram.clone(),
+        in_use: [
+            ("device tree", boot.dtb.clone()),
+            ("hypervisor image", image.whole()),
+            ("guest payload", boot.payload.clone()),
+        ],
+        guest_ram: boot.guest_ram,
+    })
+    .unwrap_or_else(|e| setup_error(format_args!("memory layout: {e}")));
+    log::info!(
+        "heap {:#x?}, pool {:#x?}, guest RAM backing {:#x?}, payload {:#x?}",
+        layout.heap,
+        layout.pool,
+        layout.guest_backing,
+        boot.payload
+    );
+    let pa_range = sysreg::pa_range();
+    switch_to_el2_map(&image, &boot, &layout, pa_range);
 
+    let entry = load_guest(&boot.guest_elf, &layout.guest_backing, boot.guest_ram);
+    let vttbr = build_stage2(&layout, boot.guest_ram);
+    let vtcr = vm::vtcr_el2(pa_range)
+        .unwrap_or_else(|| setup_error(format_args!("PARange {pa_range} is below 40 bits")));
+    // SAFETY: the stage-2 tables live in a static forever and map only guest
+    // RAM backing and the PL011; vtcr describes them.
+    unsafe { vm::configure(vttbr, vtcr) };
+
+    let mut regs = GuestRegs::default();
+    regs.x[0] = 0; // no device tree for the test guest
+    regs.x[1] = boot.args.guest_flags;
+    regs.elr = entry;
+    regs.spsr = SPSR_EL1H_MASKED;
+    log::info!("entering guest at {entry:#x}");
+    // SAFETY: stage 2, EL2 controls and vectors are set up; everything `main`
+    // set up lives in statics, so its stack frames may be discarded.
+    unsafe { vectors::enter_guest(&regs, image.boot_stack.end) }
+}
+
+/// What boot finds in the device tree and the payload.
+struct BootInfo {
+    args: BootArgs,
+    ram: Range<PhysAddr>,
+    dtb: Range<PhysAddr>,
+    payload: Range<PhysAddr>,
+    guest_elf: GuestElf<'static>,
+    guest_ram: usize,
+}
+
+/// Reads the device tree (RAM, bootargs) and parses the guest payload.
+fn read_boot_info() -> BootInfo {
     // SAFETY: QEMU placed a device tree at the start of RAM (checked by the
-    // parser's magic and size checks); the boot map covers it read-write.
+    // parser's magic and size checks); the boot map covers it, and nothing
+    // writes it.
     let fdt = unsafe { fdt::Fdt::from_ptr(DTB_ADDR as *const u8) }
         .unwrap_or_else(|e| setup_error(format_args!("no device tree at {DTB_ADDR:#x}: {e:?}")));
-    let bootargs = BootArgs::parse(fdt.chosen().bootargs().unwrap_or(""))
+    let args = BootArgs::parse(fdt.chosen().bootargs().unwrap_or(""))
         .unwrap_or_else(|e| setup_error(format_args!("{e}")));
-    log::set_max_level(bootargs.log);
+    log::set_max_level(args.log);
     log::info!(
-        "lazyhyp {} at EL2, bootargs {:?}",
-        env!("CARGO_PKG_VERSION"),
-        bootargs
+        "lazyhyp {} at EL2, bootargs {args:?}",
+        env!("CARGO_PKG_VERSION")
     );
 
     let ram = fdt
@@ -152,67 +204,45 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
         })
         .unwrap_or_else(|| setup_error(format_args!("device tree has no memory region")));
     let dtb = DTB_ADDR..align_up(DTB_ADDR + fdt.total_size(), PAGE_SIZE);
-    let image = el2map::ImageLayout::get();
-    log::info!(
-        "RAM {:#x}..{:#x}, image {:#x}..{:#x}",
-        ram.start,
-        ram.end,
-        image.whole().start,
-        image.whole().end
-    );
+    log::info!("RAM {:#x}..{:#x}", ram.start, ram.end);
 
     // The boot map covers the first GiB of RAM: the payload must be there.
     let boot_ram_end = ram.end.min(ram.start + (1 << 30));
-    if !(ram.start..boot_ram_end).contains(&bootargs.payload) {
+    if !(ram.start..boot_ram_end).contains(&args.payload) {
         setup_error(format_args!(
             "payload address {:#x} is not in the first GiB of RAM",
-            bootargs.payload
+            args.payload
         ));
     }
-    let payload_len = (boot_ram_end - bootargs.payload).min(MAX_PAYLOAD);
-    // SAFETY: the range is RAM covered by the boot map; it is only read, and
-    // nothing writes it until the guest image has been copied out of it.
-    let payload_bytes =
-        unsafe { core::slice::from_raw_parts(bootargs.payload as *const u8, payload_len) };
-    let guest_elf = GuestElf::parse(payload_bytes).unwrap_or_else(|e| {
-        setup_error(format_args!(
-            "guest payload at {:#x}: {e}",
-            bootargs.payload
-        ))
-    });
-    let payload = bootargs.payload..align_up(bootargs.payload + guest_elf.file_size(), PAGE_SIZE);
+    let payload_len = (boot_ram_end - args.payload).min(MAX_PAYLOAD);
+    // SAFETY: the range is RAM covered by the boot map and the EL2 map (read
+    // only); the layout keeps everything else out of the payload's extent.
+    let bytes = unsafe { core::slice::from_raw_parts(args.payload as *const u8, payload_len) };
+    let guest_elf = GuestElf::parse(bytes)
+        .unwrap_or_else(|e| setup_error(format_args!("guest payload at {:#x}: {e}", args.payload)));
+    let payload = args.payload..align_up(args.payload + guest_elf.file_size(), PAGE_SIZE);
+    BootInfo {
+        guest_ram: args.guest_ram_mib << 20,
+        args,
+        ram,
+        dtb,
+        payload,
+        guest_elf,
+    }
+}
 
-    let guest_ram = bootargs.guest_ram_mib << 20;
-    let layout = Layout::new(&LayoutInput {
-        ram: ram.clone(),
-        in_use: [
-            ("device tree", dtb.clone()),
-            ("hypervisor image", image.whole()),
-            ("guest payload", payload.clone()),
-        ],
-        guest_ram,
-    })
-    .unwrap_or_else(|e| setup_error(format_args!("memory layout: {e}")));
-    log::info!(
-        "heap {:#x?}, pool {:#x?}, guest RAM backing {:#x?}, payload {:#x?}",
-        layout.heap,
-        layout.pool,
-        layout.guest_backing,
-        payload
-    );
-
+/// Starts the heap, builds the EL2 map and switches to it.
+fn switch_to_el2_map(image: &el2map::ImageLayout, boot: &BootInfo, layout: &Layout, pa_range: u64) {
     // SAFETY: the layout gave the heap region to the heap alone; it is RAM
     // mapped read-write by the boot map and by the EL2 map built next.
     unsafe {
         HEAP.lock()
-            .init(layout.heap.start, layout.heap.end - layout.heap.start)
-    };
-
-    let pa_range = sysreg::pa_range();
+            .init(layout.heap.start, layout.heap.end - layout.heap.start);
+    }
     let mut map = el2map::build(
-        &image,
+        image,
         &el2map::El2Regions {
-            read_only: [dtb, payload],
+            read_only: [boot.dtb.clone(), boot.payload.clone()],
             read_write: [
                 layout.heap.clone(),
                 layout.pool.clone(),
@@ -225,16 +255,16 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
     unsafe { el2map::activate(&mut map, pa_range) };
     EL2_MAP.call_once(|| SpinMutex::new(map));
     log::info!("EL2 map active");
+}
 
+/// Creates the pool and the guest's stage 2 (guest RAM and the PL011),
+/// stores them in the VM, and returns the `VTTBR_EL2` value.
+fn build_stage2(layout: &Layout, guest_ram: usize) -> u64 {
     // SAFETY: the layout gave the pool region to the pool alone, and the EL2
     // map maps it read-write at the same addresses.
     let pool = POOL.call_once(|| spin::Mutex::new(unsafe { PagePool::new(layout.pool.clone()) }));
     let mut stage2 = Stage2::new(GUEST_VMID, HwMmArch, pool, &MM_COUNTERS)
         .unwrap_or_else(|e| setup_error(format_args!("stage-2 root table: {e:?}")));
-    let vtcr = vm::vtcr_el2(pa_range)
-        .unwrap_or_else(|| setup_error(format_args!("PARange {pa_range} is below 40 bits")));
-
-    load_guest(&guest_elf, &layout.guest_backing, guest_ram);
     stage2
         .map(
             GUEST_RAM_IPA,
@@ -251,7 +281,6 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
         GUEST_RAM_IPA + guest_ram as u64,
         layout.guest_backing.start
     );
-
     let vttbr = stage2.vttbr();
     VM.call_once(|| {
         SpinMutex::new(Vm {
@@ -259,21 +288,7 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
             vcpu: Vcpu::default(),
         })
     });
-
-    // SAFETY: the stage-2 tables live in a static forever and map only guest
-    // RAM backing and the PL011; vtcr describes them.
-    unsafe { vm::configure(vttbr, vtcr) };
-
-    let entry = guest_elf_entry(&guest_elf, guest_ram);
-    let mut regs = GuestRegs::default();
-    regs.x[0] = 0; // no device tree for the test guest
-    regs.x[1] = bootargs.guest_flags;
-    regs.elr = entry;
-    regs.spsr = SPSR_EL1H_MASKED;
-    log::info!("entering guest at {entry:#x}");
-    // SAFETY: stage 2, EL2 controls and vectors are set up; everything `main`
-    // set up lives in statics, so its stack frames may be discarded.
-    unsafe { vectors::enter_guest(&regs, image.boot_stack.end) }
+    vttbr
 }
 
 /// `SPSR_EL2` for entering the guest: EL1h, with D, A, I and F masked.
@@ -281,40 +296,35 @@ const SPSR_EL1H_MASKED: u64 = 0x3c5;
 
 /// Copies the guest's segments into its RAM backing and zeroes the rest of
 /// it, then makes it all visible to a guest running with caches off.
-fn load_guest(elf: &GuestElf<'_>, backing: &Range<PhysAddr>, guest_ram: usize) {
+/// Returns the entry point.
+fn load_guest(elf: &GuestElf<'_>, backing: &Range<PhysAddr>, guest_ram: usize) -> u64 {
     let to_pa = |ipa: u64| backing.start + (ipa - GUEST_RAM_IPA) as usize;
     // Fresh RAM may hold anything: the guest gets zeroes.
     // SAFETY: the backing is ours alone and mapped read-write by the EL2 map.
     unsafe { core::ptr::write_bytes(backing.start as *mut u8, 0, guest_ram) };
-    elf.load(
-        &(GUEST_RAM_IPA..GUEST_RAM_IPA + guest_ram as u64),
-        |ipa, bytes| {
-            // SAFETY: `load` checked the segment lies in guest RAM, whose
-            // backing is ours and mapped read-write; source and destination
-            // are different regions.
-            unsafe {
-                core::ptr::copy_nonoverlapping(bytes.as_ptr(), to_pa(ipa) as *mut u8, bytes.len());
-            }
-        },
-        |ipa, len| {
-            // SAFETY: as above.
-            unsafe { core::ptr::write_bytes(to_pa(ipa) as *mut u8, 0, len) };
-        },
-    )
-    .unwrap_or_else(|e| setup_error(format_args!("loading the guest: {e}")));
+    let image = elf
+        .load(
+            &(GUEST_RAM_IPA..GUEST_RAM_IPA + guest_ram as u64),
+            |ipa, bytes| {
+                // SAFETY: `load` checked the segment lies in guest RAM, whose
+                // backing is ours and mapped read-write; source (payload) and
+                // destination (backing) are disjoint regions of the layout.
+                unsafe {
+                    core::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        to_pa(ipa) as *mut u8,
+                        bytes.len(),
+                    );
+                }
+            },
+            |ipa, len| {
+                // SAFETY: as above.
+                unsafe { core::ptr::write_bytes(to_pa(ipa) as *mut u8, 0, len) };
+            },
+        )
+        .unwrap_or_else(|e| setup_error(format_args!("loading the guest: {e}")));
     cache::clean_invalidate_to_poc_and_sync_icache(backing.start, guest_ram);
-}
-
-fn guest_elf_entry(elf: &GuestElf<'_>, guest_ram: usize) -> u64 {
-    // `load` already checked the entry lies in a loaded segment; loading
-    // again into a sink just returns it.
-    elf.load(
-        &(GUEST_RAM_IPA..GUEST_RAM_IPA + guest_ram as u64),
-        |_, _| {},
-        |_, _| {},
-    )
-    .map(|img| img.entry)
-    .unwrap_or_else(|e| setup_error(format_args!("guest entry: {e}")))
+    image.entry
 }
 
 /// Called from the lower-EL synchronous vector.

@@ -32,11 +32,13 @@ pub(crate) use read_sysreg;
 pub(crate) use write_sysreg;
 
 /// `ID_AA64MMFR0_EL1.PARange`, bits \[3:0\].
+#[must_use]
 pub fn pa_range() -> u64 {
     read_sysreg!("id_aa64mmfr0_el1") & 0xf
 }
 
 /// FEAT_PAuth: `ID_AA64ISAR1_EL1.{APA,API,GPA,GPI}` or `ID_AA64ISAR2_EL1.{APA3,GPA3}`.
+#[must_use]
 pub fn has_pauth() -> bool {
     let isar1 = read_sysreg!("id_aa64isar1_el1");
     let isar2 = read_sysreg!("id_aa64isar2_el1");
@@ -45,16 +47,19 @@ pub fn has_pauth() -> bool {
 }
 
 /// GICv3 system register interface: `ID_AA64PFR0_EL1.GIC`, bits \[27:24\].
+#[must_use]
 pub fn has_gic_sysregs() -> bool {
     (read_sysreg!("id_aa64pfr0_el1") >> 24) & 0xf != 0
 }
 
 /// FEAT_TLBIRANGE: `ID_AA64ISAR0_EL1.TLB`, bits \[59:56\], equals 2.
+#[must_use]
 pub fn has_tlbi_range() -> bool {
     (read_sysreg!("id_aa64isar0_el1") >> 56) & 0xf == 2
 }
 
 /// The current exception level.
+#[must_use]
 pub fn current_el() -> u64 {
     (read_sysreg!("CurrentEL") >> 2) & 3
 }

@@ -12,6 +12,7 @@ use super::sysreg::{has_gic_sysregs, has_pauth, read_sysreg, write_sysreg};
 ///
 /// Returns `None` if the CPU's physical range is below 40 bits, too small
 /// for a 39-bit IPA space whose output addresses are physical.
+#[must_use]
 pub fn vtcr_el2(pa_range: u64) -> Option<u64> {
     const RES1: u64 = 1 << 31;
     const SL0_LEVEL1: u64 = 1 << 6;
