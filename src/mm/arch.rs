@@ -54,6 +54,16 @@ pub trait MmArch {
     /// `TLBI VAE2IS`: drops the EL2 entry for one 4 KiB page of the
     /// hypervisor's own map.
     fn tlbi_vae2is(&self, va: u64);
+
+    /// Model hook, not an instruction: the hypervisor is about to access
+    /// `va` through its EL2 map (`write` for a store). Hardware needs nothing
+    /// here (a bad access faults by itself), so the default says yes; a model
+    /// answers whether its simulated TLB and table walker would translate the
+    /// access, so a missing barrier or TLBI shows up as `false`.
+    fn el2_access_ok(&self, va: usize, write: bool) -> bool {
+        let _ = (va, write);
+        true
+    }
 }
 
 /// An [`MmArch`] that does nothing: for host code that only needs the mm
