@@ -29,6 +29,9 @@ pub struct BootArgs {
     pub guest_ram_mib: usize,
     /// Flags for the test guest (see [`guest_flags`]).
     pub guest_flags: u64,
+    /// `mm.guard=`: keep free page-table pages unmapped from the EL2 map
+    /// (default: on in debug builds).
+    pub guard: bool,
 }
 
 impl Default for BootArgs {
@@ -38,6 +41,7 @@ impl Default for BootArgs {
             payload: DEFAULT_PAYLOAD,
             guest_ram_mib: DEFAULT_GUEST_RAM_MIB,
             guest_flags: 0,
+            guard: cfg!(debug_assertions),
         }
     }
 }
@@ -64,7 +68,7 @@ impl core::fmt::Display for BootArgsError<'_> {
             Self::NotKeyValue(w) => write!(f, "boot argument `{w}` is not key=value"),
             Self::UnknownKey(k) => write!(
                 f,
-                "unknown boot argument `{k}` (known: log, payload, guest.ram_mib, guest.fail)"
+                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.fail)"
             ),
             Self::BadValue { key, value } => write!(f, "bad value `{value}` for `{key}`"),
         }
@@ -90,6 +94,7 @@ impl BootArgs {
                 "guest.ram_mib" => {
                     args.guest_ram_mib = parse_number(value).filter(|&m| m > 0).ok_or(bad)?;
                 }
+                "mm.guard" => args.guard = parse_bool(value).ok_or(bad)?,
                 "guest.fail" => match value {
                     "0" => args.guest_flags &= !guest_flags::FAIL,
                     "1" => args.guest_flags |= guest_flags::FAIL,
@@ -99,6 +104,14 @@ impl BootArgs {
             }
         }
         Ok(args)
+    }
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "0" => Some(false),
+        "1" => Some(true),
+        _ => None,
     }
 }
 
@@ -133,8 +146,12 @@ mod tests {
 
     #[test]
     fn parses_every_key() {
-        let a = BootArgs::parse("log=debug payload=0x4900_0000 guest.ram_mib=64 guest.fail=1")
-            .expect("valid");
+        let a = BootArgs::parse(
+            "log=debug payload=0x4900_0000 guest.ram_mib=64 guest.fail=1 mm.guard=1",
+        )
+        .expect("valid");
+        assert!(a.guard);
+        assert!(!BootArgs::parse("mm.guard=0").expect("valid").guard);
         assert_eq!(a.log, LevelFilter::Debug);
         assert_eq!(a.payload, 0x4900_0000);
         assert_eq!(a.guest_ram_mib, 64);

@@ -55,6 +55,18 @@ pub trait MmArch {
     /// hypervisor's own map.
     fn tlbi_vae2is(&self, va: u64);
 
+    /// `TLBI ALLE2IS`: drops every entry of the hypervisor's own map.
+    fn tlbi_alle2is(&self);
+
+    /// Whether FEAT_TLBIRANGE (`TLBI RIPAS2E1IS`) may be used.
+    fn has_tlbi_range(&self) -> bool;
+
+    /// Index of the executing CPU (for per-CPU lazy state), below
+    /// [`crate::mm::lazy::MAX_CPUS`].
+    fn cpu_id(&self) -> usize {
+        0
+    }
+
     /// Model hook, not an instruction: the hypervisor is about to access
     /// `va` through its EL2 map (`write` for a store). Hardware needs nothing
     /// here (a bad access faults by itself), so the default says yes; a model
@@ -80,4 +92,8 @@ impl MmArch for NoopArch {
     fn tlbi_vmalle1is(&self, _vmid: Vmid) {}
     fn tlbi_vmalls12e1is(&self, _vmid: Vmid) {}
     fn tlbi_vae2is(&self, _va: u64) {}
+    fn tlbi_alle2is(&self) {}
+    fn has_tlbi_range(&self) -> bool {
+        true
+    }
 }

@@ -73,6 +73,20 @@ counter_set! {
         blocks_mapped,
         /// Descriptor writes made by the mm core.
         pte_writes,
+        /// Lazy sections entered (outermost).
+        sections,
+        /// `enter` while a section was already active.
+        nests,
+        /// Nested `enter` under the `Flatten` policy (a caller bug).
+        nest_warnings,
+        /// Allocator updates run in a paused section (`Flatten`).
+        flattenings,
+        /// Break-before-make cycles (break, invalidate, make).
+        bbm,
+        /// Blocks split into smaller entries.
+        splits,
+        /// Tables of uniform entries merged back into a block.
+        merges,
         /// `DSB ISHST` issued.
         dsb_ishst,
         /// `DSB ISH` issued.
@@ -89,12 +103,18 @@ counter_set! {
         tlbi_vmalls12e1is,
         /// `TLBI VAE2IS` issued (hypervisor's own map).
         tlbi_vae2is,
+        /// `TLBI ALLE2IS` issued (hypervisor's own map).
+        tlbi_alle2is,
         /// 4 KiB pages covered by stage-2 TLBIs.
         tlbi_pages,
         /// Page-table pages taken from the pool.
         pool_allocs,
         /// Page-table pages given back to the pool.
         pool_frees,
+        /// Guard mode: pool pages made valid in the EL2 map on allocation.
+        guard_maps,
+        /// Guard mode: pool pages made invalid in the EL2 map on free.
+        guard_unmaps,
     }
 }
 
@@ -112,7 +132,7 @@ mod tests {
         c.for_each(|name, value| seen.push((name, value)));
         assert_eq!(seen[0], ("mappings", 1));
         assert_eq!(seen[1], ("pages_mapped", 510));
-        assert_eq!(seen.last().map(|s| s.0), Some("pool_frees"));
+        assert_eq!(seen.last().map(|s| s.0), Some("guard_unmaps"));
         c.reset();
         c.for_each(|_, value| assert_eq!(value, 0));
     }

@@ -6,6 +6,9 @@
 
 pub mod arch;
 pub mod counters;
+pub mod lazy;
+#[cfg(test)]
+pub mod model;
 pub mod pool;
 pub mod stage2;
 

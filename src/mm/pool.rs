@@ -6,11 +6,25 @@
 //! physical address is also the address the hypervisor writes it through. On
 //! the host, tests back the pool with a heap allocation and its addresses
 //! stand in for physical ones.
+//!
+//! # Guard mode
+//!
+//! With guard mode on (debug builds and tests; switchable), free pool pages
+//! are *not mapped* in the EL2 map: allocating a page makes its EL2 entry
+//! valid and then zeroes it; freeing makes it invalid (with its TLBI), so a
+//! use after free faults. Those EL2-map updates are lazy sections of their
+//! own, and may happen while a stage-2 section is open (a map that needs a
+//! new table). How they combine with the open section is the nesting
+//! policy's business (see [`super::lazy`]): under `Flatten` the pool pauses
+//! the section, updates eagerly and resumes.
 
 use buddy_system_allocator::FrameAllocator;
 use core::ops::Range;
+use spin::mutex::SpinMutex;
 
-use super::counters::{MmCounters, inc};
+use super::arch::MmArch;
+use super::counters::inc;
+use super::lazy::{MmCtx, NestPolicy};
 use super::{PAGE_SIZE, PhysAddr};
 
 /// Why the pool could not hand out a page.
@@ -20,43 +34,69 @@ pub enum PoolError {
     Exhausted,
     /// A test asked for this allocation to fail (see [`PagePool::fail_after`]).
     Injected,
+    /// Guard mode: the page was made valid in the EL2 map, but writing it
+    /// would fault: the update was not complete when the pool zeroed it (a
+    /// nesting bug, shown under `Naive`). The page is back in the pool.
+    GuardFault,
 }
 
-/// A buddy allocator of 4 KiB page frames.
-pub struct PagePool {
+/// The EL2-map side of guard mode: makes one pool page valid or invalid in
+/// the hypervisor's map.
+pub trait El2PageMap: Sync {
+    /// Writes the EL2 leaf entry of the page at `va`: valid (normal memory,
+    /// read-write, execute-never) or invalid. Returns how many descriptors
+    /// were written. Issues no barrier or TLBI: the caller pays for them.
+    fn set_page(&self, va: PhysAddr, valid: bool) -> u64;
+}
+
+struct PoolState {
     frames: FrameAllocator<32>,
-    region: Range<PhysAddr>,
     free_pages: usize,
     /// Allocations left before an injected failure; `None` when not injecting.
     fail_after: Option<usize>,
 }
 
-impl core::fmt::Debug for PagePool {
+/// A buddy allocator of 4 KiB page frames, optionally guarding free pages.
+pub struct PagePool<'m, A: MmArch> {
+    state: SpinMutex<PoolState>,
+    region: Range<PhysAddr>,
+    mm: &'m MmCtx<A>,
+    guard: Option<&'m dyn El2PageMap>,
+}
+
+impl<A: MmArch> core::fmt::Debug for PagePool<'_, A> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("PagePool")
             .field(
                 "region",
                 &format_args!("{:#x}..{:#x}", self.region.start, self.region.end),
             )
-            .field("free_pages", &self.free_pages)
+            .field("free_pages", &self.free_pages())
+            .field("guard", &self.guard.is_some())
             .finish_non_exhaustive()
     }
 }
 
-impl PagePool {
-    /// Creates a pool over `region` (page-aligned physical addresses).
+impl<'m, A: MmArch> PagePool<'m, A> {
+    /// Creates a pool over `region` (page-aligned physical addresses). With
+    /// `guard`, every page of the region is made invalid in the EL2 map now
+    /// (one flush), and pages are mapped one by one as they are allocated.
     ///
     /// # Safety
     ///
     /// `region` must be memory that nothing else uses for as long as the pool
-    /// and the tables built from it live, and it must be mapped read-write at
-    /// the same address (identity) for the code that uses the pool.
+    /// and the tables built from it live. Without `guard` it must be mapped
+    /// read-write at the same address (identity); with `guard`, `guard` must
+    /// control those EL2 entries and nothing else may rely on them.
     ///
     /// # Panics
     ///
     /// If `region` is empty or not page-aligned.
-    #[must_use]
-    pub unsafe fn new(region: Range<PhysAddr>) -> Self {
+    pub unsafe fn new(
+        region: Range<PhysAddr>,
+        mm: &'m MmCtx<A>,
+        guard: Option<&'m dyn El2PageMap>,
+    ) -> Self {
         assert!(
             region.start < region.end
                 && region.start.is_multiple_of(PAGE_SIZE)
@@ -67,12 +107,29 @@ impl PagePool {
         );
         let mut frames = FrameAllocator::new();
         frames.add_frame(region.start / PAGE_SIZE, region.end / PAGE_SIZE);
-        Self {
-            free_pages: (region.end - region.start) / PAGE_SIZE,
-            frames,
+        let pool = Self {
+            state: SpinMutex::new(PoolState {
+                free_pages: (region.end - region.start) / PAGE_SIZE,
+                frames,
+                fail_after: None,
+            }),
             region,
-            fail_after: None,
+            mm,
+            guard,
+        };
+        if let Some(el2) = pool.guard {
+            let mut writes = 0;
+            for va in pool.region.clone().step_by(PAGE_SIZE) {
+                writes += el2.set_page(va, false);
+            }
+            mm.note_writes(writes, false);
+            mm.queue_el2_invalidation(
+                pool.region.start as u64,
+                (pool.region.end - pool.region.start) as u64,
+            );
+            mm.flush();
         }
+        pool
     }
 
     /// The region this pool hands pages out of.
@@ -81,10 +138,16 @@ impl PagePool {
         self.region.clone()
     }
 
+    /// Whether guard mode is on.
+    #[must_use]
+    pub fn guarded(&self) -> bool {
+        self.guard.is_some()
+    }
+
     /// Pages not currently handed out.
     #[must_use]
     pub fn free_pages(&self) -> usize {
-        self.free_pages
+        self.state.lock().free_pages
     }
 
     /// Pages in the pool.
@@ -96,35 +159,52 @@ impl PagePool {
     /// Makes the allocation after `n` more successful ones fail with
     /// [`PoolError::Injected`] (and every one after it, until cleared with
     /// `None`). For failure-injection tests.
-    pub fn fail_after(&mut self, n: Option<usize>) {
-        self.fail_after = n;
+    pub fn fail_after(&self, n: Option<usize>) {
+        self.state.lock().fail_after = n;
     }
 
-    /// Takes one page out of the pool and zeroes it.
+    /// Takes one page out of the pool, makes it valid in the EL2 map (guard
+    /// mode), and zeroes it.
     ///
     /// # Errors
     ///
     /// [`PoolError::Exhausted`] when no page is free, [`PoolError::Injected`]
-    /// when a test asked for this allocation to fail.
-    pub fn alloc_zeroed(&mut self, counters: &MmCounters) -> Result<PhysAddr, PoolError> {
-        if let Some(left) = self.fail_after.as_mut() {
-            if *left == 0 {
-                return Err(PoolError::Injected);
+    /// when a test asked for this allocation to fail,
+    /// [`PoolError::GuardFault`] when the page would not be writable.
+    pub fn alloc_zeroed(&self) -> Result<PhysAddr, PoolError> {
+        let pa = {
+            let mut st = self.state.lock();
+            if let Some(left) = st.fail_after.as_mut() {
+                if *left == 0 {
+                    return Err(PoolError::Injected);
+                }
+                *left -= 1;
             }
-            *left -= 1;
+            let frame = st.frames.alloc(1).ok_or(PoolError::Exhausted)?;
+            st.free_pages -= 1;
+            frame * PAGE_SIZE
+        };
+        if self.guard.is_some() {
+            self.guard_update(pa, true);
+            inc(&self.mm.counters().guard_maps);
+            // On hardware a write to a page whose EL2 entry is not yet in
+            // effect would fault here; the model tells us instead.
+            if !self.mm.arch.el2_access_ok(pa, true) {
+                // SAFETY: the page was never handed out.
+                unsafe { self.free(pa) };
+                return Err(PoolError::GuardFault);
+            }
         }
-        let frame = self.frames.alloc(1).ok_or(PoolError::Exhausted)?;
-        let pa = frame * PAGE_SIZE;
-        // SAFETY: `pa` is a page of the pool's region, which `new`'s contract
-        // says is ours alone and mapped read-write at this address; the
-        // allocator just handed it out, so no one else refers to it.
+        // SAFETY: `pa` is a page of the pool's region, ours alone (`new`'s
+        // contract) and mapped read-write (identity, or by guard mode just
+        // above); the allocator just handed it out, so no one else uses it.
         unsafe { core::ptr::write_bytes(pa as *mut u8, 0, PAGE_SIZE) };
-        self.free_pages -= 1;
-        inc(&counters.pool_allocs);
+        inc(&self.mm.counters().pool_allocs);
         Ok(pa)
     }
 
-    /// Gives a page back to the pool.
+    /// Gives a page back to the pool (unmapping it from the EL2 map first in
+    /// guard mode).
     ///
     /// # Safety
     ///
@@ -136,52 +216,108 @@ impl PagePool {
     /// # Panics
     ///
     /// If `pa` is not a page of the pool.
-    pub unsafe fn free(&mut self, pa: PhysAddr, counters: &MmCounters) {
+    pub unsafe fn free(&self, pa: PhysAddr) {
         assert!(
             self.region.contains(&pa) && pa.is_multiple_of(PAGE_SIZE),
             "freeing {pa:#x}, which is not a page of the pool"
         );
-        self.frames.dealloc(pa / PAGE_SIZE, 1);
-        self.free_pages += 1;
-        inc(&counters.pool_frees);
+        if self.guard.is_some() {
+            self.guard_update(pa, false);
+            inc(&self.mm.counters().guard_unmaps);
+        }
+        let mut st = self.state.lock();
+        st.frames.dealloc(pa / PAGE_SIZE, 1);
+        st.free_pages += 1;
+        inc(&self.mm.counters().pool_frees);
+    }
+
+    /// The EL2-map update of guard mode, as a lazy section of its own,
+    /// combined with an open section as the nesting policy says.
+    fn guard_update(&self, pa: PhysAddr, valid: bool) {
+        let Some(el2) = self.guard else { return };
+        let update = || {
+            let writes = el2.set_page(pa, valid);
+            self.mm.note_writes(writes, valid);
+            if !valid {
+                self.mm.queue_el2_invalidation(pa as u64, PAGE_SIZE as u64);
+            }
+        };
+        match self.mm.policy() {
+            NestPolicy::Flatten => {
+                // The seed's flattening: out of the section, update (eager:
+                // it pays for itself before returning), back in.
+                let paused = self.mm.pause();
+                update();
+                self.mm.op_done();
+                self.mm.resume(paused);
+            }
+            NestPolicy::FlushInner | NestPolicy::Naive | NestPolicy::Counted => {
+                self.mm.enter();
+                update();
+                self.mm.op_done();
+                self.mm.leave();
+            }
+        }
     }
 }
 
 #[cfg(test)]
 pub(crate) mod test_support {
-    //! A pool backed by leaked, page-aligned host memory.
+    //! Host memory for pools, and an EL2-page map that only counts.
 
-    use super::PagePool;
+    use super::{El2PageMap, MmArch, MmCtx, PagePool};
     use crate::mm::PAGE_SIZE;
     use alloc::alloc::{Layout, alloc_zeroed};
+    use core::ops::Range;
 
-    /// A pool of `pages` pages of host memory, leaked for the test's lifetime.
-    pub fn host_pool(pages: usize) -> PagePool {
+    /// `pages` pages of zeroed, page-aligned host memory, leaked.
+    pub fn host_region(pages: usize) -> Range<usize> {
         let layout = Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).expect("layout");
         // SAFETY: the layout has a non-zero size.
         let base = unsafe { alloc_zeroed(layout) } as usize;
         assert_ne!(base, 0, "host allocation failed");
+        base..base + pages * PAGE_SIZE
+    }
+
+    /// A pool of `pages` pages of host memory, without guard mode.
+    pub fn host_pool<A: MmArch>(pages: usize, mm: &MmCtx<A>) -> PagePool<'_, A> {
         // SAFETY: the memory was just allocated, is page-aligned and is never
         // freed or used by anything but this pool.
-        unsafe { PagePool::new(base..base + pages * PAGE_SIZE) }
+        unsafe { PagePool::new(host_region(pages), mm, None) }
+    }
+
+    /// Leaks `x`, for `'static` test fixtures.
+    pub fn leak<T>(x: T) -> &'static T {
+        alloc::boxed::Box::leak(alloc::boxed::Box::new(x))
+    }
+
+    /// An EL2-page map that only counts its writes.
+    #[derive(Debug, Default)]
+    pub struct CountingEl2;
+
+    impl El2PageMap for CountingEl2 {
+        fn set_page(&self, _va: usize, _valid: bool) -> u64 {
+            1
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::test_support::host_pool;
+    use super::test_support::{CountingEl2, host_pool, host_region, leak};
     use super::*;
+    use crate::mm::arch::NoopArch;
 
     #[test]
     fn alloc_zeroes_and_free_balances() {
-        let counters = MmCounters::new();
-        let mut pool = host_pool(4);
-        let a = pool.alloc_zeroed(&counters).expect("page");
+        let mm = MmCtx::new(NoopArch);
+        let pool = host_pool(4, &mm);
+        let a = pool.alloc_zeroed().expect("page");
         // SAFETY: `a` is a pool page we own.
         unsafe { core::ptr::write_bytes(a as *mut u8, 0xaa, PAGE_SIZE) };
         // SAFETY: nothing refers to `a`.
-        unsafe { pool.free(a, &counters) };
-        let b = pool.alloc_zeroed(&counters).expect("page");
+        unsafe { pool.free(a) };
+        let b = pool.alloc_zeroed().expect("page");
         // SAFETY: `b` is a pool page we own, PAGE_SIZE long.
         let bytes = unsafe { core::slice::from_raw_parts(b as *const u8, PAGE_SIZE) };
         assert!(
@@ -193,13 +329,37 @@ mod tests {
 
     #[test]
     fn exhaustion_and_injection_are_errors() {
-        let counters = MmCounters::new();
-        let mut pool = host_pool(2);
+        let mm = MmCtx::new(NoopArch);
+        let pool = host_pool(2, &mm);
         pool.fail_after(Some(1));
-        assert!(pool.alloc_zeroed(&counters).is_ok());
-        assert_eq!(pool.alloc_zeroed(&counters), Err(PoolError::Injected));
+        assert!(pool.alloc_zeroed().is_ok());
+        assert_eq!(pool.alloc_zeroed(), Err(PoolError::Injected));
         pool.fail_after(None);
-        assert!(pool.alloc_zeroed(&counters).is_ok());
-        assert_eq!(pool.alloc_zeroed(&counters), Err(PoolError::Exhausted));
+        assert!(pool.alloc_zeroed().is_ok());
+        assert_eq!(pool.alloc_zeroed(), Err(PoolError::Exhausted));
+    }
+
+    #[test]
+    fn guard_mode_maps_on_alloc_and_unmaps_with_tlbi_on_free() {
+        let mm = leak(MmCtx::new(NoopArch));
+        let el2 = leak(CountingEl2);
+        // SAFETY: fresh host memory, only this pool uses it.
+        let pool = unsafe { PagePool::new(host_region(8), mm, Some(el2)) };
+        mm.reset_counters();
+        let pa = pool.alloc_zeroed().expect("page");
+        // Eager (no section): DSB ISHST + ISB for the new valid entry.
+        assert_eq!(
+            (
+                mm.total("dsb_ishst"),
+                mm.total("isb"),
+                mm.total("guard_maps")
+            ),
+            (1, 1, 1)
+        );
+        // SAFETY: unused page from this pool.
+        unsafe { pool.free(pa) };
+        assert_eq!(mm.total("tlbi_vae2is"), 1);
+        assert_eq!(mm.total("guard_unmaps"), 1);
+        assert!(mm.nothing_pending());
     }
 }

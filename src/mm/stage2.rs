@@ -14,12 +14,34 @@
 //! # Table memory: prepare, then commit
 //!
 //! aarch64-paging's table allocation cannot fail. So, as in Hafnium's
-//! prepare/commit, an operation first *prepares*: it takes from the pool as
-//! many zeroed pages as the change can need at most (fallible; on failure
-//! nothing has been written), then *commits* the change, drawing tables from
-//! that reserve only, and gives the unused rest back. Table pages that the
-//! change detaches are released to the pool only after the TLB maintenance
-//! that hides them from walkers has completed.
+//! prepare/commit, an operation first *prepares*: it counts exactly the
+//! tables the change will create (walking the current tables and following
+//! aarch64-paging's own decisions: a new table wherever an entry that is not
+//! a table must hold something other than one aligned block or nothing) and
+//! takes that many zeroed pages from the pool. That is the only fallible
+//! step, and it comes before any write: on failure the tables are exactly as
+//! before and every page taken is back in the pool. It then *commits*,
+//! drawing tables from that reserve only. Table pages the change detaches
+//! are freed only after the TLB maintenance that hides them from walkers has
+//! completed (they ride in the lazy state's deferred-free list).
+//!
+//! # Break-before-make
+//!
+//! Replacing a live valid entry by one with another output address, memory
+//! type or size needs break-before-make. Three operations do that:
+//! - `remap` (new backing for a mapped range): break every valid entry in
+//!   the range, complete the invalidation, make the new entries;
+//! - a change to part of a block (`unmap`, `protect`, `remap`): the block
+//!   is broken whole, invalidated, and made again as a table of smaller
+//!   entries with the change applied (a split);
+//! - `merge`: a table of uniform pages is broken and made a block.
+//!
+//! A break's invalidation is paid at once, inside a lazy section too (as Xen
+//! does for superpage shattering), but once per operation however many
+//! entries it breaks: prepare all, break all, one flush, make all. That flush
+//! also pays whatever the section owed so far. Changes that need no BBM
+//! (permission changes, unmapping whole entries) only queue their
+//! invalidation in the section's batch.
 //!
 //! # IPA space
 //!
@@ -30,13 +52,17 @@
 use aarch64_paging::Mapping;
 use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes};
 use aarch64_paging::paging::{self, Constraints, MemoryRegion, PageTable, Translation};
+use alloc::sync::Arc;
+use alloc::vec;
 use alloc::vec::Vec;
-use core::cell::RefCell;
+use core::mem::ManuallyDrop;
+use core::ops::Range;
 use core::ptr::NonNull;
-use spin::Mutex;
+use spin::mutex::SpinMutex;
 
 use super::arch::{MmArch, Vmid};
-use super::counters::{MmCounters, add, inc};
+use super::counters::{add, inc, sub};
+use super::lazy::MmCtx;
 use super::pool::{PagePool, PoolError};
 use super::{BLOCK_1G, BLOCK_2M, Ipa, PAGE_SIZE, PhysAddr};
 
@@ -174,13 +200,12 @@ pub enum Stage2Error {
     Overflow,
     /// The range reaches beyond the guest's IPA space.
     OutsideIpaSpace,
-    /// Part of the range is already mapped; replacing a live mapping needs
-    /// break-before-make, which `map` does not do.
+    /// `map` over a range that is partly mapped (use `remap`).
     AlreadyMapped,
+    /// `protect` or `remap` over a range that is not wholly mapped.
+    NotMapped,
     /// The page pool could not supply the translation tables the change needs.
     OutOfTableMemory(PoolError),
-    /// The CPU's physical address range is too small for the IPA space.
-    PaRangeTooSmall,
 }
 
 /// Pages a [`TableReserve`] holds.
@@ -188,26 +213,26 @@ pub enum Stage2Error {
 struct ReservePages {
     /// Zeroed pool pages prepared for the operation in progress.
     reserve: Vec<PhysAddr>,
-    /// Table pages aarch64-paging detached; they are freed only after the
-    /// TLB maintenance that hides them from walkers.
+    /// Table pages aarch64-paging detached during the operation.
     detached: Vec<PhysAddr>,
 }
 
 /// The table-page source handed to aarch64-paging.
 ///
-/// aarch64-paging only lends its translation out by shared reference, so the
-/// pages sit in a `RefCell` that this module borrows between calls into
-/// aarch64-paging (never during one).
+/// aarch64-paging only lends its translation out by shared reference, and
+/// frees every table through it when the mapping drops; so the pages sit
+/// behind a shared handle that [`Stage2`] keeps too. The lock is never held
+/// across a call into aarch64-paging.
 #[derive(Debug, Default)]
-struct TableReserve(RefCell<ReservePages>);
+struct TableReserve(Arc<SpinMutex<ReservePages>>);
 
 impl Translation<Stage2Attributes> for TableReserve {
     fn allocate_table(&mut self) -> (NonNull<PageTable<Stage2Attributes>>, PhysicalAddress) {
-        // The prepare step sized the reserve for the worst case; running dry
-        // means that bound is wrong, which is a bug, not a runtime condition.
+        // The prepare step counted the tables exactly; running dry means
+        // that count is wrong, which is a bug, not a runtime condition.
         let pa = self
             .0
-            .get_mut()
+            .lock()
             .reserve
             .pop()
             .expect("stage-2 table reserve exhausted: prepare step under-counted");
@@ -217,10 +242,7 @@ impl Translation<Stage2Attributes> for TableReserve {
     }
 
     unsafe fn deallocate_table(&mut self, page_table: NonNull<PageTable<Stage2Attributes>>) {
-        self.0
-            .get_mut()
-            .detached
-            .push(page_table.as_ptr() as PhysAddr);
+        self.0.lock().detached.push(page_table.as_ptr() as PhysAddr);
     }
 
     fn physical_to_virtual(&self, pa: PhysicalAddress) -> NonNull<PageTable<Stage2Attributes>> {
@@ -230,13 +252,46 @@ impl Translation<Stage2Attributes> for TableReserve {
     }
 }
 
+/// A leaf entry (or an invalid entry that is not a table) met by a walk.
+#[derive(Clone, Debug)]
+struct Leaf {
+    /// The whole range the entry covers.
+    entry: Range<usize>,
+    /// The part of it inside the walked range.
+    chunk: Range<usize>,
+    level: usize,
+    valid: bool,
+    /// Output address of the entry's first byte (valid entries).
+    pa: PhysAddr,
+    flags: Stage2Attributes,
+}
+
+/// A piece of the layout an operation makes: `range` mapped from `pa` with
+/// `flags`.
+#[derive(Clone, Debug)]
+struct Piece {
+    range: Range<usize>,
+    pa: PhysAddr,
+    flags: Stage2Attributes,
+}
+
+/// What an operation changes in its range.
+#[derive(Clone, Copy, Debug)]
+enum Change {
+    Unmap,
+    Protect(S2Perm),
+    Remap { pa: PhysAddr, attrs: S2Attrs },
+}
+
 /// One guest's stage-2 translation tables.
-pub struct Stage2<'p, A: MmArch> {
-    mapping: Mapping<TableReserve, paging::Stage2>,
+pub struct Stage2<'m, A: MmArch> {
+    /// `ManuallyDrop` so that `Drop` can free the tables after aarch64-paging
+    /// has handed them back.
+    mapping: ManuallyDrop<Mapping<TableReserve, paging::Stage2>>,
+    pages: Arc<SpinMutex<ReservePages>>,
     vmid: Vmid,
-    arch: A,
-    pool: &'p Mutex<PagePool>,
-    counters: &'p MmCounters,
+    mm: &'m MmCtx<A>,
+    pool: &'m PagePool<'m, A>,
 }
 
 impl<A: MmArch> core::fmt::Debug for Stage2<'_, A> {
@@ -251,7 +306,7 @@ impl<A: MmArch> core::fmt::Debug for Stage2<'_, A> {
     }
 }
 
-impl<'p, A: MmArch> Stage2<'p, A> {
+impl<'m, A: MmArch> Stage2<'m, A> {
     /// Creates empty tables for `vmid`, taking the root table from `pool`.
     ///
     /// # Errors
@@ -259,25 +314,21 @@ impl<'p, A: MmArch> Stage2<'p, A> {
     /// [`Stage2Error::OutOfTableMemory`] if the pool has no page for the root.
     pub fn new(
         vmid: Vmid,
-        arch: A,
-        pool: &'p Mutex<PagePool>,
-        counters: &'p MmCounters,
+        mm: &'m MmCtx<A>,
+        pool: &'m PagePool<'m, A>,
     ) -> Result<Self, Stage2Error> {
-        let root = pool
-            .lock()
-            .alloc_zeroed(counters)
-            .map_err(Stage2Error::OutOfTableMemory)?;
-        let tables = TableReserve(RefCell::new(ReservePages {
-            reserve: alloc::vec![root],
+        let root = pool.alloc_zeroed().map_err(Stage2Error::OutOfTableMemory)?;
+        let pages = Arc::new(SpinMutex::new(ReservePages {
+            reserve: vec![root],
             detached: Vec::new(),
         }));
-        let mapping = Mapping::new(tables, ROOT_LEVEL, paging::Stage2);
+        let mapping = Mapping::new(TableReserve(pages.clone()), ROOT_LEVEL, paging::Stage2);
         Ok(Self {
-            mapping,
+            mapping: ManuallyDrop::new(mapping),
+            pages,
             vmid,
-            arch,
+            mm,
             pool,
-            counters,
         })
     }
 
@@ -287,10 +338,16 @@ impl<'p, A: MmArch> Stage2<'p, A> {
         self.vmid
     }
 
+    /// Physical address of the root table.
+    #[must_use]
+    pub fn root(&self) -> PhysAddr {
+        self.mapping.root_address().0
+    }
+
     /// The value for `VTTBR_EL2`: root table address and VMID.
     #[must_use]
     pub fn vttbr(&self) -> u64 {
-        self.mapping.root_address().0 as u64 | (u64::from(self.vmid.0) << 48)
+        self.root() as u64 | (u64::from(self.vmid.0) << 48)
     }
 
     /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with `attrs`, using
@@ -298,17 +355,13 @@ impl<'p, A: MmArch> Stage2<'p, A> {
     ///
     /// The range must be unmapped: making an invalid entry valid needs no
     /// TLB maintenance (the architecture never caches a translation that
-    /// faults), only a `DSB ISHST` so the walker sees the new entries.
+    /// faults), only a `DSB ISHST` so walkers see it and an `ISB` (owed to the
+    /// section inside a lazy one).
     ///
     /// # Errors
     ///
-    /// Any [`Stage2Error`] but `PaRangeTooSmall`; on error the tables are as
-    /// they were before the call.
-    ///
-    /// # Panics
-    ///
-    /// Only on a broken internal invariant (aarch64-paging refusing a range
-    /// this function already checked).
+    /// Any [`Stage2Error`] but `NotMapped`; on error the tables are as they
+    /// were before the call.
     pub fn map(
         &mut self,
         ipa: Ipa,
@@ -316,132 +369,396 @@ impl<'p, A: MmArch> Stage2<'p, A> {
         pa: PhysAddr,
         attrs: S2Attrs,
     ) -> Result<(), Stage2Error> {
-        let region = Self::checked_region(ipa, size)?;
-        if !pa.is_multiple_of(PAGE_SIZE) {
-            return Err(Stage2Error::Unaligned);
-        }
-        pa.checked_add(size).ok_or(Stage2Error::Overflow)?;
-        if self.any_valid(&region) {
+        let region = checked_region(ipa, size)?;
+        check_pa(pa, size)?;
+        let leaves = self.leaves(&region);
+        if leaves.iter().any(|l| l.valid) {
             return Err(Stage2Error::AlreadyMapped);
         }
-
-        let prepared = tables_needed_upper_bound(ipa as usize, size, pa);
-        self.prepare(prepared)?;
-        let result = self.mapping.map_range(
-            &region,
-            PhysicalAddress(pa),
-            attrs.descriptor_flags(),
-            Constraints::NO_CONTIGUOUS_HINT,
-        );
-        let used = self.finish_prepare(prepared);
-        // The range was checked above; aarch64-paging has nothing left to refuse.
-        result.expect("map_range on a checked, unmapped region");
-
-        let (leaves, blocks) = self.count_leaves(&region);
-        add(&self.counters.pte_writes, (leaves + used) as u64);
-        add(&self.counters.blocks_mapped, blocks as u64);
-        add(&self.counters.pages_mapped, (size / PAGE_SIZE) as u64);
-        inc(&self.counters.mappings);
-
-        // Invalid -> valid: no TLBI. The DSB makes the new entries visible to
-        // the table walkers before the guest next runs; the ISB keeps this
-        // PE's later instructions behind them (the ERET into the guest would
-        // also do it, but the mm core does not assume how it is left).
-        self.dsb_ishst();
-        self.isb();
+        let piece = Piece {
+            range: region.clone(),
+            pa,
+            flags: attrs.descriptor_flags(),
+        };
+        let needed: usize = leaves
+            .iter()
+            .map(|l| tables_for(&l.entry, l.level, core::slice::from_ref(&piece)))
+            .sum();
+        self.prepare(needed)?;
+        self.make(&piece);
+        let used = self.finish(needed);
+        let (leaves_written, blocks) = self.count_valid_leaves(&region);
+        self.mm.note_writes((leaves_written + used) as u64, true);
+        let c = self.mm.counters();
+        add(&c.blocks_mapped, blocks as u64);
+        add(&c.pages_mapped, (size / PAGE_SIZE) as u64);
+        inc(&c.mappings);
+        self.mm.op_done();
         Ok(())
     }
 
+    /// Unmaps whatever is mapped in `[ipa, ipa + size)` (holes are fine).
+    /// A block straddling an edge of the range is split (break-before-make).
+    ///
+    /// # Errors
+    ///
+    /// Range errors, or [`Stage2Error::OutOfTableMemory`] when a split needs
+    /// tables the pool cannot give; then nothing has changed.
+    pub fn unmap(&mut self, ipa: Ipa, size: usize) -> Result<(), Stage2Error> {
+        self.change(ipa, size, Change::Unmap)
+    }
+
+    /// Changes the permissions of every page in `[ipa, ipa + size)`, which
+    /// must be wholly mapped. Permission changes need no break-before-make;
+    /// only a block straddling an edge of the range is split.
+    ///
+    /// # Errors
+    ///
+    /// Range errors, [`Stage2Error::NotMapped`], or
+    /// [`Stage2Error::OutOfTableMemory`]; then nothing has changed.
+    pub fn protect(&mut self, ipa: Ipa, size: usize, perm: S2Perm) -> Result<(), Stage2Error> {
+        self.change(ipa, size, Change::Protect(perm))
+    }
+
+    /// Points the wholly mapped range `[ipa, ipa + size)` at new backing `pa`
+    /// with `attrs`, by break-before-make: every entry in the range is broken,
+    /// the invalidation completed, then the new entries made (blocks where
+    /// aligned).
+    ///
+    /// # Errors
+    ///
+    /// Range errors, [`Stage2Error::NotMapped`], or
+    /// [`Stage2Error::OutOfTableMemory`]; then nothing has changed.
+    pub fn remap(
+        &mut self,
+        ipa: Ipa,
+        size: usize,
+        pa: PhysAddr,
+        attrs: S2Attrs,
+    ) -> Result<(), Stage2Error> {
+        check_pa(pa, size)?;
+        self.change(ipa, size, Change::Remap { pa, attrs })
+    }
+
+    /// Merges every 2 MiB region inside `[ipa, ipa + size)` whose 512 pages
+    /// are mapped to one contiguous, 2 MiB-aligned physical range with the
+    /// same attributes back into one block (break-before-make; one flush for
+    /// all of them). Merging is on request only: the manager never merges by
+    /// itself. Returns how many blocks were made.
+    ///
+    /// # Errors
+    ///
+    /// Range errors only.
+    pub fn merge(&mut self, ipa: Ipa, size: usize) -> Result<usize, Stage2Error> {
+        let region = checked_region(ipa, size)?;
+        let first = super::align_up(region.start, BLOCK_2M);
+        let mut candidates = Vec::new();
+        for start in (first..region.end).step_by(BLOCK_2M) {
+            if start + BLOCK_2M > region.end {
+                break;
+            }
+            let leaves = self.leaves(&(start..start + BLOCK_2M));
+            let uniform = leaves.len() == 512
+                && leaves.iter().all(|l| {
+                    l.level == 3
+                        && l.valid
+                        && l.flags == leaves[0].flags
+                        && l.pa == leaves[0].pa + (l.entry.start - start)
+                })
+                && leaves[0].pa.is_multiple_of(BLOCK_2M);
+            if uniform {
+                candidates.push(Piece {
+                    range: start..start + BLOCK_2M,
+                    pa: leaves[0].pa,
+                    flags: leaves[0].flags,
+                });
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        // Break: each region's table entry made invalid (aarch64-paging
+        // detaches the level-3 table); nothing to allocate.
+        for p in &candidates {
+            self.unmap_entries(&p.range);
+        }
+        self.mm.note_writes(candidates.len() as u64, false);
+        self.complete_break(
+            &candidates
+                .iter()
+                .map(|p| p.range.clone())
+                .collect::<Vec<_>>(),
+        );
+        // Make: a block each (aligned, so no table).
+        self.prepare(0)?;
+        for p in &candidates {
+            self.make(p);
+        }
+        self.finish(0);
+        self.mm.note_writes(candidates.len() as u64, true);
+        add(&self.mm.counters().merges, candidates.len() as u64);
+        add(&self.mm.counters().blocks_mapped, candidates.len() as u64);
+        self.mm.op_done();
+        Ok(candidates.len())
+    }
+
     /// Looks up what `ipa` translates to, if it is mapped.
-    ///
-    /// # Panics
-    ///
-    /// Only if aarch64-paging refuses to walk an in-range page (a bug).
     #[must_use]
     pub fn query(&self, ipa: Ipa) -> Option<S2Translation> {
         if ipa >= IPA_LIMIT {
             return None;
         }
         let page = ipa as usize & !(PAGE_SIZE - 1);
-        let region = MemoryRegion::new(page, page + PAGE_SIZE);
-        let mut found = None;
-        self.mapping
-            .walk_range(&region, &mut |_, desc, level| {
-                if desc.is_valid() {
-                    let span = paging_granularity(level);
-                    let offset = ipa as usize & (span - 1);
-                    found = Some(S2Translation {
-                        pa: desc.output_address().0 + offset,
-                        attrs: S2Attrs::from_descriptor_flags(desc.flags()),
-                        level,
+        let leaf = self.leaves(&(page..page + PAGE_SIZE)).pop()?;
+        leaf.valid.then(|| S2Translation {
+            pa: leaf.pa + (ipa as usize - leaf.entry.start),
+            attrs: S2Attrs::from_descriptor_flags(leaf.flags),
+            level: leaf.level,
+        })
+    }
+
+    /// Calls `f(ipa_range, translation)` for every valid leaf entry in
+    /// `[ipa, ipa + size)`, clipped to the range, in address order.
+    pub fn for_each_mapping(
+        &self,
+        ipa: Ipa,
+        size: usize,
+        mut f: impl FnMut(Range<Ipa>, S2Translation),
+    ) {
+        let Ok(region) = checked_region(ipa, size) else {
+            return;
+        };
+        for l in self.leaves(&region).into_iter().filter(|l| l.valid) {
+            let t = S2Translation {
+                pa: l.pa + (l.chunk.start - l.entry.start),
+                attrs: S2Attrs::from_descriptor_flags(l.flags),
+                level: l.level,
+            };
+            f(l.chunk.start as Ipa..l.chunk.end as Ipa, t);
+        }
+    }
+
+    /// The shared path of `unmap`, `protect` and `remap`.
+    fn change(&mut self, ipa: Ipa, size: usize, change: Change) -> Result<(), Stage2Error> {
+        let region = checked_region(ipa, size)?;
+        let leaves = self.leaves(&region);
+        if !matches!(change, Change::Unmap) && leaves.iter().any(|l| !l.valid) {
+            return Err(Stage2Error::NotMapped);
+        }
+        let inside = |l: &Leaf| region.start <= l.entry.start && l.entry.end <= region.end;
+        // Valid blocks reaching past the range: they must be split.
+        let straddling: Vec<Leaf> = leaves
+            .iter()
+            .filter(|l| l.valid && !inside(l))
+            .cloned()
+            .collect();
+        let pieces = make_pieces(&region, &straddling, change);
+
+        // Prepare: tables for every entry that will be made anew.
+        let needed: usize = leaves
+            .iter()
+            .filter(|l| {
+                let in_place = l.valid && inside(l) && !matches!(change, Change::Remap { .. });
+                !in_place
+            })
+            .map(|l| tables_for(&l.entry, l.level, &pieces))
+            .sum();
+        self.prepare(needed)?;
+
+        // Break: straddling blocks, and for a remap every valid entry.
+        let mut broken: Vec<Range<usize>> = straddling.iter().map(|l| l.entry.clone()).collect();
+        if matches!(change, Change::Remap { .. }) {
+            broken.extend(
+                leaves
+                    .iter()
+                    .filter(|l| l.valid && inside(l))
+                    .map(|l| l.entry.clone()),
+            );
+        }
+        if !broken.is_empty() {
+            for r in &broken {
+                self.unmap_entries(r);
+            }
+            self.mm.note_writes(broken.len() as u64, false);
+            add(&self.mm.counters().splits, straddling.len() as u64);
+            self.complete_break(&broken);
+        }
+
+        // Make, or change in place.
+        let mut writes = 0;
+        match change {
+            Change::Unmap => {
+                // Whole runs of valid entries at once: a run covering a whole
+                // table entry replaces it (one write; the table is detached).
+                let runs = valid_runs(leaves.iter().filter(|l| l.valid && inside(l)));
+                for r in &runs {
+                    self.unmap_entries(r);
+                }
+                writes += runs.iter().map(|r| self.leaves(r).len()).sum::<usize>();
+            }
+            Change::Protect(perm) => {
+                for l in leaves.iter().filter(|l| l.valid && inside(l)) {
+                    self.make(&Piece {
+                        range: l.entry.clone(),
+                        pa: l.pa,
+                        flags: with_perm(l.flags, perm),
                     });
+                    writes += 1;
                 }
-                Ok(())
-            })
-            .expect("walk of a checked in-range region");
-        found
+            }
+            Change::Remap { .. } => {}
+        }
+        for p in &pieces {
+            self.make(p);
+            writes += self.leaves(&p.range).iter().filter(|l| l.valid).count();
+        }
+        let used = self.finish(needed);
+        self.mm.note_writes(
+            (writes + used) as u64,
+            !pieces.is_empty() || matches!(change, Change::Protect(_)),
+        );
+
+        let c = self.mm.counters();
+        match change {
+            Change::Unmap => {
+                let pages: usize = leaves
+                    .iter()
+                    .filter(|l| l.valid)
+                    .map(|l| (l.chunk.end - l.chunk.start) / PAGE_SIZE)
+                    .sum();
+                sub(&c.pages_mapped, pages as u64);
+            }
+            Change::Remap { .. } => {
+                inc(&c.mappings);
+                let (_, blocks) = self.count_valid_leaves(&region);
+                add(&c.blocks_mapped, blocks as u64);
+            }
+            Change::Protect(_) => {}
+        }
+        // Entries changed in place (unmap, protect) may sit in TLBs; a
+        // remap's old entries were invalidated by its break.
+        if !matches!(change, Change::Remap { .. }) {
+            self.mm.queue_stage2_invalidation(
+                self.vmid,
+                region.start as u64,
+                (region.end - region.start) as u64,
+            );
+        }
+        self.mm.op_done();
+        Ok(())
     }
 
-    /// Validates an IPA range and turns it into aarch64-paging's region type.
-    fn checked_region(ipa: Ipa, size: usize) -> Result<MemoryRegion, Stage2Error> {
-        if size == 0 {
-            return Err(Stage2Error::EmptyRange);
-        }
-        if !ipa.is_multiple_of(PAGE_SIZE as u64) || !size.is_multiple_of(PAGE_SIZE) {
-            return Err(Stage2Error::Unaligned);
-        }
-        let end = ipa.checked_add(size as u64).ok_or(Stage2Error::Overflow)?;
-        if end > IPA_LIMIT {
-            return Err(Stage2Error::OutsideIpaSpace);
-        }
-        Ok(MemoryRegion::new(ipa as usize, end as usize))
+    /// Pages currently mapped in `region` (for the `pages_mapped` gauge,
+    /// counted after any split so straddlers count their inside part only).
+    fn mapped_pages(&self, region: &Range<usize>) -> usize {
+        self.leaves(region)
+            .iter()
+            .filter(|l| l.valid)
+            .map(|l| (l.chunk.end - l.chunk.start) / PAGE_SIZE)
+            .sum()
     }
 
-    fn any_valid(&self, region: &MemoryRegion) -> bool {
-        let mut valid = false;
+    /// Completes a break: queues the broken ranges' invalidation and pays
+    /// for everything owed now (the make must not start before every walker
+    /// has stopped using the old entries). Counts a break-before-make cycle.
+    fn complete_break(&mut self, broken: &[Range<usize>]) {
+        for r in broken {
+            self.mm
+                .queue_stage2_invalidation(self.vmid, r.start as u64, (r.end - r.start) as u64);
+        }
+        // Tables detached by the break are freed by this flush, after it.
+        self.hand_over_detached();
+        self.mm.flush();
+        inc(&self.mm.counters().bbm);
+    }
+
+    /// Writes invalid entries over `range`, which must be exactly whole
+    /// entries (valid leaves, or tables: a table is detached, and freed after
+    /// the invalidation owed for it).
+    fn unmap_entries(&mut self, range: &Range<usize>) {
+        let region = MemoryRegion::new(range.start, range.end);
         self.mapping
-            .walk_range(region, &mut |_, desc, _| {
-                valid |= desc.is_valid();
-                Ok(())
-            })
-            .expect("walk of a checked in-range region");
-        valid
+            .map_range(
+                &region,
+                PhysicalAddress(0),
+                Stage2Attributes::empty(),
+                Constraints::NO_CONTIGUOUS_HINT,
+            )
+            .expect("unmap of whole entries in a checked region");
+        self.hand_over_detached();
     }
 
-    /// Leaf entries covering `region`, and how many of them are blocks.
-    fn count_leaves(&self, region: &MemoryRegion) -> (usize, usize) {
-        let (mut leaves, mut blocks) = (0, 0);
+    /// Writes `piece` into the tables (allocating from the reserve).
+    fn make(&mut self, piece: &Piece) {
+        let region = MemoryRegion::new(piece.range.start, piece.range.end);
         self.mapping
-            .walk_range(region, &mut |_, desc, level| {
-                if desc.is_valid() {
-                    leaves += 1;
-                    blocks += usize::from(level < 3);
-                }
-                Ok(())
-            })
+            .map_range(
+                &region,
+                PhysicalAddress(piece.pa),
+                piece.flags,
+                Constraints::NO_CONTIGUOUS_HINT,
+            )
+            .expect("map_range on a checked region");
+        self.hand_over_detached();
+    }
+
+    /// Moves tables aarch64-paging detached into the lazy state's
+    /// deferred-free list: they are freed after the next flush's TLBIs.
+    fn hand_over_detached(&mut self) {
+        let detached = core::mem::take(&mut self.reserve_pages().detached);
+        for pa in detached {
+            self.mm.defer_free(pa);
+        }
+    }
+
+    /// Leaf (or non-table invalid) entries covering `range`.
+    fn leaves(&self, range: &Range<usize>) -> Vec<Leaf> {
+        let mut out = Vec::new();
+        self.mapping
+            .walk_range(
+                &MemoryRegion::new(range.start, range.end),
+                &mut |chunk, desc, level| {
+                    let gran = granularity(level);
+                    let start = chunk.start().0 & !(gran - 1);
+                    out.push(Leaf {
+                        entry: start..start + gran,
+                        chunk: chunk.start().0..chunk.end().0,
+                        level,
+                        valid: desc.is_valid(),
+                        pa: desc.output_address().0,
+                        flags: desc.flags() & !(Stage2Attributes::TABLE_OR_PAGE),
+                    });
+                    Ok(())
+                },
+            )
             .expect("walk of a checked in-range region");
-        (leaves, blocks)
+        out
+    }
+
+    /// Valid leaf entries covering `region`, and how many are blocks.
+    fn count_valid_leaves(&self, region: &Range<usize>) -> (usize, usize) {
+        let leaves = self.leaves(region);
+        let valid = leaves.iter().filter(|l| l.valid);
+        (valid.clone().count(), valid.filter(|l| l.level < 3).count())
     }
 
     /// Prepare: fills the reserve with `pages` zeroed pool pages, or takes
     /// none at all.
     fn prepare(&mut self, pages: usize) -> Result<(), Stage2Error> {
-        let mut pool = self.pool.lock();
         let mut taken = Vec::with_capacity(pages);
         for _ in 0..pages {
-            match pool.alloc_zeroed(self.counters) {
+            match self.pool.alloc_zeroed() {
                 Ok(pa) => taken.push(pa),
                 Err(e) => {
                     for pa in taken {
-                        // SAFETY: just allocated above and never published
-                        // in any table.
-                        unsafe { pool.free(pa, self.counters) };
+                        // SAFETY: allocated just above, never published in
+                        // any table.
+                        unsafe { self.pool.free(pa) };
                     }
                     return Err(Stage2Error::OutOfTableMemory(e));
                 }
             }
         }
-        drop(pool);
         let mut pages = self.reserve_pages();
         debug_assert!(
             pages.reserve.is_empty(),
@@ -451,170 +768,415 @@ impl<'p, A: MmArch> Stage2<'p, A> {
         Ok(())
     }
 
-    /// Commit's end: gives unused reserve pages back and returns how many of
-    /// the `prepared` pages were used (each became a table, whose descriptor
-    /// was written).
-    fn finish_prepare(&mut self, prepared: usize) -> usize {
-        let leftover: Vec<PhysAddr> = core::mem::take(&mut self.reserve_pages().reserve);
-        let detached = core::mem::take(&mut self.reserve_pages().detached);
-        // `map` only fills unmapped ranges, so nothing is ever detached
-        // here; operations that detach tables must free them after their
-        // TLB maintenance instead.
-        assert!(
-            detached.is_empty(),
-            "tables detached by a map of an unmapped range"
+    /// Commit's end: checks the count was exact, and returns how many tables
+    /// were made.
+    fn finish(&mut self, prepared: usize) -> usize {
+        let leftover = core::mem::take(&mut self.reserve_pages().reserve);
+        // The count is exact by construction; a leftover means it is not, so
+        // say so in tests, and give the pages back in any case.
+        debug_assert!(
+            leftover.is_empty(),
+            "prepare over-counted by {}",
+            leftover.len()
         );
         let used = prepared - leftover.len();
-        let mut pool = self.pool.lock();
         for pa in leftover {
-            // SAFETY: reserve pages still in the reserve were never
-            // published in a table (the used ones were popped off it).
-            unsafe { pool.free(pa, self.counters) };
+            // SAFETY: pages still in the reserve were never published in a
+            // table (the used ones were popped off it).
+            unsafe { self.pool.free(pa) };
         }
         used
     }
 
-    fn reserve_pages(&self) -> core::cell::RefMut<'_, ReservePages> {
-        self.mapping.translation().0.borrow_mut()
-    }
-
-    fn dsb_ishst(&self) {
-        self.arch.dsb_ishst();
-        inc(&self.counters.dsb_ishst);
-    }
-
-    fn isb(&self) {
-        self.arch.isb();
-        inc(&self.counters.isb);
+    fn reserve_pages(&self) -> spin::mutex::SpinMutexGuard<'_, ReservePages> {
+        self.pages.lock()
     }
 }
 
+impl<A: MmArch> Drop for Stage2<'_, A> {
+    /// Frees every table. The guest must no longer run on them; their VMID's
+    /// translations are invalidated before the pages go back to the pool.
+    fn drop(&mut self) {
+        let pages = self.mapped_pages(&(0..IPA_LIMIT as usize));
+        sub(&self.mm.counters().pages_mapped, pages as u64);
+        // SAFETY: dropped once, here, and never used again.
+        unsafe { ManuallyDrop::drop(&mut self.mapping) };
+        self.mm.queue_stage2_invalidation(self.vmid, 0, IPA_LIMIT);
+        let detached = core::mem::take(&mut self.reserve_pages().detached);
+        for pa in detached {
+            self.mm.defer_free(pa);
+        }
+        self.mm.flush();
+    }
+}
+
+/// Maximal runs of address-contiguous entries.
+fn valid_runs<'a>(leaves: impl Iterator<Item = &'a Leaf>) -> Vec<Range<usize>> {
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    for l in leaves {
+        match runs.last_mut() {
+            Some(r) if r.end == l.entry.start => r.end = l.entry.end,
+            _ => runs.push(l.entry.clone()),
+        }
+    }
+    runs
+}
+
+/// The pieces an operation (re)makes: the parts of straddling blocks outside
+/// the range (old mapping), and inside the range what the change asks for.
+fn make_pieces(region: &Range<usize>, straddling: &[Leaf], change: Change) -> Vec<Piece> {
+    let mut pieces = Vec::new();
+    for l in straddling {
+        let at = |a: usize| l.pa + (a - l.entry.start);
+        if l.entry.start < region.start {
+            pieces.push(Piece {
+                range: l.entry.start..region.start,
+                pa: l.pa,
+                flags: l.flags,
+            });
+        }
+        let inner = l.entry.start.max(region.start)..l.entry.end.min(region.end);
+        if let Change::Protect(perm) = change {
+            pieces.push(Piece {
+                range: inner.clone(),
+                pa: at(inner.start),
+                flags: with_perm(l.flags, perm),
+            });
+        }
+        if l.entry.end > region.end {
+            pieces.push(Piece {
+                range: region.end..l.entry.end,
+                pa: at(region.end),
+                flags: l.flags,
+            });
+        }
+    }
+    if let Change::Remap { pa, attrs } = change {
+        pieces.push(Piece {
+            range: region.clone(),
+            pa,
+            flags: attrs.descriptor_flags(),
+        });
+    }
+    pieces.sort_by_key(|p| p.range.start);
+    pieces
+}
+
+/// `flags` with the permission bits of `perm`.
+fn with_perm(flags: Stage2Attributes, perm: S2Perm) -> Stage2Attributes {
+    let mem = if (flags & Stage2Attributes::MEMATTR_NORMAL_OUTER_WB).is_empty() {
+        MemType::Device
+    } else {
+        MemType::Normal
+    };
+    let keep = flags & !(Stage2Attributes::S2AP_ACCESS_RW | Stage2Attributes::XN);
+    keep | (S2Attrs { perm, mem }.descriptor_flags()
+        & (Stage2Attributes::S2AP_ACCESS_RW | Stage2Attributes::XN))
+}
+
+/// Tables aarch64-paging creates when it writes `pieces` into the entry
+/// `entry` at `level`, which is not a table (it is invalid, or a block about
+/// to be broken). It follows aarch64-paging's rule: an entry takes a block
+/// (or stays empty) only if one piece covers it whole with an aligned
+/// output address, or nothing covers it; otherwise it becomes a table, and
+/// each of its entries is decided the same way one level down.
+fn tables_for(entry: &Range<usize>, level: usize, pieces: &[Piece]) -> usize {
+    if level >= 3 {
+        return 0;
+    }
+    let inside: Vec<Piece> = pieces
+        .iter()
+        .filter(|p| p.range.start < entry.end && entry.start < p.range.end)
+        .map(|p| {
+            let start = p.range.start.max(entry.start);
+            Piece {
+                range: start..p.range.end.min(entry.end),
+                pa: p.pa + (start - p.range.start),
+                flags: p.flags,
+            }
+        })
+        .collect();
+    let gran = entry.end - entry.start;
+    match inside.as_slice() {
+        [] => 0,
+        [p] if p.range == *entry && p.pa.is_multiple_of(gran) => 0,
+        _ => {
+            let sub = gran / 512;
+            1 + (entry.start..entry.end)
+                .step_by(sub)
+                .map(|s| tables_for(&(s..s + sub), level + 1, &inside))
+                .sum::<usize>()
+        }
+    }
+}
+
+/// Validates an IPA range and returns it as addresses.
+fn checked_region(ipa: Ipa, size: usize) -> Result<Range<usize>, Stage2Error> {
+    if size == 0 {
+        return Err(Stage2Error::EmptyRange);
+    }
+    if !ipa.is_multiple_of(PAGE_SIZE as u64) || !size.is_multiple_of(PAGE_SIZE) {
+        return Err(Stage2Error::Unaligned);
+    }
+    let end = ipa.checked_add(size as u64).ok_or(Stage2Error::Overflow)?;
+    if end > IPA_LIMIT {
+        return Err(Stage2Error::OutsideIpaSpace);
+    }
+    Ok(ipa as usize..end as usize)
+}
+
+fn check_pa(pa: PhysAddr, size: usize) -> Result<(), Stage2Error> {
+    if !pa.is_multiple_of(PAGE_SIZE) {
+        return Err(Stage2Error::Unaligned);
+    }
+    pa.checked_add(size).ok_or(Stage2Error::Overflow)?;
+    Ok(())
+}
+
 /// Size of the address range one entry at `level` covers.
-fn paging_granularity(level: usize) -> usize {
+fn granularity(level: usize) -> usize {
     match level {
         1 => BLOCK_1G,
         2 => BLOCK_2M,
         _ => PAGE_SIZE,
     }
 }
-
-/// Most tables a map of `[ipa, ipa + size)` to `pa` can create: one level-2
-/// table per 1 GiB region it touches that will not be a 1 GiB block, and one
-/// level-3 table per 2 MiB region that will not be a 2 MiB block.
-fn tables_needed_upper_bound(ipa: usize, size: usize, pa: usize) -> usize {
-    let end = ipa + size;
-    let needs_table = |gran: usize| {
-        let blockable = (ipa ^ pa).is_multiple_of(gran);
-        let first = ipa / gran;
-        let last = (end - 1) / gran;
-        (first..=last)
-            .filter(|&i| {
-                let (lo, hi) = (i * gran, (i + 1) * gran);
-                !(blockable && ipa <= lo && end >= hi)
-            })
-            .count()
-    };
-    needs_table(BLOCK_1G) + needs_table(BLOCK_2M)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::mm::arch::NoopArch;
-    use crate::mm::pool::test_support::host_pool;
-    use core::sync::atomic::Ordering::Relaxed;
+    use crate::mm::pool::test_support::{host_region, leak};
 
     const GIB: usize = 1 << 30;
+    const MIB: usize = 1 << 20;
 
-    fn leak<T>(x: T) -> &'static T {
-        alloc::boxed::Box::leak(alloc::boxed::Box::new(x))
+    struct Fixture {
+        mm: &'static MmCtx<NoopArch>,
+        pool: &'static PagePool<'static, NoopArch>,
+        s2: Stage2<'static, NoopArch>,
     }
 
-    fn setup(pool_pages: usize) -> Stage2<'static, NoopArch> {
-        let pool = leak(Mutex::new(host_pool(pool_pages)));
-        let counters = leak(MmCounters::new());
-        Stage2::new(Vmid(1), NoopArch, pool, counters).expect("root table")
+    fn setup(pool_pages: usize) -> Fixture {
+        let mm = leak(MmCtx::new(NoopArch));
+        // SAFETY: fresh host memory used only by this pool.
+        let pool = leak(unsafe { PagePool::new(host_region(pool_pages), mm, None) });
+        mm.set_free_hook(leak(move |pages: &[PhysAddr]| {
+            for &pa in pages {
+                // SAFETY: the mm core hands over only detached tables whose
+                // TLB maintenance has completed.
+                unsafe { pool.free(pa) };
+            }
+        }));
+        let s2 = Stage2::new(Vmid(1), mm, pool).expect("root table");
+        Fixture { mm, pool, s2 }
+    }
+
+    fn level_at(s2: &Stage2<'_, NoopArch>, ipa: usize) -> Option<(PhysAddr, usize, S2Attrs)> {
+        s2.query(ipa as Ipa).map(|t| (t.pa, t.level, t.attrs))
     }
 
     #[test]
     fn vttbr_carries_root_and_vmid() {
-        let s2 = setup(4);
-        assert_eq!(s2.vttbr() >> 48, 1);
-        assert_eq!(s2.vttbr() & 0xfff, 0, "root table is page-aligned");
+        let f = setup(4);
+        assert_eq!(f.s2.vttbr() >> 48, 1);
+        assert_eq!(f.s2.vttbr() & 0xfff, 0, "root table is page-aligned");
     }
 
     #[test]
     fn aligned_map_uses_blocks_and_unaligned_uses_pages() {
-        let mut s2 = setup(64);
-        // 2 MiB-congruent IPA and PA: blocks.
-        s2.map(0x4000_0000, 4 << 20, 0x8000_0000, S2Attrs::RAM)
+        let mut f = setup(64);
+        f.s2.map(0x4000_0000, 4 * MIB, 0x8000_0000, S2Attrs::RAM)
             .expect("map");
-        let t = s2.query(0x4012_3456).expect("mapped");
-        assert_eq!((t.pa, t.level, t.attrs), (0x8012_3456, 2, S2Attrs::RAM));
-        // PA only 4 KiB-congruent: pages.
-        s2.map(0x4040_0000, 8 << 12, 0x9000_1000, S2Attrs::DEVICE)
-            .expect("map");
-        let t = s2.query(0x4040_1008).expect("mapped");
-        assert_eq!((t.pa, t.level, t.attrs), (0x9000_2008, 3, S2Attrs::DEVICE));
         assert_eq!(
-            s2.query(0x4040_8000),
+            level_at(&f.s2, 0x4012_3456),
+            Some((0x8012_3456, 2, S2Attrs::RAM))
+        );
+        f.s2.map(0x4040_0000, 8 << 12, 0x9000_1000, S2Attrs::DEVICE)
+            .expect("map");
+        assert_eq!(
+            level_at(&f.s2, 0x4040_1008),
+            Some((0x9000_2008, 3, S2Attrs::DEVICE))
+        );
+        assert_eq!(
+            f.s2.query(0x4040_8000),
             None,
             "one past the end stays unmapped"
         );
-        assert_eq!(s2.counters.blocks_mapped.load(Relaxed), 2);
-        assert_eq!(s2.counters.pages_mapped.load(Relaxed), (4 << 20) / 4096 + 8);
+        assert_eq!(f.mm.total("blocks_mapped"), 2);
+        assert_eq!(f.mm.total("pages_mapped"), (4 * MIB / 4096 + 8) as u64);
     }
 
     #[test]
     fn a_gib_aligned_map_is_one_block_and_takes_no_table_pages() {
-        let mut s2 = setup(8);
-        let free_before = s2.pool.lock().free_pages();
-        s2.map(GIB as u64, GIB, 2 * GIB, S2Attrs::RAM).expect("map");
-        assert_eq!(s2.query(GIB as u64 + 5).map(|t| t.level), Some(1));
-        assert_eq!(
-            s2.pool.lock().free_pages(),
-            free_before,
-            "reserve fully returned"
-        );
+        let mut f = setup(8);
+        let free_before = f.pool.free_pages();
+        f.s2.map(GIB as u64, GIB, 2 * GIB, S2Attrs::RAM)
+            .expect("map");
+        assert_eq!(f.s2.query(GIB as u64 + 5).map(|t| t.level), Some(1));
+        assert_eq!(f.pool.free_pages(), free_before);
     }
 
     #[test]
     fn bad_ranges_are_refused_with_their_reason() {
-        let mut s2 = setup(8);
+        let mut f = setup(8);
         let r = S2Attrs::RAM;
-        assert_eq!(s2.map(0x1000, 0, 0x1000, r), Err(Stage2Error::EmptyRange));
-        assert_eq!(s2.map(0x1001, 4096, 0x1000, r), Err(Stage2Error::Unaligned));
-        assert_eq!(s2.map(0x1000, 4096, 0x1001, r), Err(Stage2Error::Unaligned));
+        assert_eq!(f.s2.map(0x1000, 0, 0x1000, r), Err(Stage2Error::EmptyRange));
         assert_eq!(
-            s2.map(IPA_LIMIT - 4096, 8192, 0, r),
+            f.s2.map(0x1001, 4096, 0x1000, r),
+            Err(Stage2Error::Unaligned)
+        );
+        assert_eq!(
+            f.s2.map(0x1000, 4096, 0x1001, r),
+            Err(Stage2Error::Unaligned)
+        );
+        assert_eq!(
+            f.s2.map(IPA_LIMIT - 4096, 8192, 0, r),
             Err(Stage2Error::OutsideIpaSpace)
         );
         assert_eq!(
-            s2.map(u64::MAX - 4095, 8192, 0, r),
+            f.s2.map(u64::MAX - 4095, 8192, 0, r),
             Err(Stage2Error::Overflow)
         );
-        s2.map(0x4000_0000, 4096, 0x1000, r).expect("map");
+        f.s2.map(0x4000_0000, 4096, 0x1000, r).expect("map");
         assert_eq!(
-            s2.map(0x3fff_f000, 8192, 0x1000, r),
+            f.s2.map(0x3fff_f000, 8192, 0x1000, r),
             Err(Stage2Error::AlreadyMapped)
+        );
+        assert_eq!(
+            f.s2.protect(0x3fff_f000, 8192, S2Perm::RO),
+            Err(Stage2Error::NotMapped)
+        );
+        assert_eq!(
+            f.s2.remap(0x4000_0000, 8192, 0x2000, r),
+            Err(Stage2Error::NotMapped)
         );
     }
 
     #[test]
+    fn unmapping_the_middle_of_a_block_splits_it_with_break_before_make() {
+        let mut f = setup(16);
+        f.s2.map(0x4000_0000, 2 * MIB, 0x8000_0000, S2Attrs::RAM)
+            .expect("map");
+        f.s2.unmap(0x4010_0000, 4096).expect("unmap");
+        assert_eq!(
+            level_at(&f.s2, 0x400f_f000),
+            Some((0x800f_f000, 3, S2Attrs::RAM))
+        );
+        assert_eq!(f.s2.query(0x4010_0000), None);
+        assert_eq!(
+            level_at(&f.s2, 0x4010_1000),
+            Some((0x8010_1000, 3, S2Attrs::RAM))
+        );
+        assert_eq!((f.mm.total("bbm"), f.mm.total("splits")), (1, 1));
+        assert_eq!(f.mm.total("pages_mapped"), 511);
+        assert!(f.mm.nothing_pending());
+    }
+
+    #[test]
+    fn protect_changes_permissions_and_splits_only_straddlers() {
+        let mut f = setup(16);
+        f.s2.map(0x4000_0000, 4 * MIB, 0x8000_0000, S2Attrs::RAM)
+            .expect("map");
+        // Whole second block: in place, no BBM.
+        f.s2.protect(0x4020_0000, 2 * MIB, S2Perm::RO)
+            .expect("protect");
+        let ro = S2Attrs {
+            perm: S2Perm::RO,
+            mem: MemType::Normal,
+        };
+        assert_eq!(level_at(&f.s2, 0x4020_0000), Some((0x8020_0000, 2, ro)));
+        assert_eq!(f.mm.total("bbm"), 0);
+        // Half of the first: split.
+        f.s2.protect(0x4000_0000, MIB, S2Perm::RO).expect("protect");
+        assert_eq!(level_at(&f.s2, 0x4000_0000), Some((0x8000_0000, 3, ro)));
+        assert_eq!(
+            level_at(&f.s2, 0x4010_0000),
+            Some((0x8010_0000, 3, S2Attrs::RAM))
+        );
+        assert_eq!((f.mm.total("bbm"), f.mm.total("splits")), (1, 1));
+    }
+
+    #[test]
+    fn remap_moves_backing_and_merge_restores_the_block() {
+        let mut f = setup(16);
+        f.s2.map(0x4000_0000, 2 * MIB, 0x8000_0000, S2Attrs::RAM)
+            .expect("map");
+        f.s2.remap(0x4000_0000, 4096, 0x9000_0000, S2Attrs::RAM)
+            .expect("remap");
+        assert_eq!(
+            level_at(&f.s2, 0x4000_0000),
+            Some((0x9000_0000, 3, S2Attrs::RAM))
+        );
+        assert_eq!(
+            level_at(&f.s2, 0x4000_1000),
+            Some((0x8000_1000, 3, S2Attrs::RAM))
+        );
+        assert_eq!(
+            f.s2.merge(0x4000_0000, 2 * MIB),
+            Ok(0),
+            "not uniform: nothing merged"
+        );
+        f.s2.remap(0x4000_0000, 4096, 0x8000_0000, S2Attrs::RAM)
+            .expect("remap back");
+        let free = f.pool.free_pages();
+        assert_eq!(f.s2.merge(0x4000_0000, 2 * MIB), Ok(1));
+        assert_eq!(
+            level_at(&f.s2, 0x4000_1000),
+            Some((0x8000_1000, 2, S2Attrs::RAM))
+        );
+        assert_eq!(
+            f.pool.free_pages(),
+            free + 1,
+            "the level-3 table went back to the pool"
+        );
+        assert_eq!(f.mm.total("merges"), 1);
+    }
+
+    #[test]
     fn table_allocation_failure_at_every_point_leaves_tables_and_pool_unchanged() {
-        // A 4 MiB page-granular map needs one level-2 and two level-3 tables.
+        // Map: a 4 MiB page-granular range needs one level-2 and two level-3
+        // tables. Split: a 1 GiB block cut in the middle needs a level-2 and
+        // a level-3 table.
         for fail_at in 0..3 {
-            let mut s2 = setup(16);
-            s2.map(0x4000_0000, 4096, 0x1000, S2Attrs::RAM)
+            let mut f = setup(16);
+            f.s2.map(0x4000_0000, 4096, 0x1000, S2Attrs::RAM)
                 .expect("first map");
-            let free_before = s2.pool.lock().free_pages();
-            s2.pool.lock().fail_after(Some(fail_at));
-            let r = s2.map(0x8000_0000, 4 << 20, 0x1000, S2Attrs::RAM);
+            let free_before = f.pool.free_pages();
+            f.pool.fail_after(Some(fail_at));
+            let r = f.s2.map(0x8000_0000, 4 * MIB, 0x1000, S2Attrs::RAM);
             assert_eq!(r, Err(Stage2Error::OutOfTableMemory(PoolError::Injected)));
-            s2.pool.lock().fail_after(None);
-            assert_eq!(s2.pool.lock().free_pages(), free_before, "no page leaked");
-            assert_eq!(s2.query(0x8000_0000), None, "nothing mapped");
-            assert!(s2.query(0x4000_0000).is_some(), "earlier mapping intact");
+            f.pool.fail_after(None);
+            assert_eq!(f.pool.free_pages(), free_before, "no page leaked");
+            assert_eq!(f.s2.query(0x8000_0000), None, "nothing mapped");
+            assert!(f.s2.query(0x4000_0000).is_some(), "earlier mapping intact");
         }
+        for fail_at in 0..2 {
+            let mut f = setup(16);
+            f.s2.map(GIB as u64, GIB, 2 * GIB, S2Attrs::RAM)
+                .expect("block");
+            let free_before = f.pool.free_pages();
+            f.pool.fail_after(Some(fail_at));
+            let r = f.s2.unmap(GIB as u64 + 0x1234_5000, 4096);
+            assert_eq!(r, Err(Stage2Error::OutOfTableMemory(PoolError::Injected)));
+            f.pool.fail_after(None);
+            assert_eq!(f.pool.free_pages(), free_before);
+            assert_eq!(
+                f.s2.query(GIB as u64 + 0x1234_5000).map(|t| t.level),
+                Some(1),
+                "block intact"
+            );
+            assert_eq!(f.mm.total("bbm"), 0, "nothing broken");
+        }
+    }
+
+    #[test]
+    fn dropping_the_tables_gives_every_page_back() {
+        let mut f = setup(32);
+        let total = f.pool.total_pages();
+        f.s2.map(0x4000_0000, 6 * MIB, 0x8000_1000, S2Attrs::RAM)
+            .expect("map");
+        f.s2.unmap(0x4000_0000, MIB).expect("unmap");
+        drop(f.s2);
+        assert_eq!(f.pool.free_pages(), total);
     }
 }

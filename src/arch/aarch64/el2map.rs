@@ -12,7 +12,7 @@
 
 use aarch64_paging::descriptor::El23Attributes;
 use aarch64_paging::idmap::IdMap;
-use aarch64_paging::paging::{El2, MemoryRegion};
+use aarch64_paging::paging::{Constraints, El2, MemoryRegion};
 use core::ops::Range;
 
 use crate::mm::{PAGE_SIZE, PhysAddr};
@@ -106,8 +106,11 @@ impl ImageLayout {
 pub struct El2Regions {
     /// Read-only: device tree, guest payload.
     pub read_only: [Range<PhysAddr>; 2],
-    /// Read-write: heap, pool, guest RAM backing.
-    pub read_write: [Range<PhysAddr>; 3],
+    /// Read-write: heap, guest RAM backing.
+    pub read_write: [Range<PhysAddr>; 2],
+    /// The page-table pool: read-write, mapped with pages (no blocks) so
+    /// guard mode can unmap single pages.
+    pub pool: Range<PhysAddr>,
 }
 
 fn region(r: &Range<PhysAddr>) -> MemoryRegion {
@@ -126,6 +129,8 @@ fn region(r: &Range<PhysAddr>) -> MemoryRegion {
 #[must_use]
 pub fn build(image: &ImageLayout, regions: &El2Regions) -> IdMap<El2> {
     let mut map = IdMap::new(1, El2);
+    map.map_range_with_constraints(&region(&regions.pool), DATA, Constraints::NO_BLOCK_MAPPINGS)
+        .expect("EL2 region inside the 39-bit VA space");
     let mut map_region = |r: &Range<PhysAddr>, flags| {
         map.map_range(&region(r), flags)
             .expect("EL2 region inside the 39-bit VA space");
@@ -180,6 +185,30 @@ pub const SCTLR_EL2: u64 = {
     M | C | SA | I | WXN | RES1
 };
 
+/// Guard mode's view of the EL2 map: page valid/invalid toggles in the pool
+/// region (whose level-3 tables exist from boot, so no table is allocated).
+#[derive(Debug)]
+pub struct GuardPages(pub &'static spin::mutex::SpinMutex<IdMap<El2>>);
+
+impl crate::mm::pool::El2PageMap for GuardPages {
+    fn set_page(&self, va: PhysAddr, valid: bool) -> u64 {
+        let flags = if valid {
+            DATA
+        } else {
+            DATA - El23Attributes::VALID
+        };
+        self.0
+            .lock()
+            .map_range_with_constraints(
+                &MemoryRegion::new(va, va + PAGE_SIZE),
+                flags,
+                Constraints::NO_BLOCK_MAPPINGS,
+            )
+            .expect("pool page inside the EL2 map");
+        1
+    }
+}
+
 core::arch::global_asm!(
     r#"
 /*
@@ -221,12 +250,17 @@ unsafe extern "C" {
 
 /// Switches EL2 from the boot map to `map`.
 ///
+/// The map is not marked active in aarch64-paging: as for stage 2, the mm
+/// core owns its barriers and TLB maintenance (aarch64-paging would issue
+/// its own `TLBI VAE2IS; DSB; ISB` per change otherwise, outside any lazy
+/// section). The only later changes are guard mode's page valid/invalid
+/// toggles, which need no break-before-make.
+///
 /// # Safety
 ///
 /// `map` must map everything the hypervisor uses from here on (image,
 /// stack, heap, console) at the same addresses, and must never be dropped.
-pub unsafe fn activate(map: &mut IdMap<El2>, pa_range: u64) {
-    map.mark_active();
+pub unsafe fn activate(map: &IdMap<El2>, pa_range: u64) {
     // SAFETY: the caller guarantees the map covers all that EL2 uses; the
     // switch routine runs from text that both maps identity-map.
     unsafe {

@@ -81,6 +81,20 @@ impl MmArch for HwMmArch {
         unsafe { core::arch::asm!("tlbi vmalls12e1is", options(nostack, preserves_flags)) };
     }
 
+    fn tlbi_alle2is(&self) {
+        // SAFETY: TLB maintenance only drops cached translations.
+        unsafe { core::arch::asm!("tlbi alle2is", options(nostack, preserves_flags)) };
+    }
+
+    fn has_tlbi_range(&self) -> bool {
+        super::sysreg::has_tlbi_range()
+    }
+
+    fn cpu_id(&self) -> usize {
+        // Single cluster on QEMU virt: Aff0 numbers the CPUs.
+        (read_sysreg!("mpidr_el1") & 0xff) as usize
+    }
+
     fn tlbi_vae2is(&self, va: u64) {
         // SAFETY: TLB maintenance only drops cached translations.
         unsafe {

@@ -33,8 +33,8 @@ use crate::esr::Esr;
 use crate::layout::{Layout, LayoutInput};
 use crate::loader::GuestElf;
 use crate::mm::arch::Vmid;
-use crate::mm::counters::MmCounters;
-use crate::mm::pool::PagePool;
+use crate::mm::lazy::MmCtx;
+use crate::mm::pool::{El2PageMap, PagePool};
 use crate::mm::stage2::{S2Attrs, Stage2};
 use crate::mm::{PAGE_SIZE, PhysAddr, align_up};
 use crate::vcpu::{ExitCounters, GuestRegs, Stop, Trap, TrapReport, Vcpu};
@@ -96,13 +96,26 @@ static HEAP: LockedHeap<32> = LockedHeap::empty();
 /// The EL2 map; kept forever once active.
 static EL2_MAP: Once<SpinMutex<IdMap<El2>>> = Once::new();
 /// The page pool for translation tables.
-static POOL: Once<spin::Mutex<PagePool>> = Once::new();
-/// mm core counters.
-static MM_COUNTERS: MmCounters = MmCounters::new();
+static POOL: Once<PagePool<'static, HwMmArch>> = Once::new();
+/// Guard mode's handle on the EL2 map.
+static GUARD: Once<el2map::GuardPages> = Once::new();
+/// The mm core's context: lazy state, policy, counters.
+static MM: Once<MmCtx<HwMmArch>> = Once::new();
 /// Guest exit counters.
 static EXITS: ExitCounters = ExitCounters::new();
 /// The guest.
 static VM: Once<SpinMutex<Vm>> = Once::new();
+
+/// Frees table pages whose TLB maintenance has completed (the mm core's
+/// deferred frees).
+static FREE_TABLES: fn(&[PhysAddr]) = |pages| {
+    let pool = POOL.get().expect("tables exist only once the pool does");
+    for &pa in pages {
+        // SAFETY: the mm core hands over only table pages it detached and
+        // whose invalidation has completed.
+        unsafe { pool.free(pa) };
+    }
+};
 
 /// The one guest.
 struct Vm {
@@ -151,7 +164,7 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
     switch_to_el2_map(&image, &boot, &layout, pa_range);
 
     let entry = load_guest(&boot.guest_elf, &layout.guest_backing, boot.guest_ram);
-    let vttbr = build_stage2(&layout, boot.guest_ram);
+    let vttbr = build_stage2(&layout, boot.guest_ram, boot.args.guard);
     let vtcr = vm::vtcr_el2(pa_range)
         .unwrap_or_else(|| setup_error(format_args!("PARange {pa_range} is below 40 bits")));
     // SAFETY: the stage-2 tables live in a static forever and map only guest
@@ -239,31 +252,37 @@ fn switch_to_el2_map(image: &el2map::ImageLayout, boot: &BootInfo, layout: &Layo
         HEAP.lock()
             .init(layout.heap.start, layout.heap.end - layout.heap.start);
     }
-    let mut map = el2map::build(
+    let map = el2map::build(
         image,
         &el2map::El2Regions {
             read_only: [boot.dtb.clone(), boot.payload.clone()],
-            read_write: [
-                layout.heap.clone(),
-                layout.pool.clone(),
-                layout.guest_backing.clone(),
-            ],
+            read_write: [layout.heap.clone(), layout.guest_backing.clone()],
+            pool: layout.pool.clone(),
         },
     );
     // SAFETY: the map covers the image, stacks, heap and console at their
     // addresses, and is kept in a static forever below.
-    unsafe { el2map::activate(&mut map, pa_range) };
+    unsafe { el2map::activate(&map, pa_range) };
     EL2_MAP.call_once(|| SpinMutex::new(map));
     log::info!("EL2 map active");
 }
 
 /// Creates the pool and the guest's stage 2 (guest RAM and the PL011),
 /// stores them in the VM, and returns the `VTTBR_EL2` value.
-fn build_stage2(layout: &Layout, guest_ram: usize) -> u64 {
-    // SAFETY: the layout gave the pool region to the pool alone, and the EL2
-    // map maps it read-write at the same addresses.
-    let pool = POOL.call_once(|| spin::Mutex::new(unsafe { PagePool::new(layout.pool.clone()) }));
-    let mut stage2 = Stage2::new(GUEST_VMID, HwMmArch, pool, &MM_COUNTERS)
+fn build_stage2(layout: &Layout, guest_ram: usize, guard: bool) -> u64 {
+    let mm = MM.call_once(|| MmCtx::new(HwMmArch));
+    let guard_map: Option<&'static dyn El2PageMap> = if guard {
+        let el2 = EL2_MAP.get().expect("EL2 map built before the pool");
+        Some(GUARD.call_once(|| el2map::GuardPages(el2)))
+    } else {
+        None
+    };
+    // SAFETY: the layout gave the pool region to the pool alone; the EL2 map
+    // maps it read-write, page by page, at the same addresses, and with guard
+    // mode the pool alone toggles those entries.
+    let pool = POOL.call_once(|| unsafe { PagePool::new(layout.pool.clone(), mm, guard_map) });
+    mm.set_free_hook(&FREE_TABLES);
+    let mut stage2 = Stage2::new(GUEST_VMID, mm, pool)
         .unwrap_or_else(|e| setup_error(format_args!("stage-2 root table: {e:?}")));
     stage2
         .map(
@@ -423,7 +442,9 @@ fn print_stats() {
     let mut add = |name: &str, value: u64| {
         let _ = write!(line, " {name}={value}");
     };
-    MM_COUNTERS.for_each(&mut add);
+    if let Some(mm) = MM.get() {
+        mm.for_each_total(&mut add);
+    }
     EXITS.for_each(&mut add);
     console::print_in_panic(format_args!("LAZYHYP-STATS:{}\n", line.as_str()));
 }
