@@ -105,7 +105,8 @@ counter_set! {
         tlbi_vae2is,
         /// `TLBI ALLE2IS` issued (hypervisor's own map).
         tlbi_alle2is,
-        /// 4 KiB pages covered by stage-2 TLBIs.
+        /// 4 KiB pages covered by stage-2 TLBIs by IPA (`IPAS2E1IS`,
+        /// `RIPAS2E1IS`; whole-VMID invalidations are counted by kind only).
         tlbi_pages,
         /// Page-table pages taken from the pool.
         pool_allocs,

@@ -237,6 +237,9 @@ struct LazyCpu {
     warned: bool,
 }
 
+/// Frees table pages whose TLB maintenance has completed (the pool's free).
+pub type FreeHook = &'static (dyn Fn(&[PhysAddr]) + Sync);
+
 /// What [`MmCtx::pause`] set aside.
 #[derive(Debug)]
 #[must_use = "a paused section must be resumed"]
@@ -258,7 +261,7 @@ pub struct MmCtx<A: MmArch> {
     counters: [MmCounters; MAX_CPUS],
     policy: AtomicU8,
     /// Called to free table pages whose TLB maintenance completed.
-    free_hook: SpinMutex<Option<&'static (dyn Fn(&[PhysAddr]) + Sync)>>,
+    free_hook: SpinMutex<Option<FreeHook>>,
 }
 
 impl<A: MmArch> core::fmt::Debug for MmCtx<A> {
@@ -292,7 +295,7 @@ impl<A: MmArch> MmCtx<A> {
     }
 
     /// Sets what frees table pages after their TLB maintenance (the pool).
-    pub fn set_free_hook(&self, hook: &'static (dyn Fn(&[PhysAddr]) + Sync)) {
+    pub fn set_free_hook(&self, hook: FreeHook) {
         *self.free_hook.lock() = Some(hook);
     }
 
@@ -598,7 +601,6 @@ impl<A: MmArch> MmCtx<A> {
             .clone()
             .map(|r| (r.end - r.start) / PAGE_SIZE as u64)
             .sum();
-        add(&counters.tlbi_pages, pages);
         let range_ops: usize = ranges
             .clone()
             .map(|r| ((r.end - r.start) / PAGE_SIZE as u64).div_ceil(MAX_RANGE_TLBI_PAGES) as usize)
@@ -611,6 +613,9 @@ impl<A: MmArch> MmCtx<A> {
             inc(&counters.tlbi_vmalls12e1is);
             return;
         }
+        // Pages covered by by-IPA invalidations (the whole-VMID one above
+        // covers everything and is counted by kind only).
+        add(&counters.tlbi_pages, pages);
         for r in ranges {
             let mut ipa = r.start;
             while ipa < r.end {

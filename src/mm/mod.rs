@@ -10,7 +10,11 @@ pub mod lazy;
 #[cfg(test)]
 pub mod model;
 pub mod pool;
+#[cfg(test)]
+mod scenarios;
 pub mod stage2;
+#[cfg(test)]
+pub mod testkit;
 
 /// A physical address (or, on the host, the address of memory standing in
 /// for one).

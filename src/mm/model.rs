@@ -77,6 +77,9 @@ use super::{BLOCK_1G, BLOCK_2M, PAGE_SIZE};
 /// walks start at level 1 with one 512-entry root table.
 pub const INPUT_BITS: u32 = 39;
 
+/// Input address bits of the EL2 regime (walks start at level 0).
+pub const EL2_INPUT_BITS: u32 = 48;
+
 const PAGE: u64 = PAGE_SIZE as u64;
 
 /// The leaf sizes of a 4 KiB-granule table: page, 2 MiB block, 1 GiB block.
@@ -340,15 +343,24 @@ impl ModelStats {
     /// reset).
     #[must_use]
     pub fn mismatches(&self, counters: &MmCounters) -> Vec<(&'static str, u64, u64)> {
-        let mut out = Vec::new();
-        counters.for_each(|name, core| {
-            if let Some(model) = self.get(name)
-                && model != core
-            {
-                out.push((name, model, core));
-            }
-        });
-        out
+        let mut core = Vec::new();
+        counters.for_each(|name, value| core.push((name, value)));
+        self.mismatches_in(core)
+    }
+
+    /// [`mismatches`](Self::mismatches) against `(name, value)` pairs, such
+    /// as the per-CPU totals of `MmCtx::for_each_total`.
+    #[must_use]
+    pub fn mismatches_in(
+        &self,
+        core: impl IntoIterator<Item = (&'static str, u64)>,
+    ) -> Vec<(&'static str, u64, u64)> {
+        core.into_iter()
+            .filter_map(|(name, core)| {
+                let model = self.get(name)?;
+                (model != core).then_some((name, model, core))
+            })
+            .collect()
     }
 }
 
@@ -443,6 +455,10 @@ struct State {
 
 /// The model: a cloneable handle (all clones share one state), usable as the
 /// mm core's [`MmArch`].
+///
+/// `Send + Sync` (the state sits behind one spin lock), because the mm core
+/// shares its arch through `Sync` bounds (the pool's free hook). The lock is
+/// not re-entrant; the model never calls out while holding it.
 #[derive(Clone)]
 pub struct Model(Arc<Mutex<State>>);
 
@@ -846,7 +862,7 @@ impl State {
         // SAFETY: `page` is a page of one of the regions (callers iterate
         // over them), which `Model::new`'s contract keeps allocated and
         // readable, and no other thread writes while a model method runs.
-        // The slice lives only as long as this borrow of the state, during
+        // The slice lives only as long as this borrow of the locked state,
         // which the single thread running the model does not write tables.
         unsafe { core::slice::from_raw_parts(page as *const u8, PAGE_SIZE) }
     }
@@ -910,11 +926,17 @@ impl State {
             Regime::El2 => self.el2_root,
         }
         .ok_or(Fault::NoRoot { regime })?;
-        if addr >> INPUT_BITS != 0 {
+        // Stage 2: 39-bit IPAs, walks from level 1 (as the hypervisor's
+        // VTCR_EL2). EL2: 48-bit VAs from level 0, so host addresses (which
+        // stand in for physical ones, identity-mapped) fit.
+        let (bits, mut level) = match regime {
+            Regime::El2 => (EL2_INPUT_BITS, 0u8),
+            Regime::Stage2(_) | Regime::Combined(_) => (INPUT_BITS, 1u8),
+        };
+        if addr >> bits != 0 {
             return Err(Fault::OutOfRange { regime, addr });
         }
         let mut table = root;
-        let mut level: u8 = 1;
         loop {
             let shift = 12 + 9 * u32::from(3 - level);
             let index = ((addr >> shift) & 511) as usize;
@@ -940,8 +962,9 @@ impl State {
                 level += 1;
                 continue;
             }
-            if level == 3 && !table_or_page {
-                // A block descriptor at level 3 is reserved: invalid.
+            if (level == 3 && !table_or_page) || level == 0 {
+                // A block descriptor at level 3 is reserved, and level 0 has
+                // no blocks with a 4 KiB granule: invalid.
                 return Err(Fault::Translation {
                     regime,
                     addr,
@@ -1266,12 +1289,18 @@ mod tests {
     where
         R: paging::TranslationRegime<Asid = (), VaRange = ()>,
     {
+        // The model walks EL2 from level 0 (48-bit VAs), stage 2 from level 1.
+        let root_level = if core::any::type_name::<R>().ends_with("El2") {
+            0
+        } else {
+            1
+        };
         let region = host_region(32);
         let tables = HostTables {
             next: region.start,
             end: region.end,
         };
-        let mapping = Mapping::new(tables, 1, regime);
+        let mapping = Mapping::new(tables, root_level, regime);
         // SAFETY: `host_region` leaks its memory, so the region stays
         // allocated for the rest of the process, and only this test's
         // thread writes it.
@@ -1666,6 +1695,12 @@ mod tests {
         g.model.isb();
         assert_eq!(g.access(IPA + 7 * PAGE + 1), Ok(PA2 + 7 * PAGE_SIZE + 1));
         assert!(g.model.stale_entries().is_empty());
+    }
+
+    #[test]
+    fn the_model_can_be_shared_like_the_mm_core_shares_its_arch() {
+        fn shareable<T: Send + Sync + Clone + 'static>() {}
+        shareable::<Model>();
     }
 
     #[test]

@@ -1,0 +1,449 @@
+//! The mm core against the host model: the seed thread's scenario under
+//! every nesting policy, the barrier economy of a section with allocator
+//! nests, break-before-make, and random operation sequences (proptest).
+
+use alloc::vec::Vec;
+use core::ops::Range;
+use proptest::prelude::*;
+
+use super::PAGE_SIZE;
+use super::lazy::NestPolicy;
+use super::pool::PoolError;
+use super::stage2::{S2Perm, Stage2Error};
+use super::testkit::{Kit, VMID, ram};
+
+const MIB: usize = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// DSBs of both kinds, over all CPUs.
+fn dsbs(kit: &Kit) -> u64 {
+    kit.mm.total("dsb_ishst") + kit.mm.total("dsb_ish")
+}
+
+/// The seed's scenario: a stage-2 section maps pages whose tables must be
+/// allocated; guard mode makes each allocation change the EL2 map and then
+/// write the new page. Under `Naive` the inner leave pays nothing, so the
+/// write finds the page still unmapped (the model says the access faults);
+/// under every other policy it succeeds.
+#[test]
+fn seed_scenario_naive_goes_wrong_the_others_do_not() {
+    for policy in NestPolicy::ALL {
+        let mut kit = Kit::new(64, true, policy);
+        kit.mm.enter();
+        let r = kit
+            .s2
+            .map(GIB, 64 * PAGE_SIZE, 0x8000_0000, ram(S2Perm::RW));
+        kit.mm.leave();
+        if policy == NestPolicy::Naive {
+            assert_eq!(
+                r,
+                Err(Stage2Error::OutOfTableMemory(PoolError::GuardFault)),
+                "Naive: zeroing the new table page must fault in the model"
+            );
+        } else {
+            assert_eq!(r, Ok(()), "{policy:?}");
+            kit.ref_map(GIB, 64 * PAGE_SIZE, 0x8000_0000, S2Perm::RW);
+            kit.check(&(GIB..GIB + 2 * MIB as u64))
+                .unwrap_or_else(|e| panic!("{policy:?}: {e}"));
+        }
+    }
+}
+
+/// Maps 512 pages in one section, 64 in each of 8 fresh 2 MiB regions: each
+/// region needs a new level-3 table, so the allocator nests 8 times. Returns
+/// the kit and the number of nests (table pages the guarded pool mapped).
+fn w1(policy: NestPolicy) -> (Kit, u64) {
+    let mut kit = Kit::new(64, true, policy);
+    // The level-2 table exists before the measured section.
+    kit.s2
+        .map(
+            GIB + 64 * MIB as u64,
+            PAGE_SIZE,
+            0x9000_0000,
+            ram(S2Perm::RW),
+        )
+        .expect("warm-up");
+    kit.ref_map(GIB + 64 * MIB as u64, PAGE_SIZE, 0x9000_0000, S2Perm::RW);
+    kit.mm.reset_counters();
+    kit.mm.enter();
+    for i in 0..512u64 {
+        let ipa = GIB + (i / 64) * 2 * MIB as u64 + (i % 64) * PAGE_SIZE as u64;
+        let pa = 0x8000_0000 + i as usize * PAGE_SIZE;
+        kit.s2
+            .map(ipa, PAGE_SIZE, pa, ram(S2Perm::RW))
+            .expect("map");
+        kit.ref_map(ipa, PAGE_SIZE, pa, S2Perm::RW);
+    }
+    kit.mm.leave();
+    let nests = kit.mm.total("guard_maps");
+    (kit, nests)
+}
+
+#[test]
+fn flatten_pays_nests_plus_one_dsbs_for_a_512_page_section() {
+    let (kit, nests) = w1(NestPolicy::Flatten);
+    assert_eq!(nests, 8, "one table allocation per 2 MiB region");
+    let d = dsbs(&kit);
+    assert!(
+        d <= nests + 1,
+        "Flatten paid {d} DSBs for {nests} nests (limit nests + 1)"
+    );
+    assert_eq!(kit.mm.total("flattenings"), 8);
+    kit.check(&(GIB..GIB + 16 * MIB as u64))
+        .expect("Flatten leaves correct state");
+}
+
+#[test]
+fn every_correct_policy_is_correct_and_flush_inner_stops_batching() {
+    let (flatten, _) = w1(NestPolicy::Flatten);
+    for policy in [NestPolicy::FlushInner, NestPolicy::Counted] {
+        let (kit, _) = w1(policy);
+        kit.check(&(GIB..GIB + 16 * MIB as u64))
+            .unwrap_or_else(|e| panic!("{policy:?}: {e}"));
+        // With only new valid entries owed, a Counted nested leave pays the
+        // same DSB + ISB as Flatten's eager update; it pays more once the
+        // section owes TLBIs (below).
+        assert!(
+            dsbs(&kit) >= dsbs(&flatten),
+            "{policy:?} pays no less than Flatten"
+        );
+    }
+    // FlushInner: after the first nest the section is over, so the remaining
+    // ~448 maps pay eagerly, one DSB + ISB each.
+    let (flush_inner, _) = w1(NestPolicy::FlushInner);
+    assert!(
+        dsbs(&flush_inner) > 400,
+        "FlushInner ran the rest unbatched: {}",
+        dsbs(&flush_inner)
+    );
+    assert_eq!(
+        flush_inner.mm.total("sections"),
+        1 + 7,
+        "the inner sections of later nests are sections of their own"
+    );
+    // Eager (no section at all) for scale.
+    let mut eager = Kit::new(64, true, NestPolicy::Flatten);
+    for i in 0..512u64 {
+        let ipa = GIB + (i / 64) * 2 * MIB as u64 + (i % 64) * PAGE_SIZE as u64;
+        eager
+            .s2
+            .map(
+                ipa,
+                PAGE_SIZE,
+                0x8000_0000 + i as usize * PAGE_SIZE,
+                ram(S2Perm::RW),
+            )
+            .expect("map");
+    }
+    assert!(dsbs(&eager) >= 512);
+}
+
+/// A section that owes invalidations when the allocator nests: `Counted`'s
+/// nested leave pays them at every nest, `Flatten` keeps them batched to the
+/// end.
+#[test]
+fn counted_pays_the_outer_batch_at_each_nest_flatten_does_not() {
+    let mut per_policy = Vec::new();
+    for policy in [NestPolicy::Flatten, NestPolicy::Counted] {
+        let mut kit = Kit::new(64, true, policy);
+        let window = GIB..GIB + 16 * MIB as u64;
+        kit.s2
+            .map(GIB, 2 * MIB, 0x8000_0000, ram(S2Perm::RW))
+            .expect("map");
+        kit.touch(&window);
+        kit.mm.reset_counters();
+        kit.mm.enter();
+        for i in 0..8u64 {
+            // Owe a TLBI, then need a new table (a nest).
+            kit.s2
+                .unmap(GIB + i * PAGE_SIZE as u64, PAGE_SIZE)
+                .expect("unmap");
+            let ipa = GIB + (i + 1) * 2 * MIB as u64;
+            kit.s2
+                .map(ipa, PAGE_SIZE, 0x9000_0000, ram(S2Perm::RW))
+                .expect("map");
+            kit.ref_map(ipa, PAGE_SIZE, 0x9000_0000, S2Perm::RW);
+        }
+        kit.mm.leave();
+        kit.ref_map(
+            GIB + 8 * PAGE_SIZE as u64,
+            2 * MIB - 8 * PAGE_SIZE,
+            0x8000_8000,
+            S2Perm::RW,
+        );
+        kit.check(&window)
+            .unwrap_or_else(|e| panic!("{policy:?}: {e}"));
+        per_policy.push((kit.mm.total("dsb_ish"), kit.mm.total("tlbi_vmalle1is")));
+    }
+    let (flatten, counted) = (per_policy[0], per_policy[1]);
+    assert!(
+        counted.1 > flatten.1,
+        "Counted invalidates at each nest: {counted:?} vs {flatten:?}"
+    );
+    assert!(counted.0 > flatten.0);
+}
+
+/// Under `Naive` a freed table page's EL2 unmapping is left pending inside
+/// the section: the hypervisor can still reach the freed page through the
+/// stale translation. Under `Flatten` it cannot.
+#[test]
+fn naive_leaves_a_freed_page_reachable_flatten_does_not() {
+    for policy in [NestPolicy::Naive, NestPolicy::Flatten] {
+        let kit = Kit::new(16, true, policy);
+        let page = kit.pool.alloc_zeroed().expect("page");
+        assert!(
+            kit.model.el2_access(page, true).is_ok(),
+            "allocated page is mapped"
+        );
+        kit.mm.enter();
+        // SAFETY: the page is ours and unused.
+        unsafe { kit.pool.free(page) };
+        let reachable = kit.model.el2_access(page, false).is_ok();
+        kit.mm.leave();
+        assert_eq!(reachable, policy == NestPolicy::Naive, "{policy:?}");
+        assert!(
+            kit.model.el2_access(page, false).is_err(),
+            "unmapped once the section ends"
+        );
+    }
+}
+
+/// A write-protect of pages the guest has touched takes effect at the
+/// section's end: a guest store faults, and nothing stale remains.
+#[test]
+fn write_protect_in_a_section_takes_effect_at_leave() {
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    let window = GIB..GIB + 4 * MIB as u64;
+    kit.s2
+        .map(GIB, 4 * MIB, 0x8000_0000, ram(S2Perm::RW))
+        .expect("map");
+    kit.ref_map(GIB, 4 * MIB, 0x8000_0000, S2Perm::RW);
+    for ipa in (window.start..window.end).step_by(PAGE_SIZE) {
+        kit.model.guest_access(VMID, ipa, true).expect("writable");
+    }
+    kit.mm.enter();
+    kit.s2
+        .protect(GIB + 0x1000, 3 * MIB, S2Perm::RO)
+        .expect("protect");
+    kit.mm.leave();
+    kit.ref_map(GIB + 0x1000, 3 * MIB, 0x8000_1000, S2Perm::RO);
+    kit.check(&window).expect("state after write-protect");
+    assert!(kit.model.guest_access(VMID, GIB + 0x2000, true).is_err());
+    assert!(kit.model.guest_access(VMID, GIB, true).is_ok());
+}
+
+/// A remap of touched blocks: break, one flush, make; the guest then reaches
+/// the new backing only.
+#[test]
+fn remap_of_touched_blocks_reaches_only_the_new_backing() {
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    let window = GIB..GIB + 8 * MIB as u64;
+    kit.s2
+        .map(GIB, 8 * MIB, 0x8000_0000, ram(S2Perm::RWX))
+        .expect("map");
+    kit.touch(&window);
+    kit.mm.enter();
+    kit.s2
+        .remap(GIB, 8 * MIB, 0xa000_0000, ram(S2Perm::RWX))
+        .expect("remap");
+    kit.mm.leave();
+    kit.ref_map(GIB, 8 * MIB, 0xa000_0000, S2Perm::RWX);
+    kit.check(&window).expect("after remap");
+    assert_eq!(
+        kit.mm.total("bbm"),
+        1,
+        "one break-before-make cycle for all four blocks"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Random sequences.
+
+/// The IPA window the random operations act on: 8 MiB from 1 GiB.
+const WINDOW: Range<u64> = GIB..GIB + 8 * MIB as u64;
+const WINDOW_PAGES: u64 = (8 * MIB / PAGE_SIZE) as u64;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Map {
+        page: u64,
+        pages: u64,
+        pa_page: u64,
+        perm: u8,
+    },
+    Unmap {
+        page: u64,
+        pages: u64,
+    },
+    Protect {
+        page: u64,
+        pages: u64,
+        perm: u8,
+    },
+    Remap {
+        page: u64,
+        pages: u64,
+        pa_page: u64,
+    },
+    Merge,
+    Touch,
+    /// The next map's `n`th table allocation fails.
+    FailNextMap(u8),
+}
+
+fn perm_of(p: u8) -> S2Perm {
+    match p % 3 {
+        0 => S2Perm::RO,
+        1 => S2Perm::RW,
+        _ => S2Perm::RWX,
+    }
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    // Sizes and placements biased towards 2 MiB alignment, so blocks,
+    // splits and merges all happen.
+    let page = prop_oneof![0..WINDOW_PAGES, (0..4u64).prop_map(|b| b * 512)];
+    let pages = prop_oneof![1..64u64, Just(512u64), 1..1024u64];
+    let pa_page = prop_oneof![(0..8u64).prop_map(|b| b * 512), 0..4096u64];
+    prop_oneof![
+        4 => (page.clone(), pages.clone(), pa_page.clone(), any::<u8>())
+            .prop_map(|(page, pages, pa_page, perm)| Op::Map { page, pages, pa_page, perm }),
+        2 => (page.clone(), pages.clone()).prop_map(|(page, pages)| Op::Unmap { page, pages }),
+        2 => (page.clone(), pages.clone(), any::<u8>()).prop_map(|(page, pages, perm)| Op::Protect { page, pages, perm }),
+        1 => (page, pages, pa_page).prop_map(|(page, pages, pa_page)| Op::Remap { page, pages, pa_page }),
+        1 => Just(Op::Merge),
+        2 => Just(Op::Touch),
+        1 => (0..3u8).prop_map(Op::FailNextMap),
+    ]
+}
+
+/// Runs one operation on the kit and the reference, asserting the manager's
+/// answer matches what the reference predicts.
+fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>) {
+    let clip = |page: u64, pages: u64| {
+        let end = (page + pages).min(WINDOW_PAGES);
+        (
+            WINDOW.start + page * PAGE_SIZE as u64,
+            ((end - page) as usize) * PAGE_SIZE,
+        )
+    };
+    let mapped = |kit: &Kit, ipa: u64, size: usize| {
+        (0..size / PAGE_SIZE)
+            .filter(|i| kit.reference.contains_key(&(ipa + (i * PAGE_SIZE) as u64)))
+            .count()
+    };
+    match *op {
+        Op::Map {
+            page,
+            pages,
+            pa_page,
+            perm,
+        } => {
+            let (ipa, size) = clip(page, pages);
+            let pa = 0x8000_0000 + pa_page as usize * PAGE_SIZE;
+            if let Some(n) = fail_next.take() {
+                kit.pool.fail_after(Some(n.into()));
+            }
+            let r = kit.s2.map(ipa, size, pa, ram(perm_of(perm)));
+            kit.pool.fail_after(None);
+            match r {
+                Ok(()) => {
+                    assert_eq!(mapped(kit, ipa, size), 0, "map succeeded over mapped pages");
+                    kit.ref_map(ipa, size, pa, perm_of(perm));
+                }
+                Err(Stage2Error::AlreadyMapped) => assert!(mapped(kit, ipa, size) > 0),
+                // Injected failure: nothing changed (checked by the caller).
+                Err(Stage2Error::OutOfTableMemory(PoolError::Injected)) => {}
+                Err(e) => panic!("map: {e:?}"),
+            }
+        }
+        Op::Unmap { page, pages } => {
+            let (ipa, size) = clip(page, pages);
+            kit.s2.unmap(ipa, size).expect("unmap");
+            kit.ref_unmap(ipa, size);
+        }
+        Op::Protect { page, pages, perm } => {
+            let (ipa, size) = clip(page, pages);
+            match kit.s2.protect(ipa, size, perm_of(perm)) {
+                Ok(()) => {
+                    for i in 0..size / PAGE_SIZE {
+                        let key = ipa + (i * PAGE_SIZE) as u64;
+                        let e = kit
+                            .reference
+                            .get_mut(&key)
+                            .expect("protect succeeded over a hole");
+                        e.1 = perm_of(perm);
+                    }
+                }
+                Err(Stage2Error::NotMapped) => assert!(mapped(kit, ipa, size) < size / PAGE_SIZE),
+                Err(e) => panic!("protect: {e:?}"),
+            }
+        }
+        Op::Remap {
+            page,
+            pages,
+            pa_page,
+        } => {
+            let (ipa, size) = clip(page, pages);
+            let pa = 0x9000_0000 + pa_page as usize * PAGE_SIZE;
+            match kit.s2.remap(ipa, size, pa, ram(S2Perm::RW)) {
+                Ok(()) => kit.ref_map(ipa, size, pa, S2Perm::RW),
+                Err(Stage2Error::NotMapped) => assert!(mapped(kit, ipa, size) < size / PAGE_SIZE),
+                Err(e) => panic!("remap: {e:?}"),
+            }
+        }
+        Op::Merge => {
+            kit.s2
+                .merge(WINDOW.start, (WINDOW.end - WINDOW.start) as usize)
+                .expect("merge");
+        }
+        Op::Touch => kit.touch(&WINDOW),
+        Op::FailNextMap(n) => *fail_next = Some(n),
+    }
+}
+
+fn run_sequence(policy: NestPolicy, sections: &[(bool, Vec<Op>)]) -> Result<(), TestCaseError> {
+    let mut kit = Kit::new(256, true, policy);
+    let mut fail_next = None;
+    for (lazy, ops) in sections {
+        if *lazy {
+            kit.mm.enter();
+        }
+        for op in ops {
+            apply(&mut kit, op, &mut fail_next);
+            if !*lazy {
+                kit.check(&WINDOW)
+                    .map_err(|e| TestCaseError::fail(alloc::format!("after {op:?}: {e}")))?;
+            }
+        }
+        if *lazy {
+            kit.mm.leave();
+            kit.check(&WINDOW)
+                .map_err(|e| TestCaseError::fail(alloc::format!("after section {ops:?}: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+fn sections() -> impl Strategy<Value = Vec<(bool, Vec<Op>)>> {
+    proptest::collection::vec((any::<bool>(), proptest::collection::vec(op(), 1..8)), 1..8)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_sequences_match_the_reference_under_flatten(s in sections()) {
+        run_sequence(NestPolicy::Flatten, &s)?;
+    }
+
+    #[test]
+    fn random_sequences_match_the_reference_under_counted(s in sections()) {
+        run_sequence(NestPolicy::Counted, &s)?;
+    }
+
+    #[test]
+    fn random_sequences_match_the_reference_under_flush_inner(s in sections()) {
+        run_sequence(NestPolicy::FlushInner, &s)?;
+    }
+}
