@@ -1290,11 +1290,7 @@ mod tests {
         R: paging::TranslationRegime<Asid = (), VaRange = ()>,
     {
         // The model walks EL2 from level 0 (48-bit VAs), stage 2 from level 1.
-        let root_level = if core::any::type_name::<R>().ends_with("El2") {
-            0
-        } else {
-            1
-        };
+        let root_level = usize::from(!core::any::type_name::<R>().ends_with("El2"));
         let region = host_region(32);
         let tables = HostTables {
             next: region.start,

@@ -2,6 +2,13 @@
 //! pool, an EL2 map for guard mode, one guest's stage 2, and a reference
 //! model (a plain IPA page -> PA + permission map) to check against.
 
+#![allow(
+    clippy::must_use_candidate,
+    clippy::missing_panics_doc,
+    clippy::missing_errors_doc,
+    reason = "test fixtures: a failing setup is a failing test"
+)]
+
 use aarch64_paging::Mapping;
 use aarch64_paging::descriptor::{El23Attributes, PhysicalAddress};
 use aarch64_paging::paging::{Constraints, El2, MemoryRegion, PageTable, Translation};
@@ -48,6 +55,7 @@ impl Translation<El23Attributes> for BumpTables {
 
 /// The hypervisor's EL2 map on the host: identity over the pool region,
 /// page-granular, tables in a region the model snapshots.
+#[allow(missing_debug_implementations, reason = "test fixture")]
 pub struct HostEl2(SpinMutex<Mapping<BumpTables, El2>>);
 
 const EL2_DATA: El23Attributes = El23Attributes::VALID
@@ -108,6 +116,7 @@ impl El2PageMap for HostEl2 {
 pub const VMID: Vmid = Vmid(1);
 
 /// A model-backed mm core with one guest.
+#[allow(missing_debug_implementations, reason = "test fixture")]
 pub struct Kit {
     /// The hardware model.
     pub model: Model,
@@ -178,7 +187,7 @@ impl Kit {
     /// The guest reads every mapped page of `window`, filling the model's
     /// TLBs as a running guest would.
     pub fn touch(&self, window: &Range<u64>) {
-        self.model.touch_guest(VMID, window.clone());
+        let _pages_touched = self.model.touch_guest(VMID, window.clone());
     }
 
     /// Table pages reachable from the stage-2 root, the root included.
