@@ -30,7 +30,7 @@ pub struct BootArgs {
     /// Flags for the test guest (see [`guest_flags`]).
     pub guest_flags: u64,
     /// `mm.guard=`: keep free page-table pages unmapped from the EL2 map
-    /// (default: on in debug builds).
+    /// (default: on).
     pub guard: bool,
 }
 
@@ -41,7 +41,7 @@ impl Default for BootArgs {
             payload: DEFAULT_PAYLOAD,
             guest_ram_mib: DEFAULT_GUEST_RAM_MIB,
             guest_flags: 0,
-            guard: cfg!(debug_assertions),
+            guard: true,
         }
     }
 }
@@ -151,6 +151,7 @@ mod tests {
         )
         .expect("valid");
         assert!(a.guard);
+        assert!(BootArgs::default().guard, "guard mode is on by default");
         assert!(!BootArgs::parse("mm.guard=0").expect("valid").guard);
         assert_eq!(a.log, LevelFilter::Debug);
         assert_eq!(a.payload, 0x4900_0000);

@@ -17,6 +17,7 @@ extern crate alloc;
 
 pub mod bootargs;
 pub mod esr;
+pub mod guest_mm;
 pub mod layout;
 pub mod loader;
 pub mod mm;

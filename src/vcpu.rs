@@ -65,6 +65,16 @@ pub mod smccc {
     /// Vendor hypervisor service: the test guest reports `x1` passed, `x2`
     /// failed tests.
     pub const HYP_REPORT_RESULT: u32 = 0xc600_0001;
+    /// Vendor hypervisor service: run the stage-2 operations listed at IPA
+    /// `x1` (`x2` of them) in one lazy section (see `guest_mm`).
+    pub const HYP_MM_BATCH: u32 = 0xc600_0010;
+    /// Test builds: select the lazy-mode nesting policy `x1` (0 Flatten,
+    /// 1 FlushInner, 2 Naive, 3 Counted).
+    pub const HYP_TEST_SET_POLICY: u32 = 0xc600_0f00;
+    /// Test builds: allocate and free a table page inside a lazy section and
+    /// report whether the hypervisor could still read it after the free
+    /// (bit 0: inside the section, bit 1: after it).
+    pub const HYP_TEST_FREED_PAGE_PROBE: u32 = 0xc600_0f01;
 
     /// SMCCC 1.1 in `SMCCC_VERSION`'s encoding.
     pub const SMCCC_VERSION_1_1: u64 = 0x1_0001;
@@ -116,6 +126,11 @@ pub enum Exit {
     Resume,
     /// Stop running the guest.
     Stop(Stop),
+    /// A call the hypervisor's memory services answer (function ID in `w0`,
+    /// arguments in `x1..`); the caller writes the results.
+    MmCall(u32),
+    /// A stage-2 abort the guest gets back as a synchronous external abort.
+    InjectAbort(Trap),
 }
 
 /// The test guest's report of its results.
@@ -154,14 +169,24 @@ impl Vcpu {
                 regs.elr += 4;
                 self.smccc_call(regs)
             }
+            // A stage-2 abort: nothing is demand-populated yet, so every one
+            // is the guest touching what it does not have (given back,
+            // write-protected, never mapped). It gets an external abort.
+            ec::DABT_LOWER | ec::IABT_LOWER => {
+                inc(if trap.esr.ec() == ec::DABT_LOWER {
+                    &exits.exits_dabt
+                } else {
+                    &exits.exits_iabt
+                });
+                Exit::InjectAbort(trap)
+            }
             // Nothing else is handled yet: count it by kind, then stop with
             // a report.
             other => {
-                inc(match other {
-                    ec::DABT_LOWER => &exits.exits_dabt,
-                    ec::IABT_LOWER => &exits.exits_iabt,
-                    ec::SYSREG => &exits.exits_sysreg,
-                    _ => &exits.exits_other,
+                inc(if other == ec::SYSREG {
+                    &exits.exits_sysreg
+                } else {
+                    &exits.exits_other
                 });
                 Exit::Stop(Stop::UnhandledTrap(trap))
             }
@@ -188,6 +213,9 @@ impl Vcpu {
             smccc::PSCI_CPU_OFF | smccc::PSCI_SYSTEM_OFF => return Exit::Stop(Stop::SystemOff),
             smccc::PSCI_SYSTEM_RESET => return Exit::Stop(Stop::SystemReset),
             smccc::HYP_VERSION => smccc::HYP_ABI_VERSION,
+            smccc::HYP_MM_BATCH | smccc::HYP_TEST_SET_POLICY | smccc::HYP_TEST_FREED_PAGE_PROBE => {
+                return Exit::MmCall(function);
+            }
             smccc::HYP_REPORT_RESULT => {
                 self.report = Some(GuestReport {
                     passed: a1,
@@ -200,6 +228,58 @@ impl Vcpu {
             _ => smccc::NOT_SUPPORTED,
         };
         Exit::Resume
+    }
+}
+
+/// How to deliver a synchronous external abort to the guest's EL1: the EL1
+/// syndrome registers to write and where the guest resumes (its vector).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct AbortInjection {
+    /// `ESR_EL1`.
+    pub esr_el1: u64,
+    /// `FAR_EL1`.
+    pub far_el1: u64,
+    /// `ELR_EL1`: the faulting instruction.
+    pub elr_el1: u64,
+    /// `SPSR_EL1`: the guest's PSTATE at the fault.
+    pub spsr_el1: u64,
+    /// New `ELR_EL2`: the guest's vector entry.
+    pub elr: u64,
+    /// New `SPSR_EL2`: EL1h with D, A, I, F masked.
+    pub spsr: u64,
+}
+
+impl AbortInjection {
+    /// The injection for stage-2 abort `trap` taken at `elr`/`spsr` with the
+    /// guest's `VBAR_EL1`, as the architecture delivers a synchronous
+    /// external abort: the exception class of an abort taken to EL1 from the
+    /// guest's EL (same EL: 0x25/0x21, from EL0: 0x24/0x20), DFSC/IFSC 0x10,
+    /// `WnR` kept for data aborts, `FAR_EL1` the faulting VA.
+    #[must_use]
+    pub fn sync_external_abort(trap: Trap, elr: u64, spsr: u64, vbar_el1: u64) -> Self {
+        const SEA: u64 = 0x10;
+        let from_el0 = spsr & 0b1111 == 0;
+        let data = trap.esr.ec() == ec::DABT_LOWER;
+        let ec = match (data, from_el0) {
+            (true, false) => ec::DABT_CURRENT,
+            (true, true) => ec::DABT_LOWER,
+            (false, false) => ec::IABT_CURRENT,
+            (false, true) => ec::IABT_LOWER,
+        };
+        let wnr = if data { trap.esr.0 & (1 << 6) } else { 0 };
+        let vector = match spsr & 0b1111 {
+            0b0100 => 0x000, // EL1t: current EL with SP_EL0
+            0b0101 => 0x200, // EL1h: current EL with SP_ELx
+            _ => 0x400,      // EL0: lower EL, AArch64
+        };
+        Self {
+            esr_el1: (u64::from(ec) << 26) | (1 << 25) | wnr | SEA,
+            far_el1: trap.far,
+            elr_el1: elr,
+            spsr_el1: spsr,
+            elr: vbar_el1 + vector,
+            spsr: 0x3c5,
+        }
     }
 }
 
@@ -337,17 +417,29 @@ mod tests {
     }
 
     #[test]
-    fn stage2_abort_stops_with_a_report_naming_the_ipa() {
+    fn stage2_abort_is_injected_and_the_report_names_the_ipa() {
         let mut vcpu = Vcpu::default();
         let mut regs = GuestRegs::default();
-        let esr = Esr((u64::from(ec::DABT_LOWER) << 26) | (1 << 25) | 0x06);
+        let esr = Esr((u64::from(ec::DABT_LOWER) << 26) | (1 << 25) | (1 << 6) | 0x06);
         let trap = Trap {
             esr,
             far: 0x5000_0123,
             hpfar: (0x5000_0000 >> 12) << 4,
         };
         let exit = vcpu.handle_sync(&mut regs, trap, &ExitCounters::new());
-        assert_eq!(exit, Exit::Stop(Stop::UnhandledTrap(trap)));
+        assert_eq!(exit, Exit::InjectAbort(trap));
+        // Taken from EL1h: the guest's current-EL SPx vector, EC 0x25,
+        // DFSC 0x10 (SEA), WnR kept.
+        let inj = AbortInjection::sync_external_abort(trap, 0x4008_1234, 0x3c5, 0x4008_0800);
+        assert_eq!(inj.elr, 0x4008_0a00);
+        assert_eq!(inj.esr_el1, (0x25 << 26) | (1 << 25) | (1 << 6) | 0x10);
+        assert_eq!(
+            (inj.far_el1, inj.elr_el1, inj.spsr_el1, inj.spsr),
+            (0x5000_0123, 0x4008_1234, 0x3c5, 0x3c5)
+        );
+        // From EL0: the lower-EL vector, EC 0x24.
+        let inj = AbortInjection::sync_external_abort(trap, 0x1000, 0, 0x4008_0800);
+        assert_eq!((inj.elr, inj.esr_el1 >> 26), (0x4008_0c00, 0x24));
         let text = format!(
             "{}",
             TrapReport {

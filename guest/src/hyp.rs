@@ -67,3 +67,53 @@ pub fn report_and_power_off(passed: u64, failed: u64) -> ! {
         unsafe { asm!("wfi", options(nomem, nostack, preserves_flags)) };
     }
 }
+
+/// lazyhyp: run a batch of stage-2 operations in one lazy section.
+pub const HYP_MM_BATCH: u32 = 0xc600_0010;
+/// lazyhyp (test builds): select the nesting policy.
+pub const HYP_TEST_SET_POLICY: u32 = 0xc600_0f00;
+/// lazyhyp (test builds): probe a freed table page.
+pub const HYP_TEST_FREED_PAGE_PROBE: u32 = 0xc600_0f01;
+
+/// Operation kinds of `HYP_MM_BATCH`.
+pub mod op {
+    /// Map the unmapped parts of the range to its own backing.
+    pub const POPULATE: u32 = 1;
+    /// Unmap.
+    pub const UNMAP: u32 = 2;
+    /// Set permissions.
+    pub const PROTECT: u32 = 3;
+    /// Alias another guest RAM range's backing.
+    pub const REMAP_ALIAS: u32 = 4;
+    /// Merge uniform 2 MiB regions into blocks.
+    pub const MERGE: u32 = 5;
+}
+
+/// One `HYP_MM_BATCH` operation, laid out as the hypervisor reads it.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MmOp {
+    /// One of [`op`].
+    pub kind: u32,
+    /// Permission bits for `PROTECT`: 1 read, 2 write, 4 execute.
+    pub perm: u32,
+    /// First IPA.
+    pub ipa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Source IPA for `REMAP_ALIAS`.
+    pub src_ipa: u64,
+}
+
+/// Runs `ops` in one lazy section; returns (status, index of the op an
+/// error is about).
+pub fn mm_batch(ops: &[MmOp]) -> (i64, u64) {
+    // The list is read by the hypervisor through stage 2 at its IPA, which
+    // is its address here (the boot map is the identity). Make the stores
+    // visible to it first (it reads through its own cacheable map, so a
+    // barrier suffices).
+    // SAFETY: a barrier.
+    unsafe { asm!("dsb ish", options(nostack, preserves_flags)) };
+    let r = hvc(HYP_MM_BATCH, ops.as_ptr() as u64, ops.len() as u64, 0);
+    (r[0] as i64, r[1])
+}

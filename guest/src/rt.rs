@@ -1,8 +1,10 @@
 //! Entry (aarch64-rt at EL1), the boot page table, exceptions and panics.
 
 use aarch64_rt::{
-    ExceptionHandlers, InitialPagetable, entry, exception_handlers, initial_pagetable,
+    ExceptionHandlers, InitialPagetable, RegisterStateRef, entry, exception_handlers,
+    initial_pagetable,
 };
+use core::arch::asm;
 
 use crate::console::{self, println};
 use crate::hyp;
@@ -27,10 +29,29 @@ const fn pagetable() -> InitialPagetable {
 
 initial_pagetable!(pagetable());
 
-/// Any exception is unexpected for this guest: aarch64-rt's default
-/// handlers panic, and the panic handler reports a failure.
+/// Exceptions: a synchronous one at a probe's access resumes the probe
+/// (see `probe`); anything else is unexpected, panics, and the panic
+/// handler reports a failure.
 struct Exceptions;
-impl ExceptionHandlers for Exceptions {}
+impl ExceptionHandlers for Exceptions {
+    extern "C" fn sync_current(mut state: RegisterStateRef) {
+        let (esr, far): (u64, u64);
+        // SAFETY: reads the EL1 syndrome registers.
+        unsafe {
+            asm!("mrs {0}, esr_el1", "mrs {1}, far_el1", out(reg) esr, out(reg) far, options(nomem, nostack));
+        }
+        if let Some(resume) = crate::probe::fixup(state.elr, esr) {
+            // SAFETY: resuming at the probe's fault path, which expects to be
+            // entered exactly this way (its registers are its own).
+            unsafe { state.get_mut().elr = resume };
+            return;
+        }
+        panic!(
+            "unexpected synchronous exception: ESR {esr:#x}, FAR {far:#x}, ELR {:#x}",
+            state.elr
+        );
+    }
+}
 exception_handlers!(Exceptions);
 
 entry!(main, 16);

@@ -3,7 +3,8 @@
 use core::arch::asm;
 
 use crate::console::println;
-use crate::hyp::{self, hvc, smc};
+use crate::hyp::{self, MmOp, hvc, op, smc};
+use crate::probe;
 
 type TestResult = Result<(), &'static str>;
 
@@ -16,7 +17,7 @@ fn check(cond: bool, reason: &'static str) -> TestResult {
 
 /// Runs every test, printing a line each; returns (passed, failed).
 pub fn run_all(add_failing: bool) -> (u64, u64) {
-    let tests: [Test; 9] = [
+    let tests: &[Test] = &[
         ("runs_at_el1", runs_at_el1),
         ("smccc_version_over_hvc", smccc_version_over_hvc),
         (
@@ -35,6 +36,23 @@ pub fn run_all(add_failing: bool) -> (u64, u64) {
             "guest_ram_is_writable_throughout",
             guest_ram_is_writable_throughout,
         ),
+        ("lazy_batch_under_flatten", || {
+            lazy_batch_under(Policy::Flatten)
+        }),
+        ("lazy_batch_under_flush_inner", || {
+            lazy_batch_under(Policy::FlushInner)
+        }),
+        ("lazy_batch_under_counted", || {
+            lazy_batch_under(Policy::Counted)
+        }),
+        (
+            "naive_leaves_a_freed_page_reachable_flatten_does_not",
+            naive_vs_flatten_freed_page,
+        ),
+        (
+            "malformed_batches_are_refused",
+            malformed_batches_are_refused,
+        ),
     ];
     let mut passed = 0;
     let mut failed = 0;
@@ -48,7 +66,7 @@ pub fn run_all(add_failing: bool) -> (u64, u64) {
             failed += 1;
         }
     };
-    for (name, f) in tests {
+    for &(name, f) in tests {
         run(name, f);
     }
     if add_failing {
@@ -215,6 +233,190 @@ fn guest_ram_is_writable_throughout() -> TestResult {
         if v != page ^ MAGIC {
             return Err("guest RAM did not keep a written value");
         }
+    }
+    Ok(())
+}
+
+/// The nesting policies, numbered as `HYP_TEST_SET_POLICY` takes them.
+#[derive(Clone, Copy, Debug)]
+enum Policy {
+    Flatten = 0,
+    FlushInner = 1,
+    Naive = 2,
+    Counted = 3,
+}
+
+fn set_policy(p: Policy) -> TestResult {
+    check(
+        hvc(hyp::HYP_TEST_SET_POLICY, p as u64, 0, 0)[0] == 0,
+        "HYP_TEST_SET_POLICY refused",
+    )
+}
+
+const PAGE: usize = 4096;
+/// Two 2 MiB regions of guest RAM, well above the image and the RAM test.
+const AREA_A: usize = 0x4400_0000;
+const AREA_B: usize = 0x4420_0000;
+const MARK_A: u64 = 0xa5a5_0000_0000_0000;
+const MARK_B: u64 = 0xb6b6_0000_0000_0000;
+
+fn mark(area: usize, tag: u64) {
+    for p in (area..area + 512 * PAGE).step_by(PAGE) {
+        // SAFETY: guest RAM this program does not otherwise use.
+        unsafe { core::ptr::write_volatile(p as *mut u64, p as u64 ^ tag) };
+    }
+}
+
+fn batch(ops: &[MmOp]) -> TestResult {
+    let (status, index) = hyp::mm_batch(ops);
+    if status == 0 {
+        Ok(())
+    } else {
+        println!("  HYP_MM_BATCH: status {status}, op {index}");
+        Err("HYP_MM_BATCH failed")
+    }
+}
+
+fn mm_op(kind: u32, perm: u32, ipa: usize, pages: usize, src: usize) -> MmOp {
+    MmOp {
+        kind,
+        perm,
+        ipa: ipa as u64,
+        size: (pages * PAGE) as u64,
+        src_ipa: src as u64,
+    }
+}
+
+/// One lazy section that unmaps, write-protects and re-points parts of a
+/// 2 MiB block the guest has touched (a split: break-before-make with a
+/// table allocation, which nests in guard mode), then one that undoes it
+/// all and merges the block back. After each, the guest checks every page.
+fn lazy_batch_under(policy: Policy) -> TestResult {
+    set_policy(policy)?;
+    mark(AREA_A, MARK_A);
+    mark(AREA_B, MARK_B);
+    // Touch (and write) the 48 pages the batch changes, last, so the TLB
+    // holds exactly the translations the batch must kill (QEMU's TLB is
+    // small and direct-mapped: touching more would evict them and hide a
+    // missing invalidation).
+    for p in (AREA_A..AREA_A + 48 * PAGE).step_by(PAGE) {
+        check(
+            probe::write(p, p as u64 ^ MARK_A),
+            "area not writable before the batch",
+        )?;
+    }
+    batch(&[
+        mm_op(op::UNMAP, 0, AREA_A, 16, 0),
+        mm_op(op::PROTECT, 1, AREA_A + 16 * PAGE, 16, 0),
+        mm_op(op::REMAP_ALIAS, 0, AREA_A + 32 * PAGE, 16, AREA_B),
+    ])?;
+    // The changed pages first, while their stale translations (if any
+    // survived) are still in the TLB.
+    for i in 0..512 {
+        let p = AREA_A + i * PAGE;
+        let v = probe::read(p);
+        match i {
+            0..16 => check(v.is_none(), "an unmapped page is still readable")?,
+            16..32 => {
+                check(
+                    v == Some(p as u64 ^ MARK_A),
+                    "a protected page lost its contents",
+                )?;
+                check(!probe::write(p, 0), "a read-only page took a write")?;
+            }
+            32..48 => {
+                let src = AREA_B + (i - 32) * PAGE;
+                check(
+                    v == Some(src as u64 ^ MARK_B),
+                    "a re-pointed page shows the old backing",
+                )?;
+            }
+            _ => check(v == Some(p as u64 ^ MARK_A), "an untouched page changed")?,
+        }
+    }
+    // The abort the guest got is a synchronous external abort (DFSC 0x10).
+    let esr = probe::LAST_ESR.load(core::sync::atomic::Ordering::Relaxed);
+    check(
+        esr >> 26 == 0x25 && esr & 0x3f == 0x10,
+        "fault was not an injected SEA",
+    )?;
+    batch(&[
+        mm_op(op::POPULATE, 0, AREA_A, 16, 0),
+        mm_op(op::PROTECT, 7, AREA_A + 16 * PAGE, 16, 0),
+        mm_op(
+            op::REMAP_ALIAS,
+            0,
+            AREA_A + 32 * PAGE,
+            16,
+            AREA_A + 32 * PAGE,
+        ),
+        mm_op(op::MERGE, 0, AREA_A, 512, 0),
+    ])?;
+    for i in 0..512 {
+        let p = AREA_A + i * PAGE;
+        check(
+            probe::read(p) == Some(p as u64 ^ MARK_A),
+            "a restored page reads wrong",
+        )?;
+        check(
+            probe::write(p, p as u64 ^ MARK_A),
+            "a restored page refuses writes",
+        )?;
+    }
+    set_policy(Policy::Flatten)
+}
+
+/// The hypervisor frees a table page inside a lazy section and probes it:
+/// under Naive the unmapping is left pending and the stale translation lets
+/// the read through; under Flatten it is complete when the free returns.
+fn naive_vs_flatten_freed_page() -> TestResult {
+    let probe_under = |p: Policy| -> Result<u64, &'static str> {
+        set_policy(p)?;
+        let r = hvc(hyp::HYP_TEST_FREED_PAGE_PROBE, 0, 0, 0);
+        if r[0] == 0 {
+            Ok(r[1])
+        } else {
+            Err("HYP_TEST_FREED_PAGE_PROBE failed (guard mode off?)")
+        }
+    };
+    let naive = probe_under(Policy::Naive)?;
+    let flatten = probe_under(Policy::Flatten)?;
+    println!(
+        "  freed page readable (bit 0 in section, bit 1 after): naive {naive:#b}, flatten {flatten:#b}"
+    );
+    check(
+        naive == 0b01,
+        "Naive: the freed page should be reachable inside the section only",
+    )?;
+    check(
+        flatten == 0,
+        "Flatten: the freed page must be unreachable at once",
+    )
+}
+
+/// Bad batches get an error code and change nothing.
+fn malformed_batches_are_refused() -> TestResult {
+    let good = mm_op(op::UNMAP, 0, AREA_A, 1, 0);
+    let cases: [(MmOp, i64); 5] = [
+        (mm_op(99, 0, AREA_A, 1, 0), -1),
+        (mm_op(op::UNMAP, 0, AREA_A + 1, 1, 0), -2),
+        (mm_op(op::UNMAP, 0, AREA_A, 0, 0), -2),
+        (mm_op(op::UNMAP, 0, 0x0900_0000, 1, 0), -3),
+        (
+            mm_op(op::REMAP_ALIAS, 0, AREA_A, 1, 0x4020_0000 - 0x4000_0000),
+            -3,
+        ),
+    ];
+    for (bad, code) in cases {
+        let (status, index) = hyp::mm_batch(&[good, bad]);
+        if (status, index) != (code, 1) {
+            println!("  {bad:?}: got ({status}, {index}), want ({code}, 1)");
+            return Err("malformed op not refused as documented");
+        }
+        check(
+            probe::read(AREA_A).is_some(),
+            "a refused batch still ran its first op",
+        )?;
     }
     Ok(())
 }

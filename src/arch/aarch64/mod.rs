@@ -15,6 +15,7 @@ pub mod console;
 pub mod el2map;
 pub mod mm_hw;
 pub mod semihosting;
+mod services;
 pub mod sysreg;
 pub mod vectors;
 pub mod vm;
@@ -37,10 +38,10 @@ use crate::mm::lazy::MmCtx;
 use crate::mm::pool::{El2PageMap, PagePool};
 use crate::mm::stage2::{S2Attrs, Stage2};
 use crate::mm::{PAGE_SIZE, PhysAddr, align_up};
-use crate::vcpu::{ExitCounters, GuestRegs, Stop, Trap, TrapReport, Vcpu};
+use crate::vcpu::{AbortInjection, Exit, ExitCounters, GuestRegs, Stop, Trap, TrapReport, Vcpu};
 use console::{PL011_BASE, println};
 use mm_hw::HwMmArch;
-use sysreg::read_sysreg;
+use sysreg::{read_sysreg, write_sysreg};
 
 /// IPA at which guest RAM starts (as RAM does on QEMU `virt`).
 pub const GUEST_RAM_IPA: u64 = 0x4000_0000;
@@ -119,14 +120,10 @@ static FREE_TABLES: fn(&[PhysAddr]) = |pages| {
 
 /// The one guest.
 struct Vm {
-    /// Owned here so the tables live as long as the guest. Nothing changes
-    /// them after boot yet: the guest interface (hypercalls, stage-2 faults)
-    /// will.
-    #[expect(
-        dead_code,
-        reason = "kept alive for the guest; used by the coming guest interface"
-    )]
+    /// The guest's stage 2.
     stage2: Stage2<'static, HwMmArch>,
+    /// The guest's RAM and its backing.
+    ram: crate::guest_mm::GuestRam,
     vcpu: Vcpu,
 }
 
@@ -301,9 +298,14 @@ fn build_stage2(layout: &Layout, guest_ram: usize, guard: bool) -> u64 {
         layout.guest_backing.start
     );
     let vttbr = stage2.vttbr();
+    let ram = crate::guest_mm::GuestRam {
+        ipa: GUEST_RAM_IPA..GUEST_RAM_IPA + guest_ram as u64,
+        backing: layout.guest_backing.start,
+    };
     VM.call_once(|| {
         SpinMutex::new(Vm {
             stage2,
+            ram,
             vcpu: Vcpu::default(),
         })
     });
@@ -355,9 +357,34 @@ pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
     };
     let vm = VM.get().expect("guest traps only after the VM exists");
     let exit = vm.lock().vcpu.handle_sync(regs, trap, &EXITS);
-    if let crate::vcpu::Exit::Stop(stop) = exit {
-        finish(stop, regs);
+    match exit {
+        Exit::Resume => {}
+        Exit::Stop(stop) => finish(stop, regs),
+        Exit::MmCall(function) => services::mm_call(function, regs),
+        Exit::InjectAbort(trap) => inject_abort(trap, regs),
     }
+    // Every change the hypervisor made is complete and in effect before the
+    // guest runs again: no lazy section open, no barrier or TLBI owed.
+    debug_assert!(
+        MM.get().is_none_or(MmCtx::nothing_pending),
+        "returning to the guest with mm work pending"
+    );
+}
+
+/// Delivers a synchronous external abort to the guest's EL1 for a stage-2
+/// abort it cannot be given memory for.
+fn inject_abort(trap: Trap, regs: &mut GuestRegs) {
+    let inj =
+        AbortInjection::sync_external_abort(trap, regs.elr, regs.spsr, read_sysreg!("vbar_el1"));
+    log::debug!("injecting SEA: guest {:#x} at {:#x}", trap.far, regs.elr);
+    // The guest's EL1 exception state, as if the abort had been taken to
+    // EL1 directly; the ERET below then enters its vector.
+    write_sysreg!("esr_el1", inj.esr_el1);
+    write_sysreg!("far_el1", inj.far_el1);
+    write_sysreg!("elr_el1", inj.elr_el1);
+    write_sysreg!("spsr_el1", inj.spsr_el1);
+    regs.elr = inj.elr;
+    regs.spsr = inj.spsr;
 }
 
 /// Called from the lower-EL IRQ, FIQ and SError vectors (and AArch32

@@ -100,16 +100,24 @@ global_asm!(
 .balign 0x800
 .global lazyhyp_vectors
 lazyhyp_vectors:
-/* Current EL with SP_EL0: never used (EL2 runs on SP_EL2). */
+/*
+ * Current EL with SP_EL0: EL2 code runs on SP_EL0 only inside
+ * lazyhyp_probe_read; a synchronous fault there is the probe's expected
+ * outcome: resume at its fault path. x0 is the probe's scratch.
+ */
 .balign 0x80
-    current_vector 0
+    adr x0, lazyhyp_probe_read_fault
+    msr elr_el2, x0
+    eret
+    dsb nsh
+    isb
 .balign 0x80
     current_vector 1
 .balign 0x80
     current_vector 2
 .balign 0x80
     current_vector 3
-/* Current EL with SP_ELx. */
+/* Current EL with SP_ELx: always fatal. */
 .balign 0x80
     current_vector 0
 .balign 0x80
@@ -166,6 +174,33 @@ lazyhyp_restore_guest_regs_and_eret:
     isb
 
 /*
+ * lazyhyp_probe_read(addr: x0) -> (value: x0, ok: x1)
+ * Reads the 64-bit word at `addr`, surviving a fault. The load runs with
+ * SPSel = 0 so that a fault is taken to the "current EL with SP_EL0"
+ * vector, which nothing else uses, and comes back to the fault path. SP_EL0
+ * belongs to the guest (its EL0 stack): it is saved in x2 and restored.
+ */
+.balign 4
+.global lazyhyp_probe_read
+lazyhyp_probe_read:
+    mrs x2, sp_el0
+    mov x3, sp
+    msr sp_el0, x3
+    msr spsel, #0
+    ldr x0, [x0]
+    msr spsel, #1
+    msr sp_el0, x2
+    mov x1, #1
+    ret
+.global lazyhyp_probe_read_fault
+lazyhyp_probe_read_fault:
+    msr spsel, #1
+    msr sp_el0, x2
+    mov x0, #0
+    mov x1, #0
+    ret
+
+/*
  * lazyhyp_enter_guest(regs: *const GuestRegs, stack_top: usize) -> !
  * Resets SP_EL2 to `stack_top` (the hypervisor keeps no frames while the
  * guest runs), copies the initial frame below it and returns into the guest.
@@ -190,6 +225,29 @@ lazyhyp_enter_guest:
     lower_async = sym lower_async,
     current_handler = sym current_el_exception,
 );
+
+/// Reads the word at `addr` through the EL2 map, returning `None` if the
+/// access faults (instead of the fatal report an EL2 fault otherwise gives).
+/// Used by tests to observe whether a page is (still) mapped at EL2.
+#[must_use]
+pub fn probe_read(addr: usize) -> Option<u64> {
+    let (value, ok): (u64, u64);
+    // SAFETY: the routine only loads from `addr`; a fault is caught by the
+    // SP_EL0 vector and reported as `ok == 0`. It clobbers x2 and x3, and
+    // restores SP_EL0 and SPSel before returning.
+    unsafe {
+        core::arch::asm!(
+            "bl lazyhyp_probe_read",
+            inout("x0") addr as u64 => value,
+            out("x1") ok,
+            out("x2") _,
+            out("x3") _,
+            out("x30") _,
+            options(nostack),
+        );
+    }
+    (ok == 1).then_some(value)
+}
 
 unsafe extern "C" {
     static lazyhyp_vectors: u8;

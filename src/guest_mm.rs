@@ -1,0 +1,547 @@
+//! Guest-driven stage-2 changes: the `HYP_MM_BATCH` hypercall's operations,
+//! validated against the guest's RAM and run in one lazy section.
+//!
+//! Every physical address used here is guest RAM backing, derived from an
+//! IPA inside guest RAM: nothing a guest asks for can map hypervisor, pool
+//! or device memory into it. The operation list itself is read from guest
+//! memory through the guest's own stage-2 translation.
+
+use core::ops::Range;
+
+use crate::mm::arch::MmArch;
+use crate::mm::lazy::MmCtx;
+use crate::mm::stage2::{MemType, S2Attrs, S2Perm, Stage2, Stage2Error};
+use crate::mm::{Ipa, PAGE_SIZE, PhysAddr};
+
+/// Most operations one batch may hold.
+pub const MAX_BATCH_OPS: usize = 64;
+
+/// Size of one operation in guest memory.
+pub const OP_SIZE: usize = 32;
+
+/// Operation kinds.
+pub mod kind {
+    /// Map the unmapped parts of the range to its own backing.
+    pub const POPULATE: u32 = 1;
+    /// Unmap the range (give it back).
+    pub const UNMAP: u32 = 2;
+    /// Set the permissions of the (wholly mapped) range to `perm`.
+    pub const PROTECT: u32 = 3;
+    /// Point the (wholly mapped) range at the backing of `src_ipa..`: an
+    /// alias of other guest RAM (break-before-make).
+    pub const REMAP_ALIAS: u32 = 4;
+    /// Merge uniform 2 MiB regions of the range back into blocks.
+    pub const MERGE: u32 = 5;
+}
+
+/// One operation as the guest lays it out (little-endian, 32 bytes):
+/// `kind: u32, perm: u32, ipa: u64, size: u64, src_ipa: u64`.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub struct MmOp {
+    /// One of [`kind`].
+    pub kind: u32,
+    /// For `PROTECT`: bit 0 read, bit 1 write, bit 2 execute.
+    pub perm: u32,
+    /// First IPA.
+    pub ipa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// For `REMAP_ALIAS`: first IPA of the guest RAM whose backing to use.
+    pub src_ipa: u64,
+}
+
+impl MmOp {
+    /// Decodes one operation.
+    #[must_use]
+    pub fn from_bytes(b: &[u8; OP_SIZE]) -> Self {
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| u64::from(u32_at(i)) | (u64::from(u32_at(i + 4)) << 32);
+        Self {
+            kind: u32_at(0),
+            perm: u32_at(4),
+            ipa: u64_at(8),
+            size: u64_at(16),
+            src_ipa: u64_at(24),
+        }
+    }
+}
+
+/// Why a batch (or one of its operations) was refused.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum BatchError {
+    /// Unknown operation kind.
+    UnknownKind,
+    /// Address or size not page-aligned, zero size, or overflow.
+    BadRange,
+    /// The range (or source range) is not inside guest RAM.
+    OutsideGuestRam,
+    /// Permission bits other than R, W, X, or no read permission.
+    BadPermission,
+    /// The operation list is empty, too long, misaligned or not in mapped
+    /// guest RAM.
+    BadList,
+    /// The operation needs a range that is wholly mapped.
+    NotMapped,
+    /// No memory for translation tables.
+    NoMemory,
+}
+
+impl BatchError {
+    /// The SMCCC-style return code (see docs/hypercalls.md).
+    #[must_use]
+    pub const fn code(self) -> i64 {
+        match self {
+            Self::UnknownKind => -1,
+            Self::BadRange | Self::BadPermission | Self::BadList => -2,
+            Self::OutsideGuestRam => -3,
+            Self::NotMapped => -5,
+            Self::NoMemory => -4,
+        }
+    }
+}
+
+/// Guest RAM: an IPA range backed by one contiguous physical range.
+#[derive(Clone, Debug, Eq, PartialEq)]
+pub struct GuestRam {
+    /// IPAs of guest RAM.
+    pub ipa: Range<Ipa>,
+    /// Physical address backing its first byte.
+    pub backing: PhysAddr,
+}
+
+impl GuestRam {
+    /// The backing of `ipa` (inside guest RAM).
+    #[must_use]
+    pub fn backing_of(&self, ipa: Ipa) -> PhysAddr {
+        self.backing + (ipa - self.ipa.start) as usize
+    }
+
+    fn check(&self, ipa: u64, size: u64) -> Result<(), BatchError> {
+        if size == 0
+            || !ipa.is_multiple_of(PAGE_SIZE as u64)
+            || !size.is_multiple_of(PAGE_SIZE as u64)
+        {
+            return Err(BatchError::BadRange);
+        }
+        let end = ipa.checked_add(size).ok_or(BatchError::BadRange)?;
+        if ipa < self.ipa.start || end > self.ipa.end {
+            return Err(BatchError::OutsideGuestRam);
+        }
+        Ok(())
+    }
+}
+
+/// Checks one operation without running it.
+///
+/// # Errors
+///
+/// The first reason the operation is invalid.
+pub fn validate(op: &MmOp, ram: &GuestRam) -> Result<(), BatchError> {
+    ram.check(op.ipa, op.size)?;
+    match op.kind {
+        kind::POPULATE | kind::UNMAP | kind::MERGE => Ok(()),
+        kind::PROTECT => {
+            if op.perm & !0b111 != 0 || op.perm & 1 == 0 {
+                Err(BatchError::BadPermission)
+            } else {
+                Ok(())
+            }
+        }
+        kind::REMAP_ALIAS => ram.check(op.src_ipa, op.size),
+        _ => Err(BatchError::UnknownKind),
+    }
+}
+
+fn perm_of(bits: u32) -> S2Perm {
+    S2Perm {
+        read: bits & 1 != 0,
+        write: bits & 2 != 0,
+        exec: bits & 4 != 0,
+    }
+}
+
+fn stage2_error(e: Stage2Error) -> BatchError {
+    match e {
+        Stage2Error::NotMapped => BatchError::NotMapped,
+        Stage2Error::OutOfTableMemory(_) => BatchError::NoMemory,
+        // Ranges were validated against guest RAM; anything else is a range
+        // the stage-2 manager refuses, reported as such.
+        _ => BatchError::BadRange,
+    }
+}
+
+/// Runs one (validated) operation.
+fn run_op<A: MmArch>(s2: &mut Stage2<'_, A>, ram: &GuestRam, op: &MmOp) -> Result<(), BatchError> {
+    let size = op.size as usize;
+    let ram_attrs = S2Attrs {
+        perm: S2Perm::RWX,
+        mem: MemType::Normal,
+    };
+    match op.kind {
+        kind::POPULATE => {
+            // Map each unmapped run to its own backing.
+            let mut holes: alloc::vec::Vec<Range<Ipa>> = alloc::vec::Vec::new();
+            let mut cursor = op.ipa;
+            s2.for_each_mapping(op.ipa, size, |r, _| {
+                if r.start > cursor {
+                    holes.push(cursor..r.start);
+                }
+                cursor = r.end;
+            });
+            if cursor < op.ipa + op.size {
+                holes.push(cursor..op.ipa + op.size);
+            }
+            for h in holes {
+                s2.map(
+                    h.start,
+                    (h.end - h.start) as usize,
+                    ram.backing_of(h.start),
+                    ram_attrs,
+                )
+                .map_err(stage2_error)?;
+            }
+            Ok(())
+        }
+        kind::UNMAP => s2.unmap(op.ipa, size).map_err(stage2_error),
+        kind::PROTECT => s2
+            .protect(op.ipa, size, perm_of(op.perm))
+            .map_err(stage2_error),
+        kind::REMAP_ALIAS => s2
+            .remap(op.ipa, size, ram.backing_of(op.src_ipa), ram_attrs)
+            .map_err(stage2_error),
+        kind::MERGE => s2.merge(op.ipa, size).map(|_| ()).map_err(stage2_error),
+        _ => Err(BatchError::UnknownKind),
+    }
+}
+
+/// Validates every operation, then runs them all in one lazy section.
+///
+/// # Errors
+///
+/// `(index, reason)` of the first invalid operation (then nothing ran), or
+/// of the operation that failed (then the ones before it took effect, and
+/// the section was closed, so the tables are consistent and in effect).
+pub fn run_batch<A: MmArch>(
+    s2: &mut Stage2<'_, A>,
+    mm: &MmCtx<A>,
+    ram: &GuestRam,
+    ops: &[MmOp],
+) -> Result<(), (usize, BatchError)> {
+    if ops.is_empty() || ops.len() > MAX_BATCH_OPS {
+        return Err((0, BatchError::BadList));
+    }
+    for (i, op) in ops.iter().enumerate() {
+        validate(op, ram).map_err(|e| (i, e))?;
+    }
+    mm.enter();
+    let result = ops
+        .iter()
+        .enumerate()
+        .try_for_each(|(i, op)| run_op(s2, ram, op).map_err(|e| (i, e)));
+    mm.leave();
+    result
+}
+
+/// Reads the operation list at `list_ipa` from guest memory, through the
+/// guest's stage-2 translation. `read_pa` copies from a physical address
+/// (guest RAM backing, mapped in the hypervisor).
+///
+/// # Errors
+///
+/// [`BatchError::BadList`] if the list is empty, longer than
+/// [`MAX_BATCH_OPS`], not 8-byte aligned, or not wholly in guest RAM that is
+/// mapped and readable.
+pub fn read_ops<A: MmArch>(
+    s2: &Stage2<'_, A>,
+    ram: &GuestRam,
+    list_ipa: u64,
+    count: u64,
+    mut read_pa: impl FnMut(PhysAddr, &mut [u8]),
+    out: &mut [MmOp; MAX_BATCH_OPS],
+) -> Result<usize, BatchError> {
+    let count = usize::try_from(count).map_err(|_| BatchError::BadList)?;
+    if count == 0 || count > MAX_BATCH_OPS || !list_ipa.is_multiple_of(8) {
+        return Err(BatchError::BadList);
+    }
+    let len = (count * OP_SIZE) as u64;
+    let end = list_ipa.checked_add(len).ok_or(BatchError::BadList)?;
+    if list_ipa < ram.ipa.start || end > ram.ipa.end {
+        return Err(BatchError::BadList);
+    }
+    for (i, slot) in out.iter_mut().take(count).enumerate() {
+        let mut bytes = [0u8; OP_SIZE];
+        // An op may straddle a page boundary: translate each byte's page.
+        let mut done = 0;
+        while done < OP_SIZE {
+            let ipa = list_ipa + (i * OP_SIZE + done) as u64;
+            let t = s2.query(ipa).ok_or(BatchError::BadList)?;
+            // The translation must lead into guest RAM backing, readable.
+            let backing_end = ram.backing + (ram.ipa.end - ram.ipa.start) as usize;
+            if !t.attrs.perm.read || t.pa < ram.backing || t.pa >= backing_end {
+                return Err(BatchError::BadList);
+            }
+            let in_page = PAGE_SIZE - (ipa as usize % PAGE_SIZE);
+            let n = in_page.min(OP_SIZE - done);
+            read_pa(t.pa, &mut bytes[done..done + n]);
+            done += n;
+        }
+        *slot = MmOp::from_bytes(&bytes);
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mm::lazy::NestPolicy;
+    use crate::mm::stage2::S2Perm;
+    use crate::mm::testkit::{Kit, ram};
+
+    const GIB: u64 = 1 << 30;
+
+    fn kit() -> (Kit, GuestRam) {
+        let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+        let ram_ = GuestRam {
+            ipa: GIB..GIB + (16 << 20),
+            backing: 0x8000_0000,
+        };
+        kit.s2
+            .map(GIB, 16 << 20, 0x8000_0000, ram(S2Perm::RWX))
+            .expect("guest RAM");
+        kit.ref_map(GIB, 16 << 20, 0x8000_0000, S2Perm::RWX);
+        (kit, ram_)
+    }
+
+    #[test]
+    fn op_decoding_is_little_endian() {
+        let mut b = [0u8; OP_SIZE];
+        b[0] = 3;
+        b[4] = 1;
+        b[8..16].copy_from_slice(&0x4000_1000u64.to_le_bytes());
+        b[16..24].copy_from_slice(&0x2000u64.to_le_bytes());
+        assert_eq!(
+            MmOp::from_bytes(&b),
+            MmOp {
+                kind: 3,
+                perm: 1,
+                ipa: 0x4000_1000,
+                size: 0x2000,
+                src_ipa: 0
+            }
+        );
+    }
+
+    #[test]
+    fn every_malformed_op_is_refused_before_anything_runs() {
+        let (mut kit, ram_) = kit();
+        let good = MmOp {
+            kind: kind::UNMAP,
+            perm: 0,
+            ipa: GIB,
+            size: 0x1000,
+            src_ipa: 0,
+        };
+        let cases = [
+            (MmOp { kind: 99, ..good }, BatchError::UnknownKind),
+            (
+                MmOp {
+                    ipa: GIB + 1,
+                    ..good
+                },
+                BatchError::BadRange,
+            ),
+            (MmOp { size: 0, ..good }, BatchError::BadRange),
+            (
+                MmOp {
+                    size: 0x1001,
+                    ..good
+                },
+                BatchError::BadRange,
+            ),
+            (
+                MmOp {
+                    ipa: u64::MAX - 0xfff,
+                    ..good
+                },
+                BatchError::BadRange,
+            ),
+            (
+                MmOp {
+                    ipa: GIB - 0x1000,
+                    ..good
+                },
+                BatchError::OutsideGuestRam,
+            ),
+            (
+                MmOp {
+                    ipa: GIB + (16 << 20),
+                    ..good
+                },
+                BatchError::OutsideGuestRam,
+            ),
+            (
+                MmOp {
+                    kind: kind::PROTECT,
+                    perm: 0b1000 | 1,
+                    ..good
+                },
+                BatchError::BadPermission,
+            ),
+            (
+                MmOp {
+                    kind: kind::PROTECT,
+                    perm: 0b10,
+                    ..good
+                },
+                BatchError::BadPermission,
+            ),
+            (
+                MmOp {
+                    kind: kind::REMAP_ALIAS,
+                    src_ipa: 0x1000,
+                    ..good
+                },
+                BatchError::OutsideGuestRam,
+            ),
+        ];
+        for (bad, why) in cases {
+            // The good op first: it must not run either.
+            assert_eq!(
+                run_batch(&mut kit.s2, kit.mm, &ram_, &[good, bad]),
+                Err((1, why)),
+                "{bad:?}"
+            );
+            assert!(kit.s2.query(GIB).is_some(), "nothing ran");
+        }
+        assert_eq!(
+            run_batch(&mut kit.s2, kit.mm, &ram_, &[]),
+            Err((0, BatchError::BadList))
+        );
+        let many = [good; MAX_BATCH_OPS + 1];
+        assert_eq!(
+            run_batch(&mut kit.s2, kit.mm, &ram_, &many),
+            Err((0, BatchError::BadList))
+        );
+    }
+
+    #[test]
+    fn a_batch_runs_in_one_section_and_its_effects_hold() {
+        let (mut kit, ram_) = kit();
+        let mib = 1u64 << 20;
+        let ops = [
+            MmOp {
+                kind: kind::UNMAP,
+                perm: 0,
+                ipa: GIB,
+                size: 0x4000,
+                src_ipa: 0,
+            },
+            MmOp {
+                kind: kind::PROTECT,
+                perm: 1,
+                ipa: GIB + 0x4000,
+                size: 0x4000,
+                src_ipa: 0,
+            },
+            MmOp {
+                kind: kind::REMAP_ALIAS,
+                perm: 0,
+                ipa: GIB + 0x8000,
+                size: 0x2000,
+                src_ipa: GIB + 4 * mib,
+            },
+        ];
+        kit.touch(&(GIB..GIB + 16 * mib));
+        run_batch(&mut kit.s2, kit.mm, &ram_, &ops).expect("batch");
+        assert_eq!(kit.mm.total("sections"), 1);
+        kit.ref_unmap(GIB, 0x4000);
+        kit.ref_map(GIB + 0x4000, 0x4000, 0x8000_4000, S2Perm::RO);
+        kit.ref_map(GIB + 0x8000, 0x2000, 0x8040_0000, S2Perm::RWX);
+        kit.check(&(GIB..GIB + 16 * mib)).expect("effects");
+        // Undo: populate, protect back, alias back, merge.
+        let ops = [
+            MmOp {
+                kind: kind::POPULATE,
+                perm: 0,
+                ipa: GIB,
+                size: 2 * mib,
+                src_ipa: 0,
+            },
+            MmOp {
+                kind: kind::PROTECT,
+                perm: 7,
+                ipa: GIB + 0x4000,
+                size: 0x4000,
+                src_ipa: 0,
+            },
+            MmOp {
+                kind: kind::REMAP_ALIAS,
+                perm: 0,
+                ipa: GIB + 0x8000,
+                size: 0x2000,
+                src_ipa: GIB + 0x8000,
+            },
+            MmOp {
+                kind: kind::MERGE,
+                perm: 0,
+                ipa: GIB,
+                size: 2 * mib,
+                src_ipa: 0,
+            },
+        ];
+        run_batch(&mut kit.s2, kit.mm, &ram_, &ops).expect("batch");
+        kit.ref_map(GIB, 16 << 20, 0x8000_0000, S2Perm::RWX);
+        kit.check(&(GIB..GIB + 16 * mib)).expect("restored");
+        assert_eq!(
+            kit.s2.query(GIB).map(|t| t.level),
+            Some(2),
+            "merged back into a block"
+        );
+    }
+
+    #[test]
+    fn the_op_list_is_read_through_stage2_and_must_be_in_guest_ram() {
+        let (mut kit, ram_) = kit();
+        let mut out = [MmOp::default(); MAX_BATCH_OPS];
+        let mut reads = alloc::vec::Vec::new();
+        let n = read_ops(
+            &kit.s2,
+            &ram_,
+            GIB + 0x10,
+            2,
+            |pa, buf| {
+                reads.push(pa);
+                buf.fill(0);
+            },
+            &mut out,
+        );
+        assert_eq!(n, Ok(2));
+        assert_eq!(
+            reads,
+            [0x8000_0010, 0x8000_0030],
+            "read at the backing, via stage 2"
+        );
+        assert_eq!(
+            read_ops(&kit.s2, &ram_, GIB + 4, 1, |_, _| {}, &mut out),
+            Err(BatchError::BadList)
+        );
+        assert_eq!(
+            read_ops(&kit.s2, &ram_, GIB, 0, |_, _| {}, &mut out),
+            Err(BatchError::BadList)
+        );
+        assert_eq!(
+            read_ops(&kit.s2, &ram_, GIB, 65, |_, _| {}, &mut out),
+            Err(BatchError::BadList)
+        );
+        assert_eq!(
+            read_ops(&kit.s2, &ram_, 0x1000, 1, |_, _| {}, &mut out),
+            Err(BatchError::BadList)
+        );
+        // A list in a page the guest gave back is refused.
+        kit.s2.unmap(GIB, 0x1000).expect("unmap");
+        assert_eq!(
+            read_ops(&kit.s2, &ram_, GIB, 1, |_, _| {}, &mut out),
+            Err(BatchError::BadList)
+        );
+    }
+}
