@@ -258,7 +258,8 @@ impl AbortInjection {
     #[must_use]
     pub fn sync_external_abort(trap: Trap, elr: u64, spsr: u64, vbar_el1: u64) -> Self {
         const SEA: u64 = 0x10;
-        let from_el0 = spsr & 0b1111 == 0;
+        // SPSR.M[3:0] == 0: EL0t.
+        let from_el0 = spsr.trailing_zeros() >= 4;
         let data = trap.esr.ec() == ec::DABT_LOWER;
         let ec = match (data, from_el0) {
             (true, false) => ec::DABT_CURRENT,

@@ -115,5 +115,6 @@ pub fn mm_batch(ops: &[MmOp]) -> (i64, u64) {
     // SAFETY: a barrier.
     unsafe { asm!("dsb ish", options(nostack, preserves_flags)) };
     let r = hvc(HYP_MM_BATCH, ops.as_ptr() as u64, ops.len() as u64, 0);
-    (r[0] as i64, r[1])
+    // SMCCC status codes are signed: reinterpret the register's bits.
+    (i64::from_ne_bytes(r[0].to_ne_bytes()), r[1])
 }

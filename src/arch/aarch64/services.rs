@@ -9,7 +9,7 @@ use crate::vcpu::{GuestRegs, smccc};
 use super::{MM, POOL, VM, vectors};
 
 /// `INVALID_PARAMETER` for the test calls.
-const INVALID_PARAMETER: u64 = (-2i64) as u64;
+const INVALID_PARAMETER: u64 = u64::from_ne_bytes((-2i64).to_ne_bytes());
 
 /// Answers a memory-service call; results go to `x0` (status) and `x1`.
 pub(super) fn mm_call(function: u32, regs: &mut GuestRegs) {
@@ -18,7 +18,7 @@ pub(super) fn mm_call(function: u32, regs: &mut GuestRegs) {
         smccc::HYP_MM_BATCH => batch(a1, a2),
         smccc::HYP_TEST_SET_POLICY if cfg!(feature = "test-hypercalls") => set_policy(a1),
         smccc::HYP_TEST_FREED_PAGE_PROBE if cfg!(feature = "test-hypercalls") => {
-            if POOL.get().is_some_and(|p| p.guarded()) {
+            if POOL.get().is_some_and(crate::mm::pool::PagePool::guarded) {
                 (smccc::SUCCESS, freed_page_probe())
             } else {
                 // Without guard mode a free page stays mapped: nothing to probe.
@@ -53,12 +53,17 @@ fn batch(list_ipa: u64, count: u64) -> (u64, u64) {
     );
     let n = match read {
         Ok(n) => n,
-        Err(e) => return (e.code() as u64, 0),
+        Err(e) => return (status(e.code()), 0),
     };
     match guest_mm::run_batch(&mut vm.stage2, mm, &vm.ram, &ops[..n]) {
         Ok(()) => (smccc::SUCCESS, 0),
-        Err((i, e)) => (e.code() as u64, i as u64),
+        Err((i, e)) => (status(e.code()), i as u64),
     }
+}
+
+/// A signed SMCCC status in a register.
+fn status(code: i64) -> u64 {
+    u64::from_ne_bytes(code.to_ne_bytes())
 }
 
 fn set_policy(raw: u64) -> (u64, u64) {
