@@ -22,14 +22,31 @@ fn artifacts() -> &'static Artifacts {
     }
 }
 
+/// Debug build (debug assertions on), done once per test binary.
+fn debug_artifacts() -> &'static Artifacts {
+    static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
+    let built = ARTIFACTS.get_or_init(|| {
+        xtask::ensure_qemu().map_err(|e| format!("{e:#}"))?;
+        xtask::build(false).map_err(|e| format!("{e:#}"))
+    });
+    match built {
+        Ok(artifacts) => artifacts,
+        Err(e) => panic!("cannot build or find QEMU: {e}"),
+    }
+}
+
 fn boot(bootargs: &[&str]) -> RunOutcome {
+    boot_with(artifacts(), bootargs)
+}
+
+fn boot_with(artifacts: &Artifacts, bootargs: &[&str]) -> RunOutcome {
     let opts = RunOptions {
         timeout: TIMEOUT,
         bootargs: bootargs.iter().map(|&a| a.to_owned()).collect(),
         echo: false,
         ..RunOptions::default()
     };
-    xtask::run(artifacts(), &opts).unwrap_or_else(|e| panic!("could not run QEMU: {e:#}"))
+    xtask::run(artifacts, &opts).unwrap_or_else(|e| panic!("could not run QEMU: {e:#}"))
 }
 
 /// The run in full, for assertion messages.
@@ -142,4 +159,14 @@ fn lazy_sections_with_guard_mode_take_effect_in_qemu() {
         "the guest hit pages it gave back\n{report}"
     );
     assert!(stat("tlbi_vmalle1is") >= 1, "{report}");
+}
+
+/// The debug build: the same suite with debug assertions on, among them the
+/// hypervisor's check that nothing is owed (no open section, no barrier or
+/// TLBI pending) whenever it enters or returns to the guest.
+#[test]
+fn debug_build_passes_with_its_assertions() {
+    let outcome = boot_with(debug_artifacts(), &["mm.guard=1"]);
+    let report = report(&outcome);
+    assert_eq!(outcome.verdict(), Verdict::Pass, "{report}");
 }

@@ -174,6 +174,10 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
     regs.elr = entry;
     regs.spsr = SPSR_EL1H_MASKED;
     log::info!("entering guest at {entry:#x}");
+    debug_assert!(
+        MM.get().is_none_or(MmCtx::nothing_pending),
+        "entering the guest with mm work pending"
+    );
     // SAFETY: stage 2, EL2 controls and vectors are set up; everything `main`
     // set up lives in statics, so its stack frames may be discarded.
     unsafe { vectors::enter_guest(&regs, image.boot_stack.end) }
