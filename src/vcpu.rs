@@ -46,6 +46,8 @@ pub struct Trap {
 pub mod smccc {
     /// SMCCC_VERSION.
     pub const VERSION: u32 = 0x8000_0000;
+    /// SMCCC_ARCH_FEATURES.
+    pub const ARCH_FEATURES: u32 = 0x8000_0001;
     /// PSCI_VERSION.
     pub const PSCI_VERSION: u32 = 0x8400_0000;
     /// PSCI CPU_OFF.
@@ -201,8 +203,13 @@ impl Vcpu {
         regs.x[0] = match function {
             smccc::VERSION => smccc::SMCCC_VERSION_1_1,
             smccc::PSCI_VERSION => smccc::PSCI_VERSION_1_1,
+            smccc::ARCH_FEATURES => match a1 as u32 {
+                smccc::VERSION | smccc::ARCH_FEATURES => smccc::SUCCESS,
+                _ => smccc::NOT_SUPPORTED,
+            },
             smccc::PSCI_FEATURES => match a1 as u32 {
-                smccc::PSCI_VERSION
+                smccc::VERSION
+                | smccc::PSCI_VERSION
                 | smccc::PSCI_FEATURES
                 | smccc::PSCI_CPU_OFF
                 | smccc::PSCI_SYSTEM_OFF
@@ -251,12 +258,20 @@ pub struct AbortInjection {
 
 impl AbortInjection {
     /// The injection for stage-2 abort `trap` taken at `elr`/`spsr` with the
-    /// guest's `VBAR_EL1`, as the architecture delivers a synchronous
-    /// external abort: the exception class of an abort taken to EL1 from the
-    /// guest's EL (same EL: 0x25/0x21, from EL0: 0x24/0x20), DFSC/IFSC 0x10,
-    /// `WnR` kept for data aborts, `FAR_EL1` the faulting VA.
+    /// guest's `VBAR_EL1` and `SCTLR_EL1`, as the architecture delivers a
+    /// synchronous external abort: the exception class of an abort taken to
+    /// EL1 from the guest's EL (same EL: 0x25/0x21, from EL0: 0x24/0x20),
+    /// DFSC/IFSC 0x10, `WnR` kept for data aborts, `FAR_EL1` the faulting VA,
+    /// and PSTATE on entry as for any exception to EL1 (see
+    /// [`entry_pstate`]).
     #[must_use]
-    pub fn sync_external_abort(trap: Trap, elr: u64, spsr: u64, vbar_el1: u64) -> Self {
+    pub fn sync_external_abort(
+        trap: Trap,
+        elr: u64,
+        spsr: u64,
+        vbar_el1: u64,
+        sctlr_el1: u64,
+    ) -> Self {
         const SEA: u64 = 0x10;
         // SPSR.M[3:0] == 0: EL0t.
         let from_el0 = spsr.trailing_zeros() >= 4;
@@ -268,10 +283,11 @@ impl AbortInjection {
             (false, true) => ec::IABT_LOWER,
         };
         let wnr = if data { trap.esr.0 & (1 << 6) } else { 0 };
-        let vector = match spsr & 0b1111 {
-            0b0100 => 0x000, // EL1t: current EL with SP_EL0
-            0b0101 => 0x200, // EL1h: current EL with SP_ELx
-            _ => 0x400,      // EL0: lower EL, AArch64
+        let vector = match spsr & 0b1_1111 {
+            0b0_0100 => 0x000,               // EL1t: current EL with SP_EL0
+            0b0_0101 => 0x200,               // EL1h: current EL with SP_ELx
+            m if m & 0b1_0000 != 0 => 0x600, // AArch32 EL0: lower EL, AArch32
+            _ => 0x400,                      // EL0: lower EL, AArch64
         };
         Self {
             esr_el1: (u64::from(ec) << 26) | (1 << 25) | wnr | SEA,
@@ -279,9 +295,33 @@ impl AbortInjection {
             elr_el1: elr,
             spsr_el1: spsr,
             elr: vbar_el1 + vector,
-            spsr: 0x3c5,
+            spsr: entry_pstate(spsr, sctlr_el1),
         }
     }
+}
+
+/// PSTATE on taking an exception to EL1h from PSTATE `old`, with the
+/// guest's `SCTLR_EL1` (Arm ARM, "PSTATE on exception entry"; as KVM's
+/// `get_except64_cpsr`): D, A, I, F masked; PAN kept, and set if
+/// `SCTLR_EL1.SPAN` is 0; SSBS from `SCTLR_EL1.DSSBS`; DIT kept; UAO, SS,
+/// IL and BTYPE cleared. (No MTE for the guest: TCO is left clear.)
+#[must_use]
+pub fn entry_pstate(old: u64, sctlr_el1: u64) -> u64 {
+    const EL1H: u64 = 0b0101;
+    const DAIF: u64 = 0b1111 << 6;
+    const PAN: u64 = 1 << 22;
+    const DIT: u64 = 1 << 24;
+    const SSBS: u64 = 1 << 12;
+    const SCTLR_SPAN: u64 = 1 << 23;
+    const SCTLR_DSSBS: u64 = 1 << 44;
+    let mut new = EL1H | DAIF | (old & (PAN | DIT));
+    if sctlr_el1 & SCTLR_SPAN == 0 {
+        new |= PAN;
+    }
+    if sctlr_el1 & SCTLR_DSSBS != 0 {
+        new |= SSBS;
+    }
+    new
 }
 
 /// The decoded crash report for a trap or exception the hypervisor cannot
@@ -431,16 +471,24 @@ mod tests {
         assert_eq!(exit, Exit::InjectAbort(trap));
         // Taken from EL1h: the guest's current-EL SPx vector, EC 0x25,
         // DFSC 0x10 (SEA), WnR kept.
-        let inj = AbortInjection::sync_external_abort(trap, 0x4008_1234, 0x3c5, 0x4008_0800);
+        // SCTLR_EL1.SPAN set: PAN is not forced.
+        let span = 1 << 23;
+        let inj = AbortInjection::sync_external_abort(trap, 0x4008_1234, 0x3c5, 0x4008_0800, span);
         assert_eq!(inj.elr, 0x4008_0a00);
         assert_eq!(inj.esr_el1, (0x25 << 26) | (1 << 25) | (1 << 6) | 0x10);
         assert_eq!(
             (inj.far_el1, inj.elr_el1, inj.spsr_el1, inj.spsr),
             (0x5000_0123, 0x4008_1234, 0x3c5, 0x3c5)
         );
-        // From EL0: the lower-EL vector, EC 0x24.
-        let inj = AbortInjection::sync_external_abort(trap, 0x1000, 0, 0x4008_0800);
-        assert_eq!((inj.elr, inj.esr_el1 >> 26), (0x4008_0c00, 0x24));
+        // From EL0 with SPAN clear: the lower-EL vector, EC 0x24, PAN set.
+        let inj = AbortInjection::sync_external_abort(trap, 0x1000, 0, 0x4008_0800, 0);
+        assert_eq!(
+            (inj.elr, inj.esr_el1 >> 26, inj.spsr),
+            (0x4008_0c00, 0x24, 0x3c5 | (1 << 22))
+        );
+        // From AArch32 EL0: the AArch32 lower-EL vector.
+        let inj = AbortInjection::sync_external_abort(trap, 0x1000, 0b1_0000, 0x4008_0800, span);
+        assert_eq!(inj.elr, 0x4008_0e00);
         let text = format!(
             "{}",
             TrapReport {

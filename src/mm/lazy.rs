@@ -502,6 +502,17 @@ impl<A: MmArch> MmCtx<A> {
             .add_stage2(vmid, ipa, size);
     }
 
+    /// Whether an invalidation of `vmid`'s stage 2 overlapping
+    /// `[ipa, ipa + size)` is queued on this CPU.
+    pub fn stage2_invalidation_pending(&self, vmid: Vmid, ipa: u64, size: u64) -> bool {
+        let cpu = self.cpus[self.cpu()].lock();
+        cpu.owed
+            .batch
+            .stage2
+            .iter()
+            .any(|(v, r)| *v == vmid && r.start < ipa + size && ipa < r.end)
+    }
+
     /// Queues invalidation of EL2-map pages `[va, va + size)`.
     pub fn queue_el2_invalidation(&self, va: u64, size: u64) {
         self.cpus[self.cpu()].lock().owed.batch.add_el2(va, size);

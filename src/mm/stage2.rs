@@ -375,6 +375,18 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         if leaves.iter().any(|l| l.valid) {
             return Err(Stage2Error::AlreadyMapped);
         }
+        // Inside a section the range may have been unmapped with its
+        // invalidation still queued: old entries (perhaps of another size)
+        // may still be cached. The new entries must not appear before those
+        // are gone (the "make" of a break-before-make): complete it first.
+        if self.mm.stage2_invalidation_pending(
+            self.vmid,
+            region.start as u64,
+            (region.end - region.start) as u64,
+        ) {
+            self.mm.flush();
+            inc(&self.mm.counters().bbm);
+        }
         let piece = Piece {
             range: region.clone(),
             pa,
@@ -483,12 +495,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             self.unmap_entries(&p.range);
         }
         self.mm.note_writes(candidates.len() as u64, false);
-        self.complete_break(
-            &candidates
-                .iter()
-                .map(|p| p.range.clone())
-                .collect::<Vec<_>>(),
-        );
+        self.complete_break();
         // Make: a block each (aligned, so no table).
         self.prepare(0)?;
         for p in &candidates {
@@ -581,7 +588,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             }
             self.mm.note_writes(broken.len() as u64, false);
             add(&self.mm.counters().splits, straddling.len() as u64);
-            self.complete_break(&broken);
+            self.complete_break();
         }
 
         // Make, or change in place.
@@ -635,9 +642,10 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             }
             Change::Protect(_) => {}
         }
-        // Entries changed in place (unmap, protect) may sit in TLBs; a
-        // remap's old entries were invalidated by its break.
-        if !matches!(change, Change::Remap { .. }) {
+        // Entries changed in place by protect may sit in TLBs (unmapped ones
+        // were queued as they were unmapped; a remap's old entries were
+        // invalidated by its break).
+        if matches!(change, Change::Protect(_)) {
             self.mm.queue_stage2_invalidation(
                 self.vmid,
                 region.start as u64,
@@ -661,12 +669,10 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     /// Completes a break: queues the broken ranges' invalidation and pays
     /// for everything owed now (the make must not start before every walker
     /// has stopped using the old entries). Counts a break-before-make cycle.
-    fn complete_break(&mut self, broken: &[Range<usize>]) {
-        for r in broken {
-            self.mm
-                .queue_stage2_invalidation(self.vmid, r.start as u64, (r.end - r.start) as u64);
-        }
-        // Tables detached by the break are freed by this flush, after it.
+    /// The broken entries' invalidations were queued as they were broken
+    /// (`unmap_entries`); tables the break detached are freed by this flush,
+    /// after its TLBIs.
+    fn complete_break(&mut self) {
         self.hand_over_detached();
         self.mm.flush();
         inc(&self.mm.counters().bbm);
@@ -675,16 +681,29 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     /// Writes invalid entries over `range`, which must be exactly whole
     /// entries (valid leaves, or tables: a table is detached, and freed after
     /// the invalidation owed for it).
+    ///
+    /// The range's invalidation is queued here, before the detached tables
+    /// join the deferred-free list, so no flush in between can free a table
+    /// whose invalidation was not yet even queued.
     fn unmap_entries(&mut self, range: &Range<usize>) {
         let region = MemoryRegion::new(range.start, range.end);
+        // aarch64-paging ignores the output address of invalid entries but
+        // still uses its alignment to choose between writing an entry in
+        // place and splitting it: pass the range's own start, so a whole
+        // block entry is written in place (invalid) and never split.
         self.mapping
             .map_range(
                 &region,
-                PhysicalAddress(0),
+                PhysicalAddress(range.start),
                 Stage2Attributes::empty(),
                 Constraints::NO_CONTIGUOUS_HINT,
             )
             .expect("unmap of whole entries in a checked region");
+        self.mm.queue_stage2_invalidation(
+            self.vmid,
+            range.start as u64,
+            (range.end - range.start) as u64,
+        );
         self.hand_over_detached();
     }
 

@@ -140,7 +140,9 @@ pub fn build(image: &ImageLayout, regions: &El2Regions) -> IdMap<El2> {
     // The boot stack grows down: its lowest page stays unmapped, so an
     // overflow faults (and is reported from the emergency stack) instead of
     // overwriting .bss.
-    map_region(&(image.rodata.end..image.boot_stack.start), DATA);
+    // From the page-aligned start of .data: the rodata's last, partial page
+    // stays read-only.
+    map_region(&(image.data.start..image.boot_stack.start), DATA);
     map_region(&(image.boot_stack.start + PAGE_SIZE..image.data.end), DATA);
     for r in &regions.read_only {
         map_region(r, RODATA);

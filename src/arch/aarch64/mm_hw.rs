@@ -107,8 +107,9 @@ impl MmArch for HwMmArch {
 ///
 /// # Panics
 ///
-/// If `pages` is 0 or more than one range TLBI covers (2 GiB - 8 MiB of 4 KiB pages
-/// at SCALE 3: (31 + 1) << 16 pages).
+/// If `pages` is 0 or more than one range TLBI covers (8 GiB of 4 KiB pages
+/// at SCALE 3: (31 + 1) << 16 pages). Rounding NUM up may cover up to one
+/// unit more than asked: over-invalidation, always safe.
 fn range_scale_num(pages: u64) -> (u64, u64) {
     assert!(pages > 0);
     for scale in 0..4 {

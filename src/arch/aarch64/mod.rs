@@ -378,8 +378,13 @@ pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
 /// Delivers a synchronous external abort to the guest's EL1 for a stage-2
 /// abort it cannot be given memory for.
 fn inject_abort(trap: Trap, regs: &mut GuestRegs) {
-    let inj =
-        AbortInjection::sync_external_abort(trap, regs.elr, regs.spsr, read_sysreg!("vbar_el1"));
+    let inj = AbortInjection::sync_external_abort(
+        trap,
+        regs.elr,
+        regs.spsr,
+        read_sysreg!("vbar_el1"),
+        read_sysreg!("sctlr_el1"),
+    );
     log::debug!("injecting SEA: guest {:#x} at {:#x}", trap.far, regs.elr);
     // The guest's EL1 exception state, as if the abort had been taken to
     // EL1 directly; the ERET below then enters its vector.

@@ -234,7 +234,10 @@ pub fn probe_read(addr: usize) -> Option<u64> {
     let (value, ok): (u64, u64);
     // SAFETY: the routine only loads from `addr`; a fault is caught by the
     // SP_EL0 vector and reported as `ok == 0`. It clobbers x2 and x3, and
-    // restores SP_EL0 and SPSel before returning.
+    // restores SP_EL0 and SPSel before returning. A caught fault overwrites
+    // ELR_EL2, SPSR_EL2, ESR_EL2 and FAR_EL2: callers run inside a trap
+    // handler whose guest state was saved in its frame on entry, and read
+    // no syndrome register after probing.
     unsafe {
         core::arch::asm!(
             "bl lazyhyp_probe_read",
@@ -285,7 +288,8 @@ pub unsafe fn enter_guest(regs: &GuestRegs, stack_top: usize) -> ! {
     frame.clone_from(regs);
     let staged: *const GuestRegs = &raw const *frame;
     // The lock is never released: this CPU leaves for the guest and this
-    // function never returns; no one else reads the staged frame.
+    // function never returns; no one else reads the staged frame. (A second
+    // entry, for CPU_ON or a reset, would need its own staging slot.)
     core::mem::forget(frame);
     // SAFETY: the caller guarantees the conditions above; the staged frame
     // is in a static, away from the stack being reset.
