@@ -10,7 +10,7 @@ use crate::mm::PhysAddr;
 pub const DEFAULT_PAYLOAD: PhysAddr = 0x4800_0000;
 
 /// Guest RAM size when `guest.ram_mib=` is not given.
-pub const DEFAULT_GUEST_RAM_MIB: usize = 128;
+pub const DEFAULT_GUEST_RAM_MIB: usize = 256;
 
 /// Flag bits handed to the test guest in `x1`.
 pub mod guest_flags {
@@ -32,6 +32,12 @@ pub struct BootArgs {
     /// `mm.guard=`: keep free page-table pages unmapped from the EL2 map
     /// (default: on).
     pub guard: bool,
+    /// `guest.populate=demand|boot`: map guest RAM on first touch (default)
+    /// or all at boot in one lazy section.
+    pub populate_at_boot: bool,
+    /// `guest.fault_around_kib=`: the window populated around a demand
+    /// fault, in KiB (default 2048; 0 or 4: off).
+    pub fault_around_kib: usize,
 }
 
 impl Default for BootArgs {
@@ -42,6 +48,8 @@ impl Default for BootArgs {
             guest_ram_mib: DEFAULT_GUEST_RAM_MIB,
             guest_flags: 0,
             guard: true,
+            populate_at_boot: false,
+            fault_around_kib: 2048,
         }
     }
 }
@@ -68,7 +76,7 @@ impl core::fmt::Display for BootArgsError<'_> {
             Self::NotKeyValue(w) => write!(f, "boot argument `{w}` is not key=value"),
             Self::UnknownKey(k) => write!(
                 f,
-                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.fail)"
+                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.fail)"
             ),
             Self::BadValue { key, value } => write!(f, "bad value `{value}` for `{key}`"),
         }
@@ -95,6 +103,18 @@ impl BootArgs {
                     args.guest_ram_mib = parse_number(value).filter(|&m| m > 0).ok_or(bad)?;
                 }
                 "mm.guard" => args.guard = parse_bool(value).ok_or(bad)?,
+                "guest.populate" => {
+                    args.populate_at_boot = match value {
+                        "boot" => true,
+                        "demand" => false,
+                        _ => return Err(bad),
+                    };
+                }
+                "guest.fault_around_kib" => {
+                    args.fault_around_kib = parse_number(value)
+                        .filter(|&k| k <= (1 << 20) && (k == 0 || k.is_power_of_two()))
+                        .ok_or(bad)?;
+                }
                 "guest.fail" => match value {
                     "0" => args.guest_flags &= !guest_flags::FAIL,
                     "1" => args.guest_flags |= guest_flags::FAIL,
@@ -153,6 +173,11 @@ mod tests {
         assert!(a.guard);
         assert!(BootArgs::default().guard, "guard mode is on by default");
         assert!(!BootArgs::parse("mm.guard=0").expect("valid").guard);
+        let a = BootArgs::parse("guest.populate=boot guest.fault_around_kib=0").expect("valid");
+        assert!(a.populate_at_boot);
+        assert_eq!(a.fault_around_kib, 0);
+        assert!(BootArgs::parse("guest.populate=lazy").is_err());
+        assert!(BootArgs::parse("guest.fault_around_kib=3").is_err());
         assert_eq!(a.log, LevelFilter::Debug);
         assert_eq!(a.payload, 0x4900_0000);
         assert_eq!(a.guest_ram_mib, 64);

@@ -214,32 +214,166 @@ fn run_op<A: MmArch>(s2: &mut Stage2<'_, A>, ram: &GuestRam, op: &MmOp) -> Resul
     }
 }
 
-/// Validates every operation, then runs them all in one lazy section.
-///
-/// # Errors
-///
-/// `(index, reason)` of the first invalid operation (then nothing ran), or
-/// of the operation that failed (then the ones before it took effect, and
-/// the section was closed, so the tables are consistent and in effect).
-pub fn run_batch<A: MmArch>(
-    s2: &mut Stage2<'_, A>,
-    mm: &MmCtx<A>,
-    ram: &GuestRam,
-    ops: &[MmOp],
-) -> Result<(), (usize, BatchError)> {
-    if ops.is_empty() || ops.len() > MAX_BATCH_OPS {
-        return Err((0, BatchError::BadList));
+/// Guest RAM's state: which pages the guest gave back, and how stage-2
+/// faults are served.
+#[derive(Clone, Debug)]
+pub struct GuestMemory {
+    /// Where guest RAM is and what backs it.
+    pub ram: GuestRam,
+    /// Bytes of the aligned window populated around a faulting page
+    /// (`PAGE_SIZE`: fault-around off).
+    pub fault_around: usize,
+    /// One bit per page: given back with `UNMAP` (a fault there is the
+    /// guest's error, answered with an external abort, not populated).
+    given_back: alloc::vec::Vec<u64>,
+}
+
+/// What to do about a stage-2 abort.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum FaultAction {
+    /// Memory was mapped (this many pages); the guest retries the access.
+    Populated(usize),
+    /// Not the guest's to have: inject a synchronous external abort.
+    Inject,
+}
+
+/// Default fault-around window: 2 MiB (one block).
+pub const DEFAULT_FAULT_AROUND: usize = 2 << 20;
+
+impl GuestMemory {
+    /// Guest RAM `ram`, nothing given back, fault-around `fault_around`
+    /// bytes (rounded to a power of two of at least a page).
+    #[must_use]
+    pub fn new(ram: GuestRam, fault_around: usize) -> Self {
+        let pages = ((ram.ipa.end - ram.ipa.start) as usize) / PAGE_SIZE;
+        let mut m = Self {
+            ram,
+            fault_around: PAGE_SIZE,
+            given_back: alloc::vec![0; pages.div_ceil(64)],
+        };
+        m.set_fault_around(fault_around);
+        m
     }
-    for (i, op) in ops.iter().enumerate() {
-        validate(op, ram).map_err(|e| (i, e))?;
+
+    /// Sets the fault-around window (0 or `PAGE_SIZE`: off), rounded up to
+    /// a power of two and capped at 1 GiB.
+    pub fn set_fault_around(&mut self, bytes: usize) {
+        self.fault_around = bytes.clamp(PAGE_SIZE, 1 << 30).next_power_of_two();
     }
-    mm.enter();
-    let result = ops
-        .iter()
-        .enumerate()
-        .try_for_each(|(i, op)| run_op(s2, ram, op).map_err(|e| (i, e)));
-    mm.leave();
-    result
+
+    fn page_index(&self, ipa: Ipa) -> usize {
+        ((ipa - self.ram.ipa.start) as usize) / PAGE_SIZE
+    }
+
+    fn is_given_back(&self, ipa: Ipa) -> bool {
+        let i = self.page_index(ipa);
+        self.given_back[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    fn set_given_back(&mut self, ipa: Ipa, size: u64, given_back: bool) {
+        for off in (0..size).step_by(PAGE_SIZE) {
+            let i = self.page_index(ipa + off);
+            if given_back {
+                self.given_back[i / 64] |= 1 << (i % 64);
+            } else {
+                self.given_back[i / 64] &= !(1 << (i % 64));
+            }
+        }
+    }
+
+    /// Validates every operation, then runs them all in one lazy section.
+    ///
+    /// # Errors
+    ///
+    /// `(index, reason)` of the first invalid operation (then nothing ran),
+    /// or of the operation that failed (then the ones before it took effect,
+    /// and the section was closed, so the tables are consistent and in
+    /// effect).
+    pub fn run_batch<A: MmArch>(
+        &mut self,
+        s2: &mut Stage2<'_, A>,
+        mm: &MmCtx<A>,
+        ops: &[MmOp],
+    ) -> Result<(), (usize, BatchError)> {
+        if ops.is_empty() || ops.len() > MAX_BATCH_OPS {
+            return Err((0, BatchError::BadList));
+        }
+        for (i, op) in ops.iter().enumerate() {
+            validate(op, &self.ram).map_err(|e| (i, e))?;
+        }
+        mm.enter();
+        let result = ops.iter().enumerate().try_for_each(|(i, op)| {
+            run_op(s2, &self.ram, op).map_err(|e| (i, e))?;
+            match op.kind {
+                kind::UNMAP => self.set_given_back(op.ipa, op.size, true),
+                kind::POPULATE => self.set_given_back(op.ipa, op.size, false),
+                _ => {}
+            }
+            Ok(())
+        });
+        mm.leave();
+        result
+    }
+
+    /// Serves a stage-2 abort at `ipa` with fault status `fsc`: a
+    /// translation fault on guest RAM that was never given back is populated
+    /// with fault-around (the aligned window around it, unmapped and not
+    /// given-back pages only, as blocks where aligned) in one lazy section;
+    /// anything else (permission fault, outside guest RAM, given back) is the
+    /// guest's error.
+    pub fn stage2_fault<A: MmArch>(
+        &mut self,
+        s2: &mut Stage2<'_, A>,
+        mm: &MmCtx<A>,
+        ipa: Ipa,
+        fsc: u8,
+    ) -> FaultAction {
+        let translation = (0x04..=0x07).contains(&fsc);
+        if !translation || !self.ram.ipa.contains(&ipa) || self.is_given_back(ipa) {
+            return FaultAction::Inject;
+        }
+        let fa = self.fault_around as u64;
+        let start = (ipa & !(fa - 1)).max(self.ram.ipa.start);
+        let end = ((ipa & !(fa - 1)) + fa).min(self.ram.ipa.end);
+        // Runs of pages to map: not mapped, not given back.
+        let mut mapped = alloc::vec::Vec::new();
+        s2.for_each_mapping(start, (end - start) as usize, |r, _| mapped.push(r));
+        let mut runs: alloc::vec::Vec<Range<Ipa>> = alloc::vec::Vec::new();
+        let mut page = start;
+        while page < end {
+            let free = !mapped.iter().any(|r| r.contains(&page)) && !self.is_given_back(page);
+            if free {
+                match runs.last_mut() {
+                    Some(r) if r.end == page => r.end += PAGE_SIZE as u64,
+                    _ => runs.push(page..page + PAGE_SIZE as u64),
+                }
+            }
+            page += PAGE_SIZE as u64;
+        }
+        let ram_attrs = S2Attrs {
+            perm: S2Perm::RWX,
+            mem: MemType::Normal,
+        };
+        mm.enter();
+        let mut pages = 0;
+        for r in &runs {
+            let size = (r.end - r.start) as usize;
+            match s2.map(r.start, size, self.ram.backing_of(r.start), ram_attrs) {
+                Ok(()) => pages += size / PAGE_SIZE,
+                // Out of table memory: the guest gets an abort rather than a
+                // retry loop; what was mapped stays.
+                Err(_) => {
+                    mm.leave();
+                    return FaultAction::Inject;
+                }
+            }
+        }
+        mm.leave();
+        let c = mm.counters();
+        crate::mm::counters::inc(&c.demand_faults);
+        crate::mm::counters::add(&c.demand_pages, pages as u64);
+        FaultAction::Populated(pages)
+    }
 }
 
 /// Reads the operation list at `list_ipa` from guest memory, through the
@@ -290,6 +424,55 @@ pub fn read_ops<A: MmArch>(
     Ok(count)
 }
 
+/// Copies `bytes` into guest memory at `ipa`, through the guest's stage-2
+/// translation: every page must be mapped, writable, and backed by guest
+/// RAM. `write_pa` copies to a physical address (guest RAM backing).
+///
+/// # Errors
+///
+/// [`BatchError::BadRange`] for a misaligned (8 bytes) or overflowing
+/// buffer, [`BatchError::OutsideGuestRam`] if it is not inside guest RAM,
+/// [`BatchError::NotMapped`] if a page is not mapped writable to guest RAM
+/// backing. Nothing is written unless every page checks out.
+pub fn copy_to_guest<A: MmArch>(
+    s2: &Stage2<'_, A>,
+    ram: &GuestRam,
+    ipa: u64,
+    bytes: &[u8],
+    mut write_pa: impl FnMut(PhysAddr, &[u8]),
+) -> Result<(), BatchError> {
+    if !ipa.is_multiple_of(8) {
+        return Err(BatchError::BadRange);
+    }
+    let end = ipa
+        .checked_add(bytes.len() as u64)
+        .ok_or(BatchError::BadRange)?;
+    if ipa < ram.ipa.start || end > ram.ipa.end {
+        return Err(BatchError::OutsideGuestRam);
+    }
+    let backing_end = ram.backing + (ram.ipa.end - ram.ipa.start) as usize;
+    let translate = |at: u64| {
+        s2.query(at)
+            .filter(|t| t.attrs.perm.write && t.pa >= ram.backing && t.pa < backing_end)
+            .map(|t| t.pa)
+            .ok_or(BatchError::NotMapped)
+    };
+    // Check every page first, then copy.
+    let mut at = ipa & !(PAGE_SIZE as u64 - 1);
+    while at < end {
+        translate(at)?;
+        at += PAGE_SIZE as u64;
+    }
+    let mut done = 0;
+    while done < bytes.len() {
+        let at = ipa + done as u64;
+        let n = (PAGE_SIZE - (at as usize % PAGE_SIZE)).min(bytes.len() - done);
+        write_pa(translate(at)?, &bytes[done..done + n]);
+        done += n;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,7 +482,7 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
-    fn kit() -> (Kit, GuestRam) {
+    fn kit() -> (Kit, GuestMemory) {
         let mut kit = Kit::new(64, true, NestPolicy::Flatten);
         let ram_ = GuestRam {
             ipa: GIB..GIB + (16 << 20),
@@ -309,7 +492,7 @@ mod tests {
             .map(GIB, 16 << 20, 0x8000_0000, ram(S2Perm::RWX))
             .expect("guest RAM");
         kit.ref_map(GIB, 16 << 20, 0x8000_0000, S2Perm::RWX);
-        (kit, ram_)
+        (kit, GuestMemory::new(ram_, DEFAULT_FAULT_AROUND))
     }
 
     #[test]
@@ -333,7 +516,7 @@ mod tests {
 
     #[test]
     fn every_malformed_op_is_refused_before_anything_runs() {
-        let (mut kit, ram_) = kit();
+        let (mut kit, mut ram_) = kit();
         let good = MmOp {
             kind: kind::UNMAP,
             perm: 0,
@@ -407,26 +590,26 @@ mod tests {
         for (bad, why) in cases {
             // The good op first: it must not run either.
             assert_eq!(
-                run_batch(&mut kit.s2, kit.mm, &ram_, &[good, bad]),
+                ram_.run_batch(&mut kit.s2, kit.mm, &[good, bad]),
                 Err((1, why)),
                 "{bad:?}"
             );
             assert!(kit.s2.query(GIB).is_some(), "nothing ran");
         }
         assert_eq!(
-            run_batch(&mut kit.s2, kit.mm, &ram_, &[]),
+            ram_.run_batch(&mut kit.s2, kit.mm, &[]),
             Err((0, BatchError::BadList))
         );
         let many = [good; MAX_BATCH_OPS + 1];
         assert_eq!(
-            run_batch(&mut kit.s2, kit.mm, &ram_, &many),
+            ram_.run_batch(&mut kit.s2, kit.mm, &many),
             Err((0, BatchError::BadList))
         );
     }
 
     #[test]
     fn a_batch_runs_in_one_section_and_its_effects_hold() {
-        let (mut kit, ram_) = kit();
+        let (mut kit, mut ram_) = kit();
         let mib = 1u64 << 20;
         let ops = [
             MmOp {
@@ -452,7 +635,7 @@ mod tests {
             },
         ];
         kit.touch(&(GIB..GIB + 16 * mib));
-        run_batch(&mut kit.s2, kit.mm, &ram_, &ops).expect("batch");
+        ram_.run_batch(&mut kit.s2, kit.mm, &ops).expect("batch");
         assert_eq!(kit.mm.total("sections"), 1);
         kit.ref_unmap(GIB, 0x4000);
         kit.ref_map(GIB + 0x4000, 0x4000, 0x8000_4000, S2Perm::RO);
@@ -489,7 +672,7 @@ mod tests {
                 src_ipa: 0,
             },
         ];
-        run_batch(&mut kit.s2, kit.mm, &ram_, &ops).expect("batch");
+        ram_.run_batch(&mut kit.s2, kit.mm, &ops).expect("batch");
         kit.ref_map(GIB, 16 << 20, 0x8000_0000, S2Perm::RWX);
         kit.check(&(GIB..GIB + 16 * mib)).expect("restored");
         assert_eq!(
@@ -500,13 +683,44 @@ mod tests {
     }
 
     #[test]
-    fn the_op_list_is_read_through_stage2_and_must_be_in_guest_ram() {
+    fn copies_out_go_through_stage2_and_need_write_permission() {
         let (mut kit, ram_) = kit();
+        let mut writes = alloc::vec::Vec::new();
+        let data = [7u8; 24];
+        copy_to_guest(&kit.s2, &ram_.ram, GIB + 0xff8, &data, |pa, b| {
+            writes.push((pa, b.len()))
+        })
+        .expect("copy");
+        assert_eq!(
+            writes,
+            [(0x8000_0ff8, 8), (0x8000_1000, 16)],
+            "split at the page boundary"
+        );
+        assert_eq!(
+            copy_to_guest(&kit.s2, &ram_.ram, GIB + 4, &data, |_, _| {}),
+            Err(BatchError::BadRange)
+        );
+        assert_eq!(
+            copy_to_guest(&kit.s2, &ram_.ram, 0x1000, &data, |_, _| {}),
+            Err(BatchError::OutsideGuestRam)
+        );
+        kit.s2
+            .protect(GIB + 0x1000, 0x1000, S2Perm::RO)
+            .expect("protect");
+        let mut wrote = false;
+        let r = copy_to_guest(&kit.s2, &ram_.ram, GIB + 0xff8, &data, |_, _| wrote = true);
+        assert_eq!(r, Err(BatchError::NotMapped));
+        assert!(!wrote, "nothing written when a page is read-only");
+    }
+
+    #[test]
+    fn the_op_list_is_read_through_stage2_and_must_be_in_guest_ram() {
+        let (mut kit, mut ram_) = kit();
         let mut out = [MmOp::default(); MAX_BATCH_OPS];
         let mut reads = alloc::vec::Vec::new();
         let n = read_ops(
             &kit.s2,
-            &ram_,
+            &ram_.ram,
             GIB + 0x10,
             2,
             |pa, buf| {
@@ -522,26 +736,131 @@ mod tests {
             "read at the backing, via stage 2"
         );
         assert_eq!(
-            read_ops(&kit.s2, &ram_, GIB + 4, 1, |_, _| {}, &mut out),
+            read_ops(&kit.s2, &ram_.ram, GIB + 4, 1, |_, _| {}, &mut out),
             Err(BatchError::BadList)
         );
         assert_eq!(
-            read_ops(&kit.s2, &ram_, GIB, 0, |_, _| {}, &mut out),
+            read_ops(&kit.s2, &ram_.ram, GIB, 0, |_, _| {}, &mut out),
             Err(BatchError::BadList)
         );
         assert_eq!(
-            read_ops(&kit.s2, &ram_, GIB, 65, |_, _| {}, &mut out),
+            read_ops(&kit.s2, &ram_.ram, GIB, 65, |_, _| {}, &mut out),
             Err(BatchError::BadList)
         );
         assert_eq!(
-            read_ops(&kit.s2, &ram_, 0x1000, 1, |_, _| {}, &mut out),
+            read_ops(&kit.s2, &ram_.ram, 0x1000, 1, |_, _| {}, &mut out),
             Err(BatchError::BadList)
         );
         // A list in a page the guest gave back is refused.
         kit.s2.unmap(GIB, 0x1000).expect("unmap");
         assert_eq!(
-            read_ops(&kit.s2, &ram_, GIB, 1, |_, _| {}, &mut out),
+            read_ops(&kit.s2, &ram_.ram, GIB, 1, |_, _| {}, &mut out),
             Err(BatchError::BadList)
         );
+    }
+}
+
+#[cfg(test)]
+mod fault_tests {
+    use super::*;
+    use crate::mm::lazy::NestPolicy;
+    use crate::mm::stage2::S2Perm;
+    use crate::mm::testkit::{Kit, VMID};
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    fn demand_kit(fault_around: usize) -> (Kit, GuestMemory) {
+        let kit = Kit::new(128, true, NestPolicy::Flatten);
+        let ram = GuestRam {
+            ipa: GIB..GIB + 64 * MIB,
+            backing: 0x8000_0000,
+        };
+        (kit, GuestMemory::new(ram, fault_around))
+    }
+
+    /// Touches every page of `range` as a guest would: on a stage-2 fault
+    /// the hypervisor serves it and the guest retries. Returns the faults.
+    fn first_touch(kit: &mut Kit, mem: &mut GuestMemory, range: Range<u64>) -> usize {
+        let mut faults = 0;
+        for ipa in (range.start..range.end).step_by(PAGE_SIZE) {
+            if kit.model.guest_access(VMID, ipa, true).is_err() {
+                faults += 1;
+                assert!(matches!(
+                    mem.stage2_fault(&mut kit.s2, kit.mm, ipa, 0x07),
+                    FaultAction::Populated(_)
+                ));
+                kit.model
+                    .guest_access(VMID, ipa, true)
+                    .expect("retry succeeds");
+            }
+        }
+        faults
+    }
+
+    #[test]
+    fn fault_around_populates_blocks_and_off_populates_pages() {
+        let (mut kit, mut mem) = demand_kit(DEFAULT_FAULT_AROUND);
+        assert_eq!(
+            first_touch(&mut kit, &mut mem, GIB..GIB + 8 * MIB),
+            4,
+            "one fault per 2 MiB"
+        );
+        assert_eq!(
+            kit.s2.query(GIB).map(|t| t.level),
+            Some(2),
+            "populated as blocks"
+        );
+        mem.set_fault_around(0);
+        assert_eq!(
+            first_touch(&mut kit, &mut mem, GIB + 8 * MIB..GIB + 9 * MIB),
+            256
+        );
+        kit.ref_map(GIB, 9 * MIB as usize, 0x8000_0000, S2Perm::RWX);
+        kit.check(&(GIB..GIB + 10 * MIB))
+            .expect("state after demand faults");
+        assert_eq!(kit.mm.total("demand_faults"), 260);
+    }
+
+    #[test]
+    fn given_back_permission_and_outside_faults_are_injected() {
+        let (mut kit, mut mem) = demand_kit(DEFAULT_FAULT_AROUND);
+        first_touch(&mut kit, &mut mem, GIB..GIB + 2 * MIB);
+        let unmap = MmOp {
+            kind: kind::UNMAP,
+            perm: 0,
+            ipa: GIB,
+            size: 0x1000,
+            src_ipa: 0,
+        };
+        mem.run_batch(&mut kit.s2, kit.mm, &[unmap]).expect("unmap");
+        assert_eq!(
+            mem.stage2_fault(&mut kit.s2, kit.mm, GIB, 0x07),
+            FaultAction::Inject,
+            "given back"
+        );
+        assert_eq!(
+            mem.stage2_fault(&mut kit.s2, kit.mm, GIB + 0x1000, 0x0f),
+            FaultAction::Inject,
+            "permission"
+        );
+        assert_eq!(
+            mem.stage2_fault(&mut kit.s2, kit.mm, GIB + 64 * MIB, 0x07),
+            FaultAction::Inject,
+            "outside RAM"
+        );
+        // Fault-around skips the given-back page, and populating it again
+        // makes it the guest's once more.
+        assert_eq!(
+            mem.stage2_fault(&mut kit.s2, kit.mm, GIB + 4 * MIB, 0x07),
+            FaultAction::Populated(512)
+        );
+        let populate = MmOp {
+            kind: kind::POPULATE,
+            ..unmap
+        };
+        mem.run_batch(&mut kit.s2, kit.mm, &[populate])
+            .expect("populate");
+        assert!(kit.s2.query(GIB).is_some());
     }
 }

@@ -67,9 +67,21 @@ pub mod smccc {
     /// Vendor hypervisor service: the test guest reports `x1` passed, `x2`
     /// failed tests.
     pub const HYP_REPORT_RESULT: u32 = 0xc600_0001;
+    /// Vendor hypervisor service: copy the counters into the guest buffer
+    /// at IPA `x1` of `x2` bytes.
+    pub const HYP_STATS: u32 = 0xc600_0002;
     /// Vendor hypervisor service: run the stage-2 operations listed at IPA
     /// `x1` (`x2` of them) in one lazy section (see `guest_mm`).
     pub const HYP_MM_BATCH: u32 = 0xc600_0010;
+    /// Vendor hypervisor service: populate `[x1, x1 + x2)` of guest RAM.
+    pub const HYP_MAP: u32 = 0xc600_0011;
+    /// Vendor hypervisor service: give `[x1, x1 + x2)` back.
+    pub const HYP_UNMAP: u32 = 0xc600_0012;
+    /// Vendor hypervisor service: set the permissions of `[x1, x1 + x2)` to
+    /// `x3` (bit 0 read, 1 write, 2 execute).
+    pub const HYP_PROTECT: u32 = 0xc600_0013;
+    /// Test builds: set the fault-around window to `x1` bytes (0: off).
+    pub const HYP_TEST_SET_FAULT_AROUND: u32 = 0xc600_0f02;
     /// Test builds: select the lazy-mode nesting policy `x1` (0 Flatten,
     /// 1 FlushInner, 2 Naive, 3 Counted).
     pub const HYP_TEST_SET_POLICY: u32 = 0xc600_0f00;
@@ -131,8 +143,9 @@ pub enum Exit {
     /// A call the hypervisor's memory services answer (function ID in `w0`,
     /// arguments in `x1..`); the caller writes the results.
     MmCall(u32),
-    /// A stage-2 abort the guest gets back as a synchronous external abort.
-    InjectAbort(Trap),
+    /// A stage-2 abort: populated on demand if it is the guest's memory,
+    /// answered with a synchronous external abort otherwise.
+    Stage2Abort(Trap),
 }
 
 /// The test guest's report of its results.
@@ -171,16 +184,15 @@ impl Vcpu {
                 regs.elr += 4;
                 self.smccc_call(regs)
             }
-            // A stage-2 abort: nothing is demand-populated yet, so every one
-            // is the guest touching what it does not have (given back,
-            // write-protected, never mapped). It gets an external abort.
+            // A stage-2 abort: demand population or an injected abort, as the
+            // guest's memory state says.
             ec::DABT_LOWER | ec::IABT_LOWER => {
                 inc(if trap.esr.ec() == ec::DABT_LOWER {
                     &exits.exits_dabt
                 } else {
                     &exits.exits_iabt
                 });
-                Exit::InjectAbort(trap)
+                Exit::Stage2Abort(trap)
             }
             // Nothing else is handled yet: count it by kind, then stop with
             // a report.
@@ -220,9 +232,8 @@ impl Vcpu {
             smccc::PSCI_CPU_OFF | smccc::PSCI_SYSTEM_OFF => return Exit::Stop(Stop::SystemOff),
             smccc::PSCI_SYSTEM_RESET => return Exit::Stop(Stop::SystemReset),
             smccc::HYP_VERSION => smccc::HYP_ABI_VERSION,
-            smccc::HYP_MM_BATCH | smccc::HYP_TEST_SET_POLICY | smccc::HYP_TEST_FREED_PAGE_PROBE => {
-                return Exit::MmCall(function);
-            }
+            // The rest of this hypervisor's vendor range: memory services.
+            0xc600_0002..=0xc600_ffff => return Exit::MmCall(function),
             smccc::HYP_REPORT_RESULT => {
                 self.report = Some(GuestReport {
                     passed: a1,
@@ -468,7 +479,7 @@ mod tests {
             hpfar: (0x5000_0000 >> 12) << 4,
         };
         let exit = vcpu.handle_sync(&mut regs, trap, &ExitCounters::new());
-        assert_eq!(exit, Exit::InjectAbort(trap));
+        assert_eq!(exit, Exit::Stage2Abort(trap));
         // Taken from EL1h: the guest's current-EL SPx vector, EC 0x25,
         // DFSC 0x10 (SEA), WnR kept.
         // SCTLR_EL1.SPAN set: PAN is not forced.

@@ -116,6 +116,10 @@ counter_set! {
         guard_maps,
         /// Guard mode: pool pages made invalid in the EL2 map on free.
         guard_unmaps,
+        /// Stage-2 translation faults served by demand population.
+        demand_faults,
+        /// Pages mapped by demand population (fault-around included).
+        demand_pages,
     }
 }
 
@@ -133,7 +137,7 @@ mod tests {
         c.for_each(|name, value| seen.push((name, value)));
         assert_eq!(seen[0], ("mappings", 1));
         assert_eq!(seen[1], ("pages_mapped", 510));
-        assert_eq!(seen.last().map(|s| s.0), Some("guard_unmaps"));
+        assert_eq!(seen.last().map(|s| s.0), Some("demand_pages"));
         c.reset();
         c.for_each(|_, value| assert_eq!(value, 0));
     }

@@ -31,6 +31,7 @@ use spin::mutex::SpinMutex;
 
 use crate::bootargs::BootArgs;
 use crate::esr::Esr;
+use crate::guest_mm::{FaultAction, GuestMemory};
 use crate::layout::{Layout, LayoutInput};
 use crate::loader::GuestElf;
 use crate::mm::arch::Vmid;
@@ -122,8 +123,8 @@ static FREE_TABLES: fn(&[PhysAddr]) = |pages| {
 struct Vm {
     /// The guest's stage 2.
     stage2: Stage2<'static, HwMmArch>,
-    /// The guest's RAM and its backing.
-    ram: crate::guest_mm::GuestRam,
+    /// The guest's RAM: backing, given-back pages, fault-around.
+    mem: GuestMemory,
     vcpu: Vcpu,
 }
 
@@ -161,7 +162,7 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
     switch_to_el2_map(&image, &boot, &layout, pa_range);
 
     let entry = load_guest(&boot.guest_elf, &layout.guest_backing, boot.guest_ram);
-    let vttbr = build_stage2(&layout, boot.guest_ram, boot.args.guard);
+    let vttbr = build_stage2(&layout, boot.guest_ram, &boot.args);
     let vtcr = vm::vtcr_el2(pa_range)
         .unwrap_or_else(|| setup_error(format_args!("PARange {pa_range} is below 40 bits")));
     // SAFETY: the stage-2 tables live in a static forever and map only guest
@@ -270,7 +271,8 @@ fn switch_to_el2_map(image: &el2map::ImageLayout, boot: &BootInfo, layout: &Layo
 
 /// Creates the pool and the guest's stage 2 (guest RAM and the PL011),
 /// stores them in the VM, and returns the `VTTBR_EL2` value.
-fn build_stage2(layout: &Layout, guest_ram: usize, guard: bool) -> u64 {
+fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
+    let guard = args.guard;
     let mm = MM.call_once(|| MmCtx::new(HwMmArch));
     let guard_map: Option<&'static dyn El2PageMap> = if guard {
         let el2 = EL2_MAP.get().expect("EL2 map built before the pool");
@@ -285,31 +287,42 @@ fn build_stage2(layout: &Layout, guest_ram: usize, guard: bool) -> u64 {
     mm.set_free_hook(&FREE_TABLES);
     let mut stage2 = Stage2::new(GUEST_VMID, mm, pool)
         .unwrap_or_else(|e| setup_error(format_args!("stage-2 root table: {e:?}")));
-    stage2
-        .map(
-            GUEST_RAM_IPA,
-            guest_ram,
-            layout.guest_backing.start,
-            S2Attrs::RAM,
-        )
-        .unwrap_or_else(|e| setup_error(format_args!("mapping guest RAM: {e:?}")));
+    if args.populate_at_boot {
+        // All of guest RAM in one lazy section (blocks where aligned).
+        mm.enter();
+        stage2
+            .map(
+                GUEST_RAM_IPA,
+                guest_ram,
+                layout.guest_backing.start,
+                S2Attrs::RAM,
+            )
+            .unwrap_or_else(|e| setup_error(format_args!("mapping guest RAM: {e:?}")));
+        mm.leave();
+    }
     stage2
         .map(PL011_BASE as u64, PAGE_SIZE, PL011_BASE, S2Attrs::DEVICE)
         .unwrap_or_else(|e| setup_error(format_args!("mapping the PL011: {e:?}")));
     log::info!(
-        "guest RAM IPA {GUEST_RAM_IPA:#x}..{:#x} -> PA {:#x}",
+        "guest RAM IPA {GUEST_RAM_IPA:#x}..{:#x} -> PA {:#x}, populated {}",
         GUEST_RAM_IPA + guest_ram as u64,
-        layout.guest_backing.start
+        layout.guest_backing.start,
+        if args.populate_at_boot {
+            "at boot"
+        } else {
+            "on demand"
+        }
     );
     let vttbr = stage2.vttbr();
     let ram = crate::guest_mm::GuestRam {
         ipa: GUEST_RAM_IPA..GUEST_RAM_IPA + guest_ram as u64,
         backing: layout.guest_backing.start,
     };
+    let mem = GuestMemory::new(ram, args.fault_around_kib << 10);
     VM.call_once(|| {
         SpinMutex::new(Vm {
             stage2,
-            ram,
+            mem,
             vcpu: Vcpu::default(),
         })
     });
@@ -365,7 +378,21 @@ pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
         Exit::Resume => {}
         Exit::Stop(stop) => finish(stop, regs),
         Exit::MmCall(function) => services::mm_call(function, regs),
-        Exit::InjectAbort(trap) => inject_abort(trap, regs),
+        Exit::Stage2Abort(trap) => {
+            let ipa = crate::esr::fault_ipa(trap.hpfar, trap.far);
+            let mut guard = vm.lock();
+            let vm = &mut *guard;
+            let action = vm.mem.stage2_fault(
+                &mut vm.stage2,
+                MM.get().expect("mm exists"),
+                ipa,
+                trap.esr.fault_status(),
+            );
+            drop(guard);
+            if action == FaultAction::Inject {
+                inject_abort(trap, regs);
+            }
+        }
     }
     // Every change the hypervisor made is complete and in effect before the
     // guest runs again: no lazy section open, no barrier or TLBI owed.

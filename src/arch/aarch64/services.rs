@@ -1,23 +1,58 @@
-//! The hypervisor's memory services to the guest: `HYP_MM_BATCH`, and in
-//! test builds (feature `test-hypercalls`) the nesting-policy switch and the
-//! freed-page probe.
+//! The hypervisor's memory services to the guest (docs/hypercalls.md):
+//! `HYP_STATS`, `HYP_MM_BATCH`, `HYP_MAP`, `HYP_UNMAP`, `HYP_PROTECT`, and in
+//! test builds (feature `test-hypercalls`) the nesting-policy and
+//! fault-around switches and the freed-page probe.
 
-use crate::guest_mm::{self, MAX_BATCH_OPS, MmOp};
+use crate::guest_mm::{self, BatchError, MAX_BATCH_OPS, MmOp, kind};
 use crate::mm::lazy::NestPolicy;
 use crate::vcpu::{GuestRegs, smccc};
 
-use super::{MM, POOL, VM, vectors};
+use super::{EXITS, MM, POOL, VM, vectors};
 
-/// `INVALID_PARAMETER` for the test calls.
-const INVALID_PARAMETER: u64 = u64::from_ne_bytes((-2i64).to_ne_bytes());
+/// A signed SMCCC status in a register.
+fn status(code: i64) -> u64 {
+    u64::from_ne_bytes(code.to_ne_bytes())
+}
+
+/// `INVALID_PARAMETER` (-2).
+fn invalid() -> (u64, u64) {
+    (status(BatchError::BadRange.code()), 0)
+}
 
 /// Answers a memory-service call; results go to `x0` (status) and `x1`.
 pub(super) fn mm_call(function: u32, regs: &mut GuestRegs) {
-    let (a1, a2) = (regs.x[1], regs.x[2]);
+    let (a1, a2, a3) = (regs.x[1], regs.x[2], regs.x[3]);
+    let test = cfg!(feature = "test-hypercalls");
     let (x0, x1) = match function {
+        smccc::HYP_STATS => stats(a1, a2),
         smccc::HYP_MM_BATCH => batch(a1, a2),
-        smccc::HYP_TEST_SET_POLICY if cfg!(feature = "test-hypercalls") => set_policy(a1),
-        smccc::HYP_TEST_FREED_PAGE_PROBE if cfg!(feature = "test-hypercalls") => {
+        smccc::HYP_MAP => single(MmOp {
+            kind: kind::POPULATE,
+            perm: 0,
+            ipa: a1,
+            size: a2,
+            src_ipa: 0,
+        }),
+        smccc::HYP_UNMAP => single(MmOp {
+            kind: kind::UNMAP,
+            perm: 0,
+            ipa: a1,
+            size: a2,
+            src_ipa: 0,
+        }),
+        smccc::HYP_PROTECT => match u32::try_from(a3) {
+            Ok(perm) => single(MmOp {
+                kind: kind::PROTECT,
+                perm,
+                ipa: a1,
+                size: a2,
+                src_ipa: 0,
+            }),
+            Err(_) => (status(BatchError::BadPermission.code()), 0),
+        },
+        smccc::HYP_TEST_SET_POLICY if test => set_policy(a1),
+        smccc::HYP_TEST_SET_FAULT_AROUND if test => set_fault_around(a1),
+        smccc::HYP_TEST_FREED_PAGE_PROBE if test => {
             if POOL.get().is_some_and(crate::mm::pool::PagePool::guarded) {
                 (smccc::SUCCESS, freed_page_probe())
             } else {
@@ -31,39 +66,91 @@ pub(super) fn mm_call(function: u32, regs: &mut GuestRegs) {
     regs.x[1] = x1;
 }
 
+/// Copies one guest-memory slice out of the RAM backing.
+fn read_backing(pa: usize, buf: &mut [u8]) {
+    // SAFETY: `guest_mm` hands out only addresses inside the guest RAM
+    // backing, which the EL2 map maps read-write; the guest does not run
+    // while we copy.
+    unsafe { core::ptr::copy_nonoverlapping(pa as *const u8, buf.as_mut_ptr(), buf.len()) };
+}
+
+/// Copies one slice into the guest RAM backing.
+fn write_backing(pa: usize, bytes: &[u8]) {
+    // SAFETY: as for `read_backing`, for writes.
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), pa as *mut u8, bytes.len()) };
+}
+
 /// `HYP_MM_BATCH(list_ipa, count)`: `x0` = 0 or an error code, `x1` = the
 /// index of the operation the error is about.
 fn batch(list_ipa: u64, count: u64) -> (u64, u64) {
-    let mm = MM.get().expect("mm exists while the guest runs");
-    let mut vm = VM.get().expect("guest exists").lock();
-    let vm = &mut *vm;
     let mut ops = [MmOp::default(); MAX_BATCH_OPS];
-    let read = guest_mm::read_ops(
-        &vm.stage2,
-        &vm.ram,
-        list_ipa,
-        count,
-        |pa, buf| {
-            // SAFETY: `read_ops` hands out only addresses inside the guest
-            // RAM backing, which the EL2 map maps read-write; the guest does
-            // not run while we read.
-            unsafe { core::ptr::copy_nonoverlapping(pa as *const u8, buf.as_mut_ptr(), buf.len()) };
-        },
-        &mut ops,
-    );
-    let n = match read {
-        Ok(n) => n,
-        Err(e) => return (status(e.code()), 0),
+    let n = {
+        let vm = VM.get().expect("guest exists").lock();
+        match guest_mm::read_ops(
+            &vm.stage2,
+            &vm.mem.ram,
+            list_ipa,
+            count,
+            read_backing,
+            &mut ops,
+        ) {
+            Ok(n) => n,
+            Err(e) => return (status(e.code()), 0),
+        }
     };
-    match guest_mm::run_batch(&mut vm.stage2, mm, &vm.ram, &ops[..n]) {
+    run(&ops[..n])
+}
+
+fn single(op: MmOp) -> (u64, u64) {
+    run(core::slice::from_ref(&op))
+}
+
+fn run(ops: &[MmOp]) -> (u64, u64) {
+    let mm = MM.get().expect("mm exists while the guest runs");
+    let mut guard = VM.get().expect("guest exists").lock();
+    let vm = &mut *guard;
+    match vm.mem.run_batch(&mut vm.stage2, mm, ops) {
         Ok(()) => (smccc::SUCCESS, 0),
         Err((i, e)) => (status(e.code()), i as u64),
     }
 }
 
-/// A signed SMCCC status in a register.
-fn status(code: i64) -> u64 {
-    u64::from_ne_bytes(code.to_ne_bytes())
+/// `HYP_STATS(buf_ipa, buf_len)`: writes as many counters as fit (u64
+/// little-endian, in the order of docs/hypercalls.md) and returns how many in
+/// `x1`.
+fn stats(buf_ipa: u64, buf_len: u64) -> (u64, u64) {
+    let mut values = [0u64; 64];
+    let mut n = 0;
+    let mut push = |_: &'static str, v: u64| {
+        if n < values.len() {
+            values[n] = v;
+            n += 1;
+        }
+    };
+    MM.get().expect("mm exists").for_each_total(&mut push);
+    EXITS.for_each(&mut push);
+    let Ok(len) = usize::try_from(buf_len) else {
+        return invalid();
+    };
+    let count = (len / 8).min(n);
+    if count == 0 {
+        return invalid();
+    }
+    let mut bytes = [0u8; 64 * 8];
+    for (chunk, v) in bytes.chunks_exact_mut(8).zip(&values[..count]) {
+        chunk.copy_from_slice(&v.to_le_bytes());
+    }
+    let vm = VM.get().expect("guest exists").lock();
+    match guest_mm::copy_to_guest(
+        &vm.stage2,
+        &vm.mem.ram,
+        buf_ipa,
+        &bytes[..count * 8],
+        write_backing,
+    ) {
+        Ok(()) => (smccc::SUCCESS, count as u64),
+        Err(e) => (status(e.code()), 0),
+    }
 }
 
 fn set_policy(raw: u64) -> (u64, u64) {
@@ -71,11 +158,25 @@ fn set_policy(raw: u64) -> (u64, u64) {
         .ok()
         .and_then(|i| NestPolicy::ALL.get(i))
     else {
-        return (INVALID_PARAMETER, 0);
+        return invalid();
     };
     MM.get().expect("mm exists").set_policy(policy);
     log::info!("nesting policy: {}", policy.name());
     (smccc::SUCCESS, 0)
+}
+
+fn set_fault_around(bytes: u64) -> (u64, u64) {
+    match usize::try_from(bytes) {
+        Ok(b) if b <= 1 << 30 && (b == 0 || b.is_power_of_two()) => {
+            VM.get()
+                .expect("guest exists")
+                .lock()
+                .mem
+                .set_fault_around(b);
+            (smccc::SUCCESS, 0)
+        }
+        _ => invalid(),
+    }
 }
 
 /// Allocates a table page (so the hypervisor has just written it, and the
