@@ -173,9 +173,9 @@ mod tests {
         assert!(a.guard);
         assert!(BootArgs::default().guard, "guard mode is on by default");
         assert!(!BootArgs::parse("mm.guard=0").expect("valid").guard);
-        let a = BootArgs::parse("guest.populate=boot guest.fault_around_kib=0").expect("valid");
-        assert!(a.populate_at_boot);
-        assert_eq!(a.fault_around_kib, 0);
+        let b = BootArgs::parse("guest.populate=boot guest.fault_around_kib=0").expect("valid");
+        assert!(b.populate_at_boot);
+        assert_eq!(b.fault_around_kib, 0);
         assert!(BootArgs::parse("guest.populate=lazy").is_err());
         assert!(BootArgs::parse("guest.fault_around_kib=3").is_err());
         assert_eq!(a.log, LevelFilter::Debug);

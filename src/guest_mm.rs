@@ -358,15 +358,16 @@ impl GuestMemory {
         let mut pages = 0;
         for r in &runs {
             let size = (r.end - r.start) as usize;
-            match s2.map(r.start, size, self.ram.backing_of(r.start), ram_attrs) {
-                Ok(()) => pages += size / PAGE_SIZE,
+            if s2
+                .map(r.start, size, self.ram.backing_of(r.start), ram_attrs)
+                .is_err()
+            {
                 // Out of table memory: the guest gets an abort rather than a
                 // retry loop; what was mapped stays.
-                Err(_) => {
-                    mm.leave();
-                    return FaultAction::Inject;
-                }
+                mm.leave();
+                return FaultAction::Inject;
             }
+            pages += size / PAGE_SIZE;
         }
         mm.leave();
         let c = mm.counters();
