@@ -689,7 +689,7 @@ mod tests {
         let mut writes = alloc::vec::Vec::new();
         let data = [7u8; 24];
         copy_to_guest(&kit.s2, &ram_.ram, GIB + 0xff8, &data, |pa, b| {
-            writes.push((pa, b.len()))
+            writes.push((pa, b.len()));
         })
         .expect("copy");
         assert_eq!(
@@ -716,7 +716,7 @@ mod tests {
 
     #[test]
     fn the_op_list_is_read_through_stage2_and_must_be_in_guest_ram() {
-        let (mut kit, mut ram_) = kit();
+        let (mut kit, ram_) = kit();
         let mut out = [MmOp::default(); MAX_BATCH_OPS];
         let mut reads = alloc::vec::Vec::new();
         let n = read_ops(
