@@ -517,3 +517,124 @@ mod tests {
         assert!(text.contains("faulting IPA 0x50000123"), "{text}");
     }
 }
+
+#[cfg(test)]
+mod abi_doc_tests {
+    //! docs/hypercalls.md must say what the code does.
+
+    use super::smccc;
+    use crate::guest_mm::{BatchError, kind};
+    use crate::mm::counters::MmCounters;
+    use alloc::format;
+    use alloc::string::String;
+    use alloc::vec::Vec;
+
+    const DOC: &str = include_str!("../docs/hypercalls.md");
+
+    fn id(v: u32) -> String {
+        format!("0x{:04X}_{:04X}", v >> 16, v & 0xffff)
+    }
+
+    #[test]
+    fn every_function_id_is_documented_with_its_name() {
+        for (name, v) in [
+            ("SMCCC_VERSION", smccc::VERSION),
+            ("SMCCC_ARCH_FEATURES", smccc::ARCH_FEATURES),
+            ("PSCI_VERSION", smccc::PSCI_VERSION),
+            ("PSCI_FEATURES", smccc::PSCI_FEATURES),
+            ("CPU_OFF", smccc::PSCI_CPU_OFF),
+            ("SYSTEM_OFF", smccc::PSCI_SYSTEM_OFF),
+            ("SYSTEM_RESET", smccc::PSCI_SYSTEM_RESET),
+            ("HYP_VERSION", smccc::HYP_VERSION),
+            ("HYP_REPORT_RESULT", smccc::HYP_REPORT_RESULT),
+            ("HYP_STATS", smccc::HYP_STATS),
+            ("HYP_MM_BATCH", smccc::HYP_MM_BATCH),
+            ("HYP_MAP", smccc::HYP_MAP),
+            ("HYP_UNMAP", smccc::HYP_UNMAP),
+            ("HYP_PROTECT", smccc::HYP_PROTECT),
+            ("HYP_TEST_SET_POLICY", smccc::HYP_TEST_SET_POLICY),
+            (
+                "HYP_TEST_FREED_PAGE_PROBE",
+                smccc::HYP_TEST_FREED_PAGE_PROBE,
+            ),
+            (
+                "HYP_TEST_SET_FAULT_AROUND",
+                smccc::HYP_TEST_SET_FAULT_AROUND,
+            ),
+        ] {
+            // The row that starts with the name.
+            let row = DOC.lines().find(|l| l.starts_with(&format!("| `{name}")));
+            let row = row.unwrap_or_else(|| panic!("{name} not documented"));
+            assert!(
+                row.contains(&id(v)),
+                "{name}: the doc row does not give {}: {row}",
+                id(v)
+            );
+        }
+        assert!(
+            DOC.contains(&id(smccc::PSCI_CPU_ON_32)) && DOC.contains(&id(smccc::PSCI_CPU_ON_64))
+        );
+    }
+
+    #[test]
+    fn status_codes_and_batch_kinds_match() {
+        for (e, name) in [
+            (BatchError::UnknownKind, "NOT_SUPPORTED"),
+            (BatchError::BadRange, "INVALID_PARAMETER"),
+            (BatchError::BadList, "INVALID_PARAMETER"),
+            (BatchError::BadPermission, "INVALID_PARAMETER"),
+            (BatchError::OutsideGuestRam, "DENIED"),
+            (BatchError::NoMemory, "NO_MEMORY"),
+            (BatchError::NotMapped, "NOT_MAPPED"),
+        ] {
+            assert!(
+                DOC.contains(&format!("| {} | `{name}` |", e.code())),
+                "{e:?} = {} {name}",
+                e.code()
+            );
+        }
+        for (k, name) in [
+            (kind::POPULATE, "POPULATE"),
+            (kind::UNMAP, "UNMAP"),
+            (kind::PROTECT, "PROTECT"),
+            (kind::REMAP_ALIAS, "REMAP_ALIAS"),
+            (kind::MERGE, "MERGE"),
+        ] {
+            assert!(
+                DOC.contains(&format!("| {k} | `{name}` |")),
+                "kind {k} {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn counter_order_matches_the_stats_call() {
+        let mut names: Vec<&str> = Vec::new();
+        MmCounters::new().for_each(|n, _| names.push(n));
+        super::ExitCounters::new().for_each(|n, _| names.push(n));
+        let documented = DOC
+            .split("<!-- counters -->")
+            .nth(1)
+            .and_then(|s| s.split("<!-- /counters -->").next())
+            .expect("counter list in the doc")
+            .trim()
+            .trim_matches('`');
+        assert_eq!(documented.split_whitespace().collect::<Vec<_>>(), names);
+        // The test guest's copy of the order, too.
+        let guest = include_str!("../guest/src/hyp.rs");
+        let list = guest
+            .split("pub const COUNTERS: &[&str] = &[")
+            .nth(1)
+            .and_then(|s| s.split("];").next())
+            .expect("COUNTERS in guest/src/hyp.rs");
+        let guest_names: Vec<&str> = list
+            .split(',')
+            .map(|n| n.trim().trim_matches('"'))
+            .filter(|n| !n.is_empty())
+            .collect();
+        assert_eq!(
+            guest_names, names,
+            "guest/src/hyp.rs COUNTERS is out of date"
+        );
+    }
+}

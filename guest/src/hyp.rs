@@ -118,3 +118,72 @@ pub fn mm_batch(ops: &[MmOp]) -> (i64, u64) {
     // SMCCC status codes are signed: reinterpret the register's bits.
     (i64::from_ne_bytes(r[0].to_ne_bytes()), r[1])
 }
+
+/// lazyhyp: copy the counters into a guest buffer.
+pub const HYP_STATS: u32 = 0xc600_0002;
+/// lazyhyp: populate a range.
+pub const HYP_MAP: u32 = 0xc600_0011;
+/// lazyhyp: give a range back.
+pub const HYP_UNMAP: u32 = 0xc600_0012;
+/// lazyhyp: set a range's permissions.
+pub const HYP_PROTECT: u32 = 0xc600_0013;
+/// lazyhyp (test builds): set the fault-around window.
+pub const HYP_TEST_SET_FAULT_AROUND: u32 = 0xc600_0f02;
+/// SMCCC_ARCH_FEATURES.
+pub const SMCCC_ARCH_FEATURES: u32 = 0x8000_0001;
+
+/// The counters `HYP_STATS` writes, in order (docs/hypercalls.md; a host
+/// test checks this list against the document).
+pub const COUNTERS: &[&str] = &[
+    "mappings",
+    "pages_mapped",
+    "blocks_mapped",
+    "pte_writes",
+    "sections",
+    "nests",
+    "nest_warnings",
+    "flattenings",
+    "bbm",
+    "splits",
+    "merges",
+    "dsb_ishst",
+    "dsb_ish",
+    "isb",
+    "tlbi_ipas2e1is",
+    "tlbi_ripas2e1is",
+    "tlbi_vmalle1is",
+    "tlbi_vmalls12e1is",
+    "tlbi_vae2is",
+    "tlbi_alle2is",
+    "tlbi_pages",
+    "pool_allocs",
+    "pool_frees",
+    "guard_maps",
+    "guard_unmaps",
+    "demand_faults",
+    "demand_pages",
+    "exits_hvc",
+    "exits_smc",
+    "exits_dabt",
+    "exits_iabt",
+    "exits_sysreg",
+    "exits_irq",
+    "exits_other",
+];
+
+/// Reads one counter through `HYP_STATS`.
+pub fn stat(name: &str) -> Option<u64> {
+    #[repr(C, align(8))]
+    struct Buf([u64; 64]);
+    static BUF: spin::mutex::SpinMutex<Buf> = spin::mutex::SpinMutex::new(Buf([0; 64]));
+    let index = COUNTERS.iter().position(|c| *c == name)?;
+    let mut buf = BUF.lock();
+    let r = hvc(HYP_STATS, buf.0.as_mut_ptr() as u64, 64 * 8, 0);
+    // SAFETY: a barrier: the hypervisor's writes (through its own map) are
+    // complete before we read.
+    unsafe { asm!("dsb ish", options(nostack, preserves_flags)) };
+    (r[0] == 0 && (index as u64) < r[1]).then(|| {
+        // SAFETY: the buffer is ours; read it as memory another agent wrote.
+        unsafe { core::ptr::read_volatile(&raw const buf.0[index]) }
+    })
+}

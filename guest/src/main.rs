@@ -13,6 +13,8 @@ mod console;
 #[cfg(target_os = "none")]
 mod hyp;
 #[cfg(target_os = "none")]
+mod iface_tests;
+#[cfg(target_os = "none")]
 mod probe;
 #[cfg(target_os = "none")]
 mod rt;

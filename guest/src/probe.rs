@@ -83,3 +83,34 @@ pub fn write(addr: usize, value: u64) -> bool {
     }
     ok == 1
 }
+
+/// The address an [`exec`] probe is calling, while it runs.
+static EXEC_TARGET: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+
+/// Calls the code at `addr` (which must be a function returning at once,
+/// such as a lone `ret`), or returns `false` if fetching it faulted.
+pub fn exec(addr: usize) -> bool {
+    EXEC_TARGET.store(addr, Ordering::SeqCst);
+    let ok: u64;
+    // SAFETY: the callee is a lone `ret` the caller placed; if its fetch
+    // faults, the handler (`exec_fixup`) resumes at the return address with
+    // x1 = 0. x30 is the link register, declared clobbered.
+    unsafe {
+        asm!("mov x1, #1", "blr {target}", target = in(reg) addr, out("x1") ok, out("x30") _, options(nostack));
+    }
+    EXEC_TARGET.store(0, Ordering::SeqCst);
+    ok == 1
+}
+
+/// If an instruction abort hit the running [`exec`] probe's target,
+/// records the syndrome and says so: the handler then returns to the
+/// probe's caller (the saved x30) with x1 = 0.
+pub fn exec_fixup(elr: usize, esr: u64) -> bool {
+    let target = EXEC_TARGET.load(Ordering::SeqCst);
+    if target != 0 && elr == target && esr >> 26 == 0x21 {
+        LAST_ESR.store(esr, Ordering::Relaxed);
+        true
+    } else {
+        false
+    }
+}

@@ -40,6 +40,17 @@ impl ExceptionHandlers for Exceptions {
         unsafe {
             asm!("mrs {0}, esr_el1", "mrs {1}, far_el1", out(reg) esr, out(reg) far, options(nomem, nostack));
         }
+        if crate::probe::exec_fixup(state.elr, esr) {
+            // SAFETY: the exec probe's callee faulted on fetch: return to the
+            // probe (its saved x30, which aarch64-rt calls `sp`) with x1 = 0,
+            // as the probe expects.
+            unsafe {
+                let regs = state.get_mut();
+                regs.elr = regs.sp as usize;
+                regs.registers[1] = 0;
+            }
+            return;
+        }
         if let Some(resume) = crate::probe::fixup(state.elr, esr) {
             // SAFETY: resuming at the probe's fault path, which expects to be
             // entered exactly this way (its registers are its own).

@@ -4,7 +4,7 @@ use core::arch::asm;
 
 use crate::console::println;
 use crate::hyp::{self, MmOp, hvc, op, smc};
-use crate::probe;
+use crate::{iface_tests, probe};
 
 type TestResult = Result<(), &'static str>;
 
@@ -52,6 +52,19 @@ pub fn run_all(add_failing: bool) -> (u64, u64) {
         (
             "malformed_batches_are_refused",
             malformed_batches_are_refused,
+        ),
+        (
+            "map_unmap_protect_by_touch",
+            iface_tests::map_unmap_protect_by_touch,
+        ),
+        (
+            "demand_faults_and_fault_around",
+            iface_tests::demand_faults_and_fault_around,
+        ),
+        ("smccc_arch_features", iface_tests::smccc_arch_features),
+        (
+            "malformed_calls_are_refused",
+            iface_tests::malformed_calls_are_refused,
         ),
     ];
     let mut passed = 0;
