@@ -170,3 +170,38 @@ fn debug_build_passes_with_its_assertions() {
     let report = report(&outcome);
     assert_eq!(outcome.verdict(), Verdict::Pass, "{report}");
 }
+
+/// The guest-interface suite: every memory call checked by touching memory,
+/// demand faults with and without fault-around in one run, and the malformed
+/// calls; the hypervisor's counters agree.
+#[test]
+fn guest_interface_suite_in_qemu() {
+    let outcome = boot(&[]);
+    let report = report(&outcome);
+    assert_eq!(outcome.verdict(), Verdict::Pass, "{report}");
+    for test in [
+        "map_unmap_protect_by_touch",
+        "demand_faults_and_fault_around",
+        "smccc_arch_features",
+        "malformed_calls_are_refused",
+    ] {
+        assert!(
+            outcome
+                .output
+                .lines()
+                .any(|l| l.trim() == format!("test {test} ... ok")),
+            "guest test {test} did not pass\n{report}"
+        );
+    }
+    assert!(
+        outcome
+            .output
+            .contains("first touch of 64 MiB: 32 faults with 2 MiB fault-around, 16384 without"),
+        "{report}"
+    );
+    let demand: u64 = outcome
+        .stat("demand_faults")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no demand_faults\n{report}"));
+    assert!(demand >= 16384 + 32, "{report}");
+}

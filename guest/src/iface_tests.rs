@@ -203,7 +203,10 @@ pub fn smccc_arch_features() -> TestResult {
 
 /// Malformed calls: each gets its documented error, nothing changes, the
 /// hypervisor keeps running.
-#[allow(clippy::too_many_lines, reason = "a table of malformed calls, a few lines each")]
+#[allow(
+    clippy::too_many_lines,
+    reason = "a table of malformed calls, a few lines each"
+)]
 pub fn malformed_calls_are_refused() -> TestResult {
     static mut LIST: [MmOp; 65] = [MmOp {
         kind: 0,
