@@ -38,6 +38,9 @@ pub struct BootArgs {
     /// `guest.fault_around_kib=`: the window populated around a demand
     /// fault, in KiB (default 2048; 0 or 4: off).
     pub fault_around_kib: usize,
+    /// `guest.uart=emulated|passthrough`: the guest's PL011 is emulated
+    /// (default) or the real one is mapped into it.
+    pub uart_passthrough: bool,
 }
 
 impl Default for BootArgs {
@@ -50,6 +53,7 @@ impl Default for BootArgs {
             guard: true,
             populate_at_boot: false,
             fault_around_kib: 2048,
+            uart_passthrough: false,
         }
     }
 }
@@ -76,7 +80,7 @@ impl core::fmt::Display for BootArgsError<'_> {
             Self::NotKeyValue(w) => write!(f, "boot argument `{w}` is not key=value"),
             Self::UnknownKey(k) => write!(
                 f,
-                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.fail)"
+                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.fail)"
             ),
             Self::BadValue { key, value } => write!(f, "bad value `{value}` for `{key}`"),
         }
@@ -107,6 +111,13 @@ impl BootArgs {
                     args.populate_at_boot = match value {
                         "boot" => true,
                         "demand" => false,
+                        _ => return Err(bad),
+                    };
+                }
+                "guest.uart" => {
+                    args.uart_passthrough = match value {
+                        "passthrough" => true,
+                        "emulated" => false,
                         _ => return Err(bad),
                     };
                 }
@@ -178,6 +189,12 @@ mod tests {
         assert_eq!(b.fault_around_kib, 0);
         assert!(BootArgs::parse("guest.populate=lazy").is_err());
         assert!(BootArgs::parse("guest.fault_around_kib=3").is_err());
+        assert!(
+            BootArgs::parse("guest.uart=passthrough")
+                .expect("valid")
+                .uart_passthrough
+        );
+        assert!(!BootArgs::default().uart_passthrough);
         assert_eq!(a.log, LevelFilter::Debug);
         assert_eq!(a.payload, 0x4900_0000);
         assert_eq!(a.guest_ram_mib, 64);

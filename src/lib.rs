@@ -21,6 +21,7 @@ pub mod guest_mm;
 pub mod layout;
 pub mod loader;
 pub mod mm;
+pub mod mmio;
 pub mod vcpu;
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]

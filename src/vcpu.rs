@@ -119,6 +119,8 @@ counter_set! {
         exits_irq,
         /// Anything else.
         exits_other,
+        /// Data aborts on an emulated device, emulated.
+        mmio_emulated,
     }
 }
 

@@ -169,6 +169,7 @@ pub const COUNTERS: &[&str] = &[
     "exits_sysreg",
     "exits_irq",
     "exits_other",
+    "mmio_emulated",
 ];
 
 /// Reads one counter through `HYP_STATS`.

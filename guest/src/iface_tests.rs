@@ -616,3 +616,39 @@ pub fn malformed_calls_are_refused() -> TestResult {
         "a malformed call was not answered with its documented error",
     )
 }
+
+/// The console UART is emulated (the default, `guest.uart=emulated`): its
+/// registers read as a PL011, and each access is an emulated MMIO exit.
+pub fn emulated_uart_is_a_pl011() -> TestResult {
+    const UART: usize = 0x0900_0000;
+    let read = |off: usize| {
+        // SAFETY: the UART's page, mapped as device memory by the boot page
+        // table; reads of its ID and flag registers have no side effect.
+        unsafe { core::ptr::read_volatile((UART + off) as *const u32) }
+    };
+    let before = hyp::stat("mmio_emulated").ok_or("no mmio_emulated counter")?;
+    let ids = [
+        read(0xfe0),
+        read(0xfe4),
+        read(0xfe8),
+        read(0xfec),
+        read(0xff0),
+        read(0xff4),
+        read(0xff8),
+        read(0xffc),
+    ];
+    let fr = read(0x018);
+    let after = hyp::stat("mmio_emulated").ok_or("no mmio_emulated counter")?;
+    check(
+        ids == [0x11, 0x10, 0x14, 0x00, 0x0d, 0xf0, 0x05, 0xb1],
+        "PL011 ID registers read wrong",
+    )?;
+    check(
+        fr & (1 << 5) == 0 && fr & (1 << 7) != 0,
+        "flag register: TX FIFO not empty, or full",
+    )?;
+    check(
+        after >= before + 9,
+        "UART accesses were not emulated (guest.uart=passthrough?)",
+    )
+}

@@ -66,6 +66,10 @@ pub fn run_all(add_failing: bool) -> (u64, u64) {
             "malformed_calls_are_refused",
             iface_tests::malformed_calls_are_refused,
         ),
+        (
+            "emulated_uart_is_a_pl011",
+            iface_tests::emulated_uart_is_a_pl011,
+        ),
     ];
     let mut passed = 0;
     let mut failed = 0;

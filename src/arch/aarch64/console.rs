@@ -44,6 +44,13 @@ pub fn print(args: fmt::Arguments<'_>) {
     }
 }
 
+/// Writes one byte the guest sent to its (emulated) UART.
+pub fn putc(byte: u8) {
+    if let Some(uart) = CONSOLE.lock().as_mut() {
+        uart.write_word(byte);
+    }
+}
+
 /// Like [`print`], for the panic path: if the panicking code held the
 /// console lock, take it anyway. Only one CPU runs, and it is the one that
 /// panicked, so the holder will never run again.

@@ -125,6 +125,8 @@ struct Vm {
     stage2: Stage2<'static, HwMmArch>,
     /// The guest's RAM: backing, given-back pages, fault-around.
     mem: GuestMemory,
+    /// The emulated PL011 (`None` with `guest.uart=passthrough`).
+    uart: Option<crate::mmio::Pl011<fn(u8)>>,
     vcpu: Vcpu,
 }
 
@@ -300,9 +302,11 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
             .unwrap_or_else(|e| setup_error(format_args!("mapping guest RAM: {e:?}")));
         mm.leave();
     }
-    stage2
-        .map(PL011_BASE as u64, PAGE_SIZE, PL011_BASE, S2Attrs::DEVICE)
-        .unwrap_or_else(|e| setup_error(format_args!("mapping the PL011: {e:?}")));
+    if args.uart_passthrough {
+        stage2
+            .map(PL011_BASE as u64, PAGE_SIZE, PL011_BASE, S2Attrs::DEVICE)
+            .unwrap_or_else(|e| setup_error(format_args!("mapping the PL011: {e:?}")));
+    }
     log::info!(
         "guest RAM IPA {GUEST_RAM_IPA:#x}..{:#x} -> PA {:#x}, populated {}",
         GUEST_RAM_IPA + guest_ram as u64,
@@ -319,10 +323,12 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
         backing: layout.guest_backing.start,
     };
     let mem = GuestMemory::new(ram, args.fault_around_kib << 10);
+    let uart = (!args.uart_passthrough).then(|| crate::mmio::Pl011::new(console::putc as fn(u8)));
     VM.call_once(|| {
         SpinMutex::new(Vm {
             stage2,
             mem,
+            uart,
             vcpu: Vcpu::default(),
         })
     });
@@ -382,6 +388,15 @@ pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
             let ipa = crate::esr::fault_ipa(trap.hpfar, trap.far);
             let mut guard = vm.lock();
             let vm = &mut *guard;
+            if let Some(uart) = vm.uart.as_mut() {
+                let base = PL011_BASE as u64;
+                if (base..base + PAGE_SIZE as u64).contains(&ipa)
+                    && crate::mmio::emulate(uart, trap.esr, ipa - base, regs)
+                {
+                    crate::mm::counters::inc(&EXITS.mmio_emulated);
+                    return;
+                }
+            }
             let action = vm.mem.stage2_fault(
                 &mut vm.stage2,
                 MM.get().expect("mm exists"),
