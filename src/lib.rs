@@ -23,6 +23,7 @@ pub mod loader;
 pub mod mm;
 pub mod mmio;
 pub mod vcpu;
+pub mod workloads;
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]
 pub mod arch;

@@ -260,6 +260,8 @@ pub struct MmCtx<A: MmArch> {
     cpus: [SpinMutex<LazyCpu>; MAX_CPUS],
     counters: [MmCounters; MAX_CPUS],
     policy: AtomicU8,
+    /// Whether sections exist at all (off: eager mode, for comparison).
+    lazy_enabled: core::sync::atomic::AtomicBool,
     /// Called to free table pages whose TLB maintenance completed.
     free_hook: SpinMutex<Option<FreeHook>>,
 }
@@ -280,6 +282,7 @@ impl<A: MmArch> MmCtx<A> {
             cpus: core::array::from_fn(|_| SpinMutex::new(LazyCpu::default())),
             counters: core::array::from_fn(|_| MmCounters::new()),
             policy: AtomicU8::new(NestPolicy::Flatten as u8),
+            lazy_enabled: core::sync::atomic::AtomicBool::new(true),
             free_hook: SpinMutex::new(None),
         }
     }
@@ -287,6 +290,13 @@ impl<A: MmArch> MmCtx<A> {
     /// Selects the nesting policy (tests and benchmarks).
     pub fn set_policy(&self, policy: NestPolicy) {
         self.policy.store(policy as u8, Ordering::Relaxed);
+    }
+
+    /// Turns lazy sections on (the default) or off: off, `enter` and `leave`
+    /// do nothing and every operation pays as it goes (eager mode, the
+    /// baseline of the benchmarks).
+    pub fn set_lazy_enabled(&self, on: bool) {
+        self.lazy_enabled.store(on, Ordering::Relaxed);
     }
 
     /// The nesting policy in force.
@@ -364,6 +374,9 @@ impl<A: MmArch> MmCtx<A> {
 
     /// Starts a lazy section on this CPU.
     pub fn enter(&self) {
+        if !self.lazy_enabled.load(Ordering::Relaxed) {
+            return;
+        }
         let policy = self.policy();
         let counters = self.counters();
         let mut cpu = self.cpus[self.cpu()].lock();
@@ -395,6 +408,9 @@ impl<A: MmArch> MmCtx<A> {
     /// Ends a lazy section on this CPU (or one level of nesting), paying
     /// what the policy says is due.
     pub fn leave(&self) {
+        if !self.lazy_enabled.load(Ordering::Relaxed) {
+            return;
+        }
         let policy = self.policy();
         let flush = {
             let mut cpu = self.cpus[self.cpu()].lock();
