@@ -7,13 +7,13 @@
 pub mod arch;
 pub mod counters;
 pub mod lazy;
-#[cfg(test)]
+#[cfg(any(test, feature = "model"))]
 pub mod model;
 pub mod pool;
 #[cfg(test)]
 mod scenarios;
 pub mod stage2;
-#[cfg(test)]
+#[cfg(any(test, feature = "model"))]
 pub mod testkit;
 
 /// A physical address (or, on the host, the address of memory standing in

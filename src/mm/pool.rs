@@ -261,8 +261,8 @@ impl<'m, A: MmArch> PagePool<'m, A> {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod test_support {
+#[cfg(any(test, feature = "model"))]
+pub mod test_support {
     //! Host memory for pools, and an EL2-page map that only counts.
 
     use super::{El2PageMap, MmArch, MmCtx, PagePool};
