@@ -30,7 +30,13 @@ fn check_first_touch(mode: Mode, fault_around: usize) -> bool {
         Mode::Lazy(p) => kit.mm.set_policy(p),
     }
     let base = 1u64 << 30;
-    let mut mem = GuestMemory::new(GuestRam { ipa: base..base + 64 * MIB, backing: 0x8000_0000 }, fault_around);
+    let mut mem = GuestMemory::new(
+        GuestRam {
+            ipa: base..base + 64 * MIB,
+            backing: 0x8000_0000,
+        },
+        fault_around,
+    );
     for ipa in (base..base + 8 * MIB).step_by(4096) {
         if kit.model.guest_access(VMID, ipa, false).is_err() {
             if mem.stage2_fault(&mut kit.s2, kit.mm, ipa, 0x07) == FaultAction::Inject {
@@ -47,12 +53,21 @@ fn check_first_touch(mode: Mode, fault_around: usize) -> bool {
 fn main() {
     for w in Workload::ALL {
         for mode in Mode::ALL {
-            println!("MODEL workload={} policy={} correct={}", w.name(), mode.name(), check_workload(w, mode));
+            println!(
+                "MODEL workload={} policy={} correct={}",
+                w.name(),
+                mode.name(),
+                check_workload(w, mode)
+            );
         }
     }
     for (name, fa) in [("W5-fa-off", 0), ("W5-fa-on", 2 << 20)] {
         for mode in Mode::ALL {
-            println!("MODEL workload={name} policy={} correct={}", mode.name(), check_first_touch(mode, fa));
+            println!(
+                "MODEL workload={name} policy={} correct={}",
+                mode.name(),
+                check_first_touch(mode, fa)
+            );
         }
     }
 }

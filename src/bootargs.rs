@@ -16,6 +16,9 @@ pub const DEFAULT_GUEST_RAM_MIB: usize = 256;
 pub mod guest_flags {
     /// The guest adds a test that deliberately fails (for the failure-path test).
     pub const FAIL: u64 = 1 << 0;
+    /// The guest runs the benchmark sequence instead of its tests
+    /// (`cargo xtask bench`).
+    pub const BENCH: u64 = 1 << 1;
 }
 
 /// Parsed boot arguments.
@@ -80,7 +83,7 @@ impl core::fmt::Display for BootArgsError<'_> {
             Self::NotKeyValue(w) => write!(f, "boot argument `{w}` is not key=value"),
             Self::UnknownKey(k) => write!(
                 f,
-                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.fail)"
+                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.fail, guest.bench)"
             ),
             Self::BadValue { key, value } => write!(f, "bad value `{value}` for `{key}`"),
         }
@@ -126,6 +129,11 @@ impl BootArgs {
                         .filter(|&k| k <= (1 << 20) && (k == 0 || k.is_power_of_two()))
                         .ok_or(bad)?;
                 }
+                "guest.bench" => match value {
+                    "0" => args.guest_flags &= !guest_flags::BENCH,
+                    "1" => args.guest_flags |= guest_flags::BENCH,
+                    _ => return Err(bad),
+                },
                 "guest.fail" => match value {
                     "0" => args.guest_flags &= !guest_flags::FAIL,
                     "1" => args.guest_flags |= guest_flags::FAIL,

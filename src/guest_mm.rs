@@ -265,6 +265,18 @@ impl GuestMemory {
         ((ipa - self.ram.ipa.start) as usize) / PAGE_SIZE
     }
 
+    /// Forgets that `[ipa, ipa + size)` was given back (benchmarks: the
+    /// range is demand-populated again on its next touch).
+    ///
+    /// # Errors
+    ///
+    /// The range's problem, as for a batch operation.
+    pub fn forget_given_back(&mut self, ipa: Ipa, size: u64) -> Result<(), BatchError> {
+        self.ram.check(ipa, size)?;
+        self.set_given_back(ipa, size, false);
+        Ok(())
+    }
+
     fn is_given_back(&self, ipa: Ipa) -> bool {
         let i = self.page_index(ipa);
         self.given_back[i / 64] & (1 << (i % 64)) != 0

@@ -82,6 +82,18 @@ pub mod smccc {
     pub const HYP_PROTECT: u32 = 0xc600_0013;
     /// Test builds: set the fault-around window to `x1` bytes (0: off).
     pub const HYP_TEST_SET_FAULT_AROUND: u32 = 0xc600_0f02;
+    /// Test builds: run benchmark workload `x1` (0..=3: W1..W4) in mode
+    /// `x2` (0 eager, 1 FlushInner, 2 Naive, 3 Flatten, 4 Counted) on a
+    /// scratch stage 2; prints a `LAZYHYP-BENCH` line; `x1` = correct.
+    pub const HYP_TEST_RUN_WORKLOAD: u32 = 0xc600_0f03;
+    /// Test builds: bracket a guest-driven benchmark phase. `x1` = 0 start
+    /// (`x2` = mode as above, selected now; `x3` = workload number), 1 stop
+    /// (`x3` = 1 if the guest found the result correct): prints a
+    /// `LAZYHYP-BENCH` line with the counter deltas.
+    pub const HYP_TEST_BENCH_MARK: u32 = 0xc600_0f04;
+    /// Test builds: forget that `[x1, x1 + x2)` was given back, so that
+    /// (unmapped) it is demand-populated again on its next touch.
+    pub const HYP_TEST_FORGET: u32 = 0xc600_0f05;
     /// Test builds: select the lazy-mode nesting policy `x1` (0 Flatten,
     /// 1 FlushInner, 2 Naive, 3 Counted).
     pub const HYP_TEST_SET_POLICY: u32 = 0xc600_0f00;

@@ -79,8 +79,14 @@ impl Workload {
     }
 }
 
-const RW: S2Attrs = S2Attrs { perm: S2Perm::RW, mem: MemType::Normal };
-const RO: S2Attrs = S2Attrs { perm: S2Perm::RO, mem: MemType::Normal };
+const RW: S2Attrs = S2Attrs {
+    perm: S2Perm::RW,
+    mem: MemType::Normal,
+};
+const RO: S2Attrs = S2Attrs {
+    perm: S2Perm::RO,
+    mem: MemType::Normal,
+};
 
 /// Runs `w` in `mode` on `s2` (whose scratch range must be empty), mapping
 /// physical addresses from `pa` up (which must be 2 MiB aligned, and not
@@ -126,29 +132,35 @@ pub fn run<A: MmArch>(
                 r?;
                 Ok((0..512u64).all(|i| {
                     let ipa = base + (i / 64) * 2 * MIB + (i % 64) * PAGE;
-                    s2.query(ipa).is_some_and(|t| t.pa == page_pa + i as usize * PAGE_SIZE && t.level == 3)
+                    s2.query(ipa)
+                        .is_some_and(|t| t.pa == page_pa + i as usize * PAGE_SIZE && t.level == 3)
                 }))
             }
             Workload::W2 => {
                 s2.map(base, GIB as usize, page_pa, RW)?;
                 measure(true);
                 section(true);
-                let r = (0..512u64).try_for_each(|i| s2.unmap(base + i * 2 * MIB, 2 * MIB as usize));
+                let r =
+                    (0..512u64).try_for_each(|i| s2.unmap(base + i * 2 * MIB, 2 * MIB as usize));
                 section(false);
                 measure(false);
                 r?;
-                Ok((0..GIB).step_by(PAGE_SIZE * 61).all(|off| s2.query(base + off).is_none()))
+                Ok((0..GIB)
+                    .step_by(PAGE_SIZE * 61)
+                    .all(|off| s2.query(base + off).is_none()))
             }
             Workload::W3 => {
                 s2.map(base, 256 * MIB as usize, page_pa, RW)?;
                 measure(true);
                 section(true);
-                let r = (0..128u64).try_for_each(|i| s2.protect(base + i * 2 * MIB, 2 * MIB as usize, S2Perm::RO));
+                let r = (0..128u64)
+                    .try_for_each(|i| s2.protect(base + i * 2 * MIB, 2 * MIB as usize, S2Perm::RO));
                 section(false);
                 measure(false);
                 r?;
                 Ok((0..256 * MIB).step_by(PAGE_SIZE * 61).all(|off| {
-                    s2.query(base + off).is_some_and(|t| t.attrs == RO && t.pa == page_pa + off as usize)
+                    s2.query(base + off)
+                        .is_some_and(|t| t.attrs == RO && t.pa == page_pa + off as usize)
                 }))
             }
             Workload::W4 => {
@@ -157,13 +169,19 @@ pub fn run<A: MmArch>(
                 measure(true);
                 section(true);
                 let r = (0..512u64).try_for_each(|i| {
-                    s2.remap(base + i * 2 * MIB, 2 * MIB as usize, new + (i * 2 * MIB) as usize, RW)
+                    s2.remap(
+                        base + i * 2 * MIB,
+                        2 * MIB as usize,
+                        new + (i * 2 * MIB) as usize,
+                        RW,
+                    )
                 });
                 section(false);
                 measure(false);
                 r?;
                 Ok((0..GIB).step_by(PAGE_SIZE * 61).all(|off| {
-                    s2.query(base + off).is_some_and(|t| t.pa == new + off as usize && t.level == 2)
+                    s2.query(base + off)
+                        .is_some_and(|t| t.pa == new + off as usize && t.level == 2)
                 }))
             }
         }
@@ -173,6 +191,8 @@ pub fn run<A: MmArch>(
     mm.set_lazy_enabled(true);
     mm.set_policy(NestPolicy::Flatten);
     s2.unmap(base, 2 * GIB as usize)?;
+    // Empty tables go too, so the next run allocates afresh.
+    s2.compact();
     result
 }
 
@@ -189,7 +209,8 @@ mod tests {
         for w in Workload::ALL {
             for mode in Mode::ALL {
                 let mut kit = Kit::new(1100, true, NestPolicy::Flatten);
-                kit.model.set_stage2_root(crate::mm::testkit::VMID, kit.s2.root());
+                kit.model
+                    .set_stage2_root(crate::mm::testkit::VMID, kit.s2.root());
                 let r = run(w, mode, &mut kit.s2, kit.mm, 0x8020_0000, &mut |_| {});
                 let clean = kit.model.stale_entries().is_empty() && kit.model.is_quiescent();
                 if w == Workload::W1 && mode == Mode::Lazy(NestPolicy::Naive) {

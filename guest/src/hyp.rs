@@ -188,3 +188,10 @@ pub fn stat(name: &str) -> Option<u64> {
         unsafe { core::ptr::read_volatile(&raw const buf.0[index]) }
     })
 }
+
+/// lazyhyp (test builds): run a benchmark workload on a scratch stage 2.
+pub const HYP_TEST_RUN_WORKLOAD: u32 = 0xc600_0f03;
+/// lazyhyp (test builds): start or stop a guest-driven benchmark phase.
+pub const HYP_TEST_BENCH_MARK: u32 = 0xc600_0f04;
+/// lazyhyp (test builds): forget that a range was given back.
+pub const HYP_TEST_FORGET: u32 = 0xc600_0f05;

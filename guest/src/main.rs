@@ -9,6 +9,8 @@
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
+mod bench;
+#[cfg(target_os = "none")]
 mod console;
 #[cfg(target_os = "none")]
 mod hyp;

@@ -69,11 +69,17 @@ entry!(main, 16);
 
 /// Flag bit 0 in `x1`: add a deliberately failing test.
 const FLAG_FAIL: u64 = 1;
+/// Flag bit 1 in `x1`: run the benchmark sequence instead of the tests.
+const FLAG_BENCH: u64 = 2;
 
 fn main(_dtb: u64, flags: u64, _x2: u64, _x3: u64) -> ! {
     console::init();
     println!("guest: running at EL1 under lazyhyp (flags {flags:#x})");
-    let (passed, failed) = crate::tests::run_all(flags & FLAG_FAIL != 0);
+    let (passed, failed) = if flags & FLAG_BENCH != 0 {
+        crate::bench::run()
+    } else {
+        crate::tests::run_all(flags & FLAG_FAIL != 0)
+    };
     println!("guest: {passed} passed, {failed} failed");
     hyp::report_and_power_off(passed, failed)
 }

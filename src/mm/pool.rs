@@ -23,7 +23,7 @@ use core::ops::Range;
 use spin::mutex::SpinMutex;
 
 use super::arch::MmArch;
-use super::counters::inc;
+use super::counters::{add, inc};
 use super::lazy::{MmCtx, NestPolicy};
 use super::{PAGE_SIZE, PhysAddr};
 
@@ -185,7 +185,7 @@ impl<'m, A: MmArch> PagePool<'m, A> {
             frame * PAGE_SIZE
         };
         if self.guard.is_some() {
-            self.guard_update(pa, true);
+            self.guard_update(&[pa], true);
             inc(&self.mm.counters().guard_maps);
             // On hardware a write to a page whose EL2 entry is not yet in
             // effect would fault here; the model tells us instead.
@@ -217,29 +217,53 @@ impl<'m, A: MmArch> PagePool<'m, A> {
     ///
     /// If `pa` is not a page of the pool.
     pub unsafe fn free(&self, pa: PhysAddr) {
-        assert!(
-            self.region.contains(&pa) && pa.is_multiple_of(PAGE_SIZE),
-            "freeing {pa:#x}, which is not a page of the pool"
-        );
+        // SAFETY: the caller's guarantees, for one page.
+        unsafe { self.free_many(&[pa]) };
+    }
+
+    /// Gives pages back to the pool; in guard mode all of them are unmapped
+    /// from the EL2 map in one update (one flush, however many pages).
+    ///
+    /// # Safety
+    ///
+    /// As for [`free`](Self::free), for every page.
+    ///
+    /// # Panics
+    ///
+    /// If a page is not a page of the pool.
+    pub unsafe fn free_many(&self, pages: &[PhysAddr]) {
+        for &pa in pages {
+            assert!(
+                self.region.contains(&pa) && pa.is_multiple_of(PAGE_SIZE),
+                "freeing {pa:#x}, which is not a page of the pool"
+            );
+        }
+        if pages.is_empty() {
+            return;
+        }
         if self.guard.is_some() {
-            self.guard_update(pa, false);
-            inc(&self.mm.counters().guard_unmaps);
+            self.guard_update(pages, false);
+            add(&self.mm.counters().guard_unmaps, pages.len() as u64);
         }
         let mut st = self.state.lock();
-        st.frames.dealloc(pa / PAGE_SIZE, 1);
-        st.free_pages += 1;
-        inc(&self.mm.counters().pool_frees);
+        for &pa in pages {
+            st.frames.dealloc(pa / PAGE_SIZE, 1);
+        }
+        st.free_pages += pages.len();
+        add(&self.mm.counters().pool_frees, pages.len() as u64);
     }
 
     /// The EL2-map update of guard mode, as a lazy section of its own,
     /// combined with an open section as the nesting policy says.
-    fn guard_update(&self, pa: PhysAddr, valid: bool) {
+    fn guard_update(&self, pages: &[PhysAddr], valid: bool) {
         let Some(el2) = self.guard else { return };
         let update = || {
-            let writes = el2.set_page(pa, valid);
-            self.mm.note_writes(writes, valid);
-            if !valid {
-                self.mm.queue_el2_invalidation(pa as u64, PAGE_SIZE as u64);
+            for &pa in pages {
+                let writes = el2.set_page(pa, valid);
+                self.mm.note_writes(writes, valid);
+                if !valid {
+                    self.mm.queue_el2_invalidation(pa as u64, PAGE_SIZE as u64);
+                }
             }
         };
         match self.mm.policy() {

@@ -371,8 +371,9 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     ) -> Result<(), Stage2Error> {
         let region = checked_region(ipa, size)?;
         check_pa(pa, size)?;
-        let leaves = self.leaves(&region);
-        if leaves.iter().any(|l| l.valid) {
+        let mut any_valid = false;
+        self.walk_leaves(&region, |l| any_valid |= l.valid);
+        if any_valid {
             return Err(Stage2Error::AlreadyMapped);
         }
         // Inside a section the range may have been unmapped with its
@@ -392,10 +393,11 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             pa,
             flags: attrs.descriptor_flags(),
         };
-        let needed: usize = leaves
-            .iter()
-            .map(|l| tables_for(&l.entry, l.level, core::slice::from_ref(&piece)))
-            .sum();
+        // Every entry is invalid (checked above), so this walk meets few.
+        let mut needed = 0;
+        self.walk_leaves(&region, |l| {
+            needed += tables_for(&l.entry, l.level, core::slice::from_ref(&piece))
+        });
         self.prepare(needed)?;
         self.make(&piece);
         let used = self.finish(needed);
@@ -509,6 +511,19 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         Ok(candidates.len())
     }
 
+    /// Frees every table left with no valid entry (after unmaps of parts of
+    /// it: `unmap` keeps tables it only partly empties). Their invalidation
+    /// (the whole VMID: walk caches may hold any of them) completes before
+    /// they go back to the pool.
+    pub fn compact(&mut self) {
+        self.mapping.compact_subtables();
+        if !self.reserve_pages().detached.is_empty() {
+            self.mm.queue_stage2_invalidation(self.vmid, 0, IPA_LIMIT);
+            self.hand_over_detached();
+            self.mm.op_done();
+        }
+    }
+
     /// Looks up what `ipa` translates to, if it is mapped.
     #[must_use]
     pub fn query(&self, ipa: Ipa) -> Option<S2Translation> {
@@ -535,58 +550,75 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         let Ok(region) = checked_region(ipa, size) else {
             return;
         };
-        for l in self.leaves(&region).into_iter().filter(|l| l.valid) {
+        self.walk_leaves(&region, |l| {
+            if !l.valid {
+                return;
+            }
             let t = S2Translation {
                 pa: l.pa + (l.chunk.start - l.entry.start),
                 attrs: S2Attrs::from_descriptor_flags(l.flags),
                 level: l.level,
             };
             f(l.chunk.start as Ipa..l.chunk.end as Ipa, t);
-        }
+        });
     }
 
     /// The shared path of `unmap`, `protect` and `remap`.
+    ///
+    /// Memory use is bounded whatever the range: the survey streams over the
+    /// entries, and the changes are made one 2 MiB window at a time (a
+    /// guest may ask to unmap a range of 65536 pages).
     fn change(&mut self, ipa: Ipa, size: usize, change: Change) -> Result<(), Stage2Error> {
         let region = checked_region(ipa, size)?;
-        let leaves = self.leaves(&region);
-        if !matches!(change, Change::Unmap) && leaves.iter().any(|l| !l.valid) {
+        let inside = |l: &Leaf| region.start <= l.entry.start && l.entry.end <= region.end;
+        let remap = matches!(change, Change::Remap { .. });
+
+        // Survey: holes, pages mapped, and the valid blocks reaching past the
+        // range (only the entries at its two ends can), which must be split.
+        let (mut hole, mut mapped_pages) = (false, 0);
+        let mut straddling: Vec<Leaf> = Vec::new();
+        self.walk_leaves(&region, |l| {
+            hole |= !l.valid;
+            if l.valid {
+                mapped_pages += (l.chunk.end - l.chunk.start) / PAGE_SIZE;
+                if !inside(&l) {
+                    straddling.push(l);
+                }
+            }
+        });
+        if !matches!(change, Change::Unmap) && hole {
             return Err(Stage2Error::NotMapped);
         }
-        let inside = |l: &Leaf| region.start <= l.entry.start && l.entry.end <= region.end;
-        // Valid blocks reaching past the range: they must be split.
-        let straddling: Vec<Leaf> = leaves
-            .iter()
-            .filter(|l| l.valid && !inside(l))
-            .cloned()
-            .collect();
         let pieces = make_pieces(&region, &straddling, change);
 
         // Prepare: tables for every entry that will be made anew.
-        let needed: usize = leaves
-            .iter()
-            .filter(|l| {
-                let in_place = l.valid && inside(l) && !matches!(change, Change::Remap { .. });
-                !in_place
-            })
-            .map(|l| tables_for(&l.entry, l.level, &pieces))
-            .sum();
+        let mut needed = 0;
+        self.walk_leaves(&region, |l| {
+            let in_place = l.valid && inside(&l) && !remap;
+            if !in_place {
+                needed += tables_for(&l.entry, l.level, &pieces);
+            }
+        });
         self.prepare(needed)?;
 
         // Break: straddling blocks, and for a remap every valid entry.
-        let mut broken: Vec<Range<usize>> = straddling.iter().map(|l| l.entry.clone()).collect();
-        if matches!(change, Change::Remap { .. }) {
-            broken.extend(
-                leaves
-                    .iter()
-                    .filter(|l| l.valid && inside(l))
-                    .map(|l| l.entry.clone()),
-            );
+        let mut broken = 0;
+        for l in &straddling {
+            self.unmap_entries(&l.entry);
+            broken += 1;
         }
-        if !broken.is_empty() {
-            for r in &broken {
-                self.unmap_entries(r);
-            }
-            self.mm.note_writes(broken.len() as u64, false);
+        if remap {
+            // Entry by entry (not in runs): a run over a whole table would
+            // detach the table, which the make would then need again.
+            self.for_each_window(&region, |s2, leaves| {
+                for l in leaves.iter().filter(|l| l.valid && inside(l)) {
+                    s2.unmap_entries(&l.entry);
+                    broken += 1;
+                }
+            });
+        }
+        if broken > 0 {
+            self.mm.note_writes(broken, false);
             add(&self.mm.counters().splits, straddling.len() as u64);
             self.complete_break();
         }
@@ -594,30 +626,29 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         // Make, or change in place.
         let mut writes = 0;
         match change {
-            Change::Unmap => {
+            Change::Unmap => self.for_each_window(&region, |s2, leaves| {
                 // Whole runs of valid entries at once: a run covering a whole
                 // table entry replaces it (one write; the table is detached).
-                let runs = valid_runs(leaves.iter().filter(|l| l.valid && inside(l)));
-                for r in &runs {
-                    self.unmap_entries(r);
+                for r in valid_runs(leaves.iter().filter(|l| l.valid && inside(l))) {
+                    s2.unmap_entries(&r);
+                    s2.walk_leaves(&r, |_| writes += 1);
                 }
-                writes += runs.iter().map(|r| self.leaves(r).len()).sum::<usize>();
-            }
-            Change::Protect(perm) => {
+            }),
+            Change::Protect(perm) => self.for_each_window(&region, |s2, leaves| {
                 for l in leaves.iter().filter(|l| l.valid && inside(l)) {
-                    self.make(&Piece {
+                    s2.make(&Piece {
                         range: l.entry.clone(),
                         pa: l.pa,
                         flags: with_perm(l.flags, perm),
                     });
                     writes += 1;
                 }
-            }
+            }),
             Change::Remap { .. } => {}
         }
         for p in &pieces {
             self.make(p);
-            writes += self.leaves(&p.range).iter().filter(|l| l.valid).count();
+            self.walk_leaves(&p.range, |l| writes += usize::from(l.valid));
         }
         let used = self.finish(needed);
         self.mm.note_writes(
@@ -627,14 +658,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
 
         let c = self.mm.counters();
         match change {
-            Change::Unmap => {
-                let pages: usize = leaves
-                    .iter()
-                    .filter(|l| l.valid)
-                    .map(|l| (l.chunk.end - l.chunk.start) / PAGE_SIZE)
-                    .sum();
-                sub(&c.pages_mapped, pages as u64);
-            }
+            Change::Unmap => sub(&c.pages_mapped, mapped_pages as u64),
             Change::Remap { .. } => {
                 inc(&c.mappings);
                 let (_, blocks) = self.count_valid_leaves(&region);
@@ -656,14 +680,30 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         Ok(())
     }
 
+    /// Calls `f` for each 2 MiB-aligned window of `region` with the leaves
+    /// that *start* in it (so an entry larger than a window is seen once),
+    /// at most 512 at a time. `f` may change the tables.
+    fn for_each_window(&mut self, region: &Range<usize>, mut f: impl FnMut(&mut Self, &[Leaf])) {
+        let mut start = region.start;
+        while start < region.end {
+            let end = ((start & !(BLOCK_2M - 1)) + BLOCK_2M).min(region.end);
+            let mut leaves = self.leaves(&(start..end));
+            leaves.retain(|l| l.entry.start >= start || l.entry.start < region.start);
+            f(self, &leaves);
+            start = end;
+        }
+    }
+
     /// Pages currently mapped in `region` (for the `pages_mapped` gauge,
     /// counted after any split so straddlers count their inside part only).
     fn mapped_pages(&self, region: &Range<usize>) -> usize {
-        self.leaves(region)
-            .iter()
-            .filter(|l| l.valid)
-            .map(|l| (l.chunk.end - l.chunk.start) / PAGE_SIZE)
-            .sum()
+        let mut pages = 0;
+        self.walk_leaves(region, |l| {
+            if l.valid {
+                pages += (l.chunk.end - l.chunk.start) / PAGE_SIZE;
+            }
+        });
+        pages
     }
 
     /// Completes a break: queues the broken ranges' invalidation and pays
@@ -733,13 +773,21 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     /// Leaf (or non-table invalid) entries covering `range`.
     fn leaves(&self, range: &Range<usize>) -> Vec<Leaf> {
         let mut out = Vec::new();
+        self.walk_leaves(range, |l| out.push(l));
+        out
+    }
+
+    /// Calls `f` with each leaf (or non-table invalid) entry covering
+    /// `range`, in address order, without collecting them (a range of a GiB
+    /// of pages has 262144).
+    fn walk_leaves(&self, range: &Range<usize>, mut f: impl FnMut(Leaf)) {
         self.mapping
             .walk_range(
                 &MemoryRegion::new(range.start, range.end),
                 &mut |chunk, desc, level| {
                     let gran = granularity(level);
                     let start = chunk.start().0 & !(gran - 1);
-                    out.push(Leaf {
+                    f(Leaf {
                         entry: start..start + gran,
                         chunk: chunk.start().0..chunk.end().0,
                         level,
@@ -751,14 +799,18 @@ impl<'m, A: MmArch> Stage2<'m, A> {
                 },
             )
             .expect("walk of a checked in-range region");
-        out
     }
 
     /// Valid leaf entries covering `region`, and how many are blocks.
     fn count_valid_leaves(&self, region: &Range<usize>) -> (usize, usize) {
-        let leaves = self.leaves(region);
-        let valid = leaves.iter().filter(|l| l.valid);
-        (valid.clone().count(), valid.filter(|l| l.level < 3).count())
+        let (mut valid, mut blocks) = (0, 0);
+        self.walk_leaves(region, |l| {
+            if l.valid {
+                valid += 1;
+                blocks += usize::from(l.level < 3);
+            }
+        });
+        (valid, blocks)
     }
 
     /// Prepare: fills the reserve with `pages` zeroed pool pages, or takes

@@ -151,11 +151,9 @@ impl Kit {
         let pool: &'static PagePool<'static, Model> =
             leak(unsafe { PagePool::new(pool_region, mm, guard) });
         mm.set_free_hook(leak(move |pages: &[PhysAddr]| {
-            for &pa in pages {
-                // SAFETY: the mm core hands over only detached tables whose
-                // TLB maintenance has completed.
-                unsafe { pool.free(pa) };
-            }
+            // SAFETY: the mm core hands over only detached tables whose TLB
+            // maintenance has completed.
+            unsafe { pool.free_many(pages) };
         }));
         let s2 = Stage2::new(VMID, mm, pool).expect("root table");
         model.set_stage2_root(VMID, s2.root());

@@ -112,11 +112,9 @@ static VM: Once<SpinMutex<Vm>> = Once::new();
 /// deferred frees).
 static FREE_TABLES: fn(&[PhysAddr]) = |pages| {
     let pool = POOL.get().expect("tables exist only once the pool does");
-    for &pa in pages {
-        // SAFETY: the mm core hands over only table pages it detached and
-        // whose invalidation has completed.
-        unsafe { pool.free(pa) };
-    }
+    // SAFETY: the mm core hands over only table pages it detached and whose
+    // invalidation has completed.
+    unsafe { pool.free_many(pages) };
 };
 
 /// The one guest.

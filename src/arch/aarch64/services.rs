@@ -52,6 +52,20 @@ pub(super) fn mm_call(function: u32, regs: &mut GuestRegs) {
         },
         smccc::HYP_TEST_SET_POLICY if test => set_policy(a1),
         smccc::HYP_TEST_SET_FAULT_AROUND if test => set_fault_around(a1),
+        smccc::HYP_TEST_RUN_WORKLOAD if test => bench::run_workload(a1, a2),
+        smccc::HYP_TEST_BENCH_MARK if test => bench::mark(a1, a2, a3),
+        smccc::HYP_TEST_FORGET if test => {
+            match VM
+                .get()
+                .expect("guest exists")
+                .lock()
+                .mem
+                .forget_given_back(a1, a2)
+            {
+                Ok(()) => (smccc::SUCCESS, 0),
+                Err(e) => (status(e.code()), 0),
+            }
+        }
         smccc::HYP_TEST_FREED_PAGE_PROBE if test => {
             if POOL.get().is_some_and(crate::mm::pool::PagePool::guarded) {
                 (smccc::SUCCESS, freed_page_probe())
@@ -198,4 +212,193 @@ fn freed_page_probe() -> u64 {
     mm.leave();
     let after = vectors::probe_read(page).is_some();
     u64::from(inside) | (u64::from(after) << 1)
+}
+
+/// Benchmarks (test builds): the scratch stage 2 the workloads run on, and
+/// the counter snapshot a guest-driven phase started from.
+pub(super) mod bench {
+    use spin::Once;
+    use spin::mutex::SpinMutex;
+
+    use crate::mm::arch::Vmid;
+    use crate::mm::lazy::NestPolicy;
+    use crate::mm::stage2::Stage2;
+    use crate::vcpu::smccc;
+    use crate::workloads::{self, Mode, Workload};
+
+    use super::super::console::println;
+    use super::super::mm_hw::HwMmArch;
+    use super::super::sysreg::{read_sysreg, write_sysreg};
+    use super::super::{EXITS, MM, POOL, VM};
+    use super::{invalid, status};
+
+    /// A stage 2 no guest ever runs on (VMID 2): workloads may map any PA.
+    static SCRATCH: Once<SpinMutex<Stage2<'static, HwMmArch>>> = Once::new();
+    /// Physical addresses the scratch tables point at: never accessed.
+    const SCRATCH_PA: usize = 0x40_0020_0000;
+
+    /// Counter totals (mm, then exits) and the counter value of a moment.
+    struct Snapshot {
+        values: [u64; 64],
+        ticks: u64,
+    }
+
+    static STARTED: SpinMutex<Option<(Snapshot, &'static str, Mode)>> = SpinMutex::new(None);
+
+    fn snapshot() -> Snapshot {
+        let mut values = [0; 64];
+        let mut i = 0;
+        let mut push = |_: &'static str, v: u64| {
+            values[i] = v;
+            i += 1;
+        };
+        MM.get().expect("mm exists").for_each_total(&mut push);
+        EXITS.for_each(&mut push);
+        Snapshot {
+            values,
+            ticks: read_sysreg!("cntpct_el0"),
+        }
+    }
+
+    /// Prints the `LAZYHYP-BENCH` line: the counters' change from `from` to
+    /// `to`.
+    fn report(from: &Snapshot, to: &Snapshot, workload: &str, mode: Mode, correct: bool) {
+        let mut names = [""; 64];
+        let mut i = 0;
+        let mut name = |n: &'static str, _: u64| {
+            names[i] = n;
+            i += 1;
+        };
+        MM.get().expect("mm exists").for_each_total(&mut name);
+        EXITS.for_each(&mut name);
+        let delta = |key: &str| {
+            names[..i]
+                .iter()
+                .position(|n| *n == key)
+                .map_or(0, |j| to.values[j] - from.values[j])
+        };
+        let exits: u64 = names[..i]
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.starts_with("exits_"))
+            .map(|(j, _)| to.values[j] - from.values[j])
+            .sum();
+        let freq = read_sysreg!("cntfrq_el0").max(1);
+        let micros = (to.ticks - from.ticks) * 1_000_000 / freq;
+        println!(
+            "LAZYHYP-BENCH: workload={workload} policy={} pte_writes={} dsb_ishst={} dsb_ish={} isb={} \
+             tlbi_ipas2e1is={} tlbi_ripas2e1is={} tlbi_vmalle1is={} tlbi_vmalls12e1is={} tlbi_vae2is={} \
+             tlbi_alle2is={} tlbi_pages={} bbm={} flattened={} demand_faults={} exits={exits} wall_us={micros} correct={correct}",
+            mode.name(),
+            delta("pte_writes"),
+            delta("dsb_ishst"),
+            delta("dsb_ish"),
+            delta("isb"),
+            delta("tlbi_ipas2e1is"),
+            delta("tlbi_ripas2e1is"),
+            delta("tlbi_vmalle1is"),
+            delta("tlbi_vmalls12e1is"),
+            delta("tlbi_vae2is"),
+            delta("tlbi_alle2is"),
+            delta("tlbi_pages"),
+            delta("bbm"),
+            delta("flattenings"),
+            delta("demand_faults"),
+        );
+    }
+
+    fn mode_of(raw: u64) -> Option<Mode> {
+        usize::try_from(raw)
+            .ok()
+            .and_then(|i| Mode::ALL.get(i))
+            .copied()
+    }
+
+    fn apply(mode: Mode) {
+        let mm = MM.get().expect("mm exists");
+        match mode {
+            Mode::Eager => mm.set_lazy_enabled(false),
+            Mode::Lazy(p) => {
+                mm.set_lazy_enabled(true);
+                mm.set_policy(p);
+            }
+        }
+    }
+
+    fn restore() {
+        let mm = MM.get().expect("mm exists");
+        mm.set_lazy_enabled(true);
+        mm.set_policy(NestPolicy::Flatten);
+    }
+
+    /// `HYP_TEST_RUN_WORKLOAD(workload, mode)`.
+    pub(in super::super) fn run_workload(w: u64, mode: u64) -> (u64, u64) {
+        let (Some(&w), Some(mode)) = (
+            usize::try_from(w).ok().and_then(|i| Workload::ALL.get(i)),
+            mode_of(mode),
+        ) else {
+            return invalid();
+        };
+        let mm = MM.get().expect("mm exists");
+        let pool = POOL.get().expect("pool exists");
+        let Ok(scratch) =
+            SCRATCH.try_call_once(|| Stage2::new(Vmid(2), mm, pool).map(SpinMutex::new))
+        else {
+            return (status(-4), 0);
+        };
+        let mut s2 = scratch.lock();
+        let guest_vttbr = VM.get().expect("guest exists").lock().stage2.vttbr();
+        // The stage-2 TLBIs act on the VMID in VTTBR_EL2: install the
+        // scratch tables while the workload runs (no guest runs meanwhile).
+        write_sysreg!("vttbr_el2", s2.vttbr());
+        // SAFETY: a context synchronization barrier after the VTTBR write.
+        unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
+        // The counters at the start and the end of the measured phase.
+        let mut start = None;
+        let mut end = None;
+        let r = workloads::run(w, mode, &mut s2, mm, SCRATCH_PA, &mut |begin| {
+            if begin {
+                start = Some(snapshot());
+            } else {
+                end = Some(snapshot());
+            }
+        });
+        write_sysreg!("vttbr_el2", guest_vttbr);
+        // SAFETY: as above.
+        unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
+        restore();
+        let correct = r == Ok(true);
+        if let (Some(from), Some(to)) = (start, end) {
+            report(&from, &to, w.name(), mode, correct);
+        }
+        (smccc::SUCCESS, u64::from(correct))
+    }
+
+    /// `HYP_TEST_BENCH_MARK(0, mode, workload)` / `(1, _, correct)`.
+    pub(in super::super) fn mark(which: u64, arg: u64, arg2: u64) -> (u64, u64) {
+        match which {
+            0 => {
+                let Some(mode) = mode_of(arg) else {
+                    return invalid();
+                };
+                let name = match arg2 {
+                    0 => "W5-fa-off",
+                    1 => "W5-fa-on",
+                    _ => return invalid(),
+                };
+                apply(mode);
+                STARTED.lock().replace((snapshot(), name, mode));
+                (smccc::SUCCESS, 0)
+            }
+            1 => {
+                let Some((from, name, mode)) = STARTED.lock().take() else {
+                    return invalid();
+                };
+                report(&from, &snapshot(), name, mode, arg2 == 1);
+                restore();
+                (smccc::SUCCESS, 0)
+            }
+            _ => invalid(),
+        }
+    }
 }
