@@ -205,3 +205,34 @@ fn guest_interface_suite_in_qemu() {
         .unwrap_or_else(|| panic!("no demand_faults\n{report}"));
     assert!(demand >= 16384 + 32, "{report}");
 }
+
+/// Smoke test of `cargo xtask bench`'s QEMU part: the bench boot runs every
+/// workload in every mode, and its records turn into JSON with the required
+/// fields. (Counts, not timings: benchmarks are not tests.)
+#[test]
+fn bench_boot_emits_every_record() {
+    let records = xtask::bench::qemu_records(artifacts()).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(records.len(), 30, "6 workloads x 5 modes");
+    let json = xtask::bench::to_json(&records);
+    for field in [
+        "\"workload\"",
+        "\"policy\"",
+        "\"pte_writes\"",
+        "\"dsb\"",
+        "\"isb\"",
+        "\"tlbi\"",
+        "\"tlbi_pages\"",
+        "\"bbm\"",
+        "\"flattened\"",
+        "\"exits\"",
+        "\"wall_ms\"",
+        "\"correct\"",
+    ] {
+        assert_eq!(json.matches(field).count(), 30, "{field}");
+    }
+    let w1_flatten = records
+        .iter()
+        .find(|r| r.workload == "W1" && r.policy == "flatten")
+        .expect("W1 flatten");
+    assert!(w1_flatten.dsb() <= 2 * 8 + 1, "{w1_flatten:?}");
+}

@@ -5,6 +5,7 @@
 //! tests (`tests/`) both use this library.
 
 mod artifacts;
+pub mod bench;
 mod outcome;
 mod process;
 mod qemu;

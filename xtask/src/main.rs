@@ -26,6 +26,17 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
+    /// Run the benchmarks: W1..W5 in eager mode and under every nesting
+    /// policy in one QEMU boot (correctness from the host model), then the
+    /// host throughput of the manager against raw aarch64-paging.
+    Bench {
+        /// Also write the records as JSON to this file.
+        #[arg(long, value_name = "PATH")]
+        json: Option<std::path::PathBuf>,
+        /// Skip the host (criterion) benchmark.
+        #[arg(long)]
+        no_host: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +117,36 @@ fn test() -> Result<bool> {
     }
 }
 
+fn bench(json: Option<&std::path::Path>, no_host: bool) -> Result<bool> {
+    use xtask::bench;
+    xtask::ensure_qemu()?;
+    let artifacts = xtask::build(true)?;
+    println!("xtask bench: booting the bench sequence in QEMU (guard mode on)");
+    let mut records = bench::qemu_records(&artifacts)?;
+    println!("xtask bench: checking every run on the host model");
+    let verdicts = bench::model_verdicts()?;
+    bench::merge(&mut records, &verdicts);
+    print!("{}", bench::table(&records));
+    if let Some(path) = json {
+        bench::write_json(path, &records)?;
+        println!("xtask bench: wrote {}", path.display());
+    }
+    if !no_host {
+        println!("xtask bench: host benchmark (criterion), manager vs raw aarch64-paging");
+        println!("{}", bench::host_ratio()?);
+    }
+    // Only what must hold fails the command; the numbers are reported.
+    let missing: Vec<_> = records
+        .iter()
+        .filter(|r| r.correct_model.is_none())
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask bench: no model verdict for {} runs", missing.len());
+        return Ok(false);
+    }
+    Ok(true)
+}
+
 fn build(debug: bool) -> Result<bool> {
     let artifacts = xtask::build(!debug)?;
     println!("hypervisor: {}", artifacts.hypervisor.display());
@@ -119,6 +160,7 @@ fn main() -> ExitCode {
         Cmd::Qemu(args) => qemu(args),
         Cmd::Test => test(),
         Cmd::Build { debug } => build(debug),
+        Cmd::Bench { json, no_host } => bench(json.as_deref(), no_host),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,0 +1,379 @@
+//! `cargo xtask bench`: the barrier and TLBI economy of eager mode and of
+//! every nesting policy, in one QEMU boot, with the correctness of each run
+//! judged on the host model; and the host throughput of the manager against
+//! raw aarch64-paging (criterion). See docs/benchmarks.md.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{Artifacts, RunOptions, cargo_command, run, run_with_timeout};
+
+/// One run of one workload in one mode.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BenchRecord {
+    /// `W1`..`W4`, `W5-fa-off`, `W5-fa-on`.
+    pub workload: String,
+    /// `eager`, `flush_inner`, `naive`, `flatten`, `counted`.
+    pub policy: String,
+    /// The counters the hypervisor reported for the measured phase.
+    pub counters: BTreeMap<String, u64>,
+    /// Wall time of the measured phase, in QEMU (ms; noisy, information only).
+    pub wall_ms: f64,
+    /// What the hypervisor (or guest) checked in QEMU.
+    pub correct_qemu: bool,
+    /// What the host model says (`None` if it has no verdict for the run).
+    pub correct_model: Option<bool>,
+}
+
+impl BenchRecord {
+    fn get(&self, key: &str) -> u64 {
+        self.counters.get(key).copied().unwrap_or(0)
+    }
+
+    /// DSBs of both kinds.
+    #[must_use]
+    pub fn dsb(&self) -> u64 {
+        self.get("dsb_ishst") + self.get("dsb_ish")
+    }
+
+    /// TLBI instructions of every kind.
+    #[must_use]
+    pub fn tlbi(&self) -> u64 {
+        [
+            "tlbi_ipas2e1is",
+            "tlbi_ripas2e1is",
+            "tlbi_vmalle1is",
+            "tlbi_vmalls12e1is",
+            "tlbi_vae2is",
+            "tlbi_alle2is",
+        ]
+        .iter()
+        .map(|k| self.get(k))
+        .sum()
+    }
+
+    /// Correct in QEMU and in the model.
+    #[must_use]
+    pub fn correct(&self) -> bool {
+        self.correct_qemu && self.correct_model.unwrap_or(false)
+    }
+}
+
+/// Parses the `LAZYHYP-BENCH:` lines of a run.
+#[must_use]
+pub fn parse_bench_lines(output: &str) -> Vec<BenchRecord> {
+    let mut records = Vec::new();
+    for line in output.lines() {
+        let Some(rest) = line.split("LAZYHYP-BENCH:").nth(1) else {
+            continue;
+        };
+        let mut r = BenchRecord::default();
+        for kv in rest.split_whitespace() {
+            let Some((k, v)) = kv.split_once('=') else {
+                continue;
+            };
+            match k {
+                "workload" => r.workload = v.to_owned(),
+                "policy" => r.policy = v.to_owned(),
+                "wall_us" => r.wall_ms = v.parse::<f64>().unwrap_or(0.0) / 1000.0,
+                "correct" => r.correct_qemu = v == "true",
+                _ => {
+                    if let Ok(n) = v.parse() {
+                        r.counters.insert(k.to_owned(), n);
+                    }
+                }
+            }
+        }
+        records.push(r);
+    }
+    records
+}
+
+/// Parses `MODEL workload=.. policy=.. correct=..` lines.
+#[must_use]
+pub fn parse_model_lines(output: &str) -> BTreeMap<(String, String), bool> {
+    let mut verdicts = BTreeMap::new();
+    for line in output.lines().filter(|l| l.starts_with("MODEL ")) {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+                .map(str::to_owned)
+        };
+        if let (Some(w), Some(p), Some(c)) = (field("workload"), field("policy"), field("correct"))
+        {
+            verdicts.insert((w, p), c == "true");
+        }
+    }
+    verdicts
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The records as a JSON array (fields: workload, policy, pte_writes, dsb,
+/// dsb_ishst, dsb_ish, isb, tlbi, tlbi_pages, each TLBI kind, bbm,
+/// flattened, exits, demand_faults, wall_ms, correct, correct_qemu,
+/// correct_model).
+#[must_use]
+pub fn to_json(records: &[BenchRecord]) -> String {
+    let mut out = String::from("[\n");
+    for (i, r) in records.iter().enumerate() {
+        let _ = write!(
+            out,
+            "  {{\"workload\": {}, \"policy\": {}, \"pte_writes\": {}, \"dsb\": {}, \"dsb_ishst\": {}, \
+             \"dsb_ish\": {}, \"isb\": {}, \"tlbi\": {}, \"tlbi_pages\": {}",
+            json_string(&r.workload),
+            json_string(&r.policy),
+            r.get("pte_writes"),
+            r.dsb(),
+            r.get("dsb_ishst"),
+            r.get("dsb_ish"),
+            r.get("isb"),
+            r.tlbi(),
+            r.get("tlbi_pages"),
+        );
+        for k in [
+            "tlbi_ipas2e1is",
+            "tlbi_ripas2e1is",
+            "tlbi_vmalle1is",
+            "tlbi_vmalls12e1is",
+            "tlbi_vae2is",
+            "tlbi_alle2is",
+        ] {
+            let _ = write!(out, ", \"{k}\": {}", r.get(k));
+        }
+        let model = r
+            .correct_model
+            .map_or_else(|| "null".to_owned(), |c| c.to_string());
+        let _ = write!(
+            out,
+            ", \"bbm\": {}, \"flattened\": {}, \"exits\": {}, \"demand_faults\": {}, \"wall_ms\": {:.3}, \
+             \"correct\": {}, \"correct_qemu\": {}, \"correct_model\": {model}}}",
+            r.get("bbm"),
+            r.get("flattened"),
+            r.get("exits"),
+            r.get("demand_faults"),
+            r.wall_ms,
+            r.correct(),
+            r.correct_qemu,
+        );
+        out.push_str(if i + 1 < records.len() { ",\n" } else { "\n" });
+    }
+    out.push(']');
+    out.push('\n');
+    out
+}
+
+/// The table printed by `cargo xtask bench`.
+#[must_use]
+pub fn table(records: &[BenchRecord]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<10} {:<12} {:>9} {:>7} {:>6} {:>7} {:>10} {:>5} {:>6} {:>6} {:>9} {:>8}  correct",
+        "workload",
+        "policy",
+        "pte_wr",
+        "dsb",
+        "isb",
+        "tlbi",
+        "tlbi_pages",
+        "bbm",
+        "flat",
+        "exits",
+        "faults",
+        "wall_ms"
+    );
+    for r in records {
+        let _ = writeln!(
+            out,
+            "{:<10} {:<12} {:>9} {:>7} {:>6} {:>7} {:>10} {:>5} {:>6} {:>6} {:>9} {:>8.2}  {}",
+            r.workload,
+            r.policy,
+            r.get("pte_writes"),
+            r.dsb(),
+            r.get("isb"),
+            r.tlbi(),
+            r.get("tlbi_pages"),
+            r.get("bbm"),
+            r.get("flattened"),
+            r.get("exits"),
+            r.get("demand_faults"),
+            r.wall_ms,
+            match (r.correct_qemu, r.correct_model) {
+                (true, Some(true)) => "yes",
+                (true, Some(false)) => "NO (model)",
+                (false, _) => "NO (qemu)",
+                (true, None) => "? (no model verdict)",
+            }
+        );
+    }
+    out
+}
+
+/// Boots the bench sequence in QEMU and returns its records.
+///
+/// # Errors
+///
+/// If QEMU cannot run, the run fails, or it reports no record.
+pub fn qemu_records(artifacts: &Artifacts) -> Result<Vec<BenchRecord>> {
+    let opts = RunOptions {
+        timeout: Duration::from_secs(600),
+        bootargs: vec![
+            "guest.bench=1".to_owned(),
+            "mm.guard=1".to_owned(),
+            "log=warn".to_owned(),
+        ],
+        echo: false,
+        ..RunOptions::default()
+    };
+    let outcome = run(artifacts, &opts)?;
+    if !outcome.verdict().is_pass() {
+        bail!(
+            "the bench boot failed: {}\n{}",
+            outcome.verdict(),
+            outcome.output
+        );
+    }
+    let records = parse_bench_lines(&outcome.output);
+    if records.is_empty() {
+        bail!(
+            "the bench boot printed no LAZYHYP-BENCH line\n{}",
+            outcome.output
+        );
+    }
+    Ok(records)
+}
+
+/// Runs the model check (`examples/model_check.rs`) and returns its verdicts.
+///
+/// # Errors
+///
+/// If it cannot be built or run.
+pub fn model_verdicts() -> Result<BTreeMap<(String, String), bool>> {
+    let mut cmd = cargo_command();
+    cmd.args([
+        "run",
+        "--release",
+        "-q",
+        "-p",
+        "lazyhyp",
+        "--features",
+        "model",
+        "--example",
+        "model_check",
+    ]);
+    let out = run_with_timeout(cmd, Some(Duration::from_secs(900)), false)?;
+    if out.timed_out || !out.status.success() {
+        bail!("model_check failed:\n{}", out.output);
+    }
+    Ok(parse_model_lines(&out.output))
+}
+
+/// Runs the criterion benchmark and returns its `RATIO` line.
+///
+/// # Errors
+///
+/// If it cannot be run or prints no `RATIO` line.
+pub fn host_ratio() -> Result<String> {
+    let mut cmd = cargo_command();
+    cmd.args(["bench", "-p", "lazyhyp", "--bench", "map_unmap"]);
+    let out = run_with_timeout(cmd, Some(Duration::from_secs(1200)), true)?;
+    out.output
+        .lines()
+        .find(|l| l.starts_with("RATIO "))
+        .map(str::to_owned)
+        .context("the criterion benchmark printed no RATIO line")
+}
+
+/// Merges model verdicts into the QEMU records.
+pub fn merge(records: &mut [BenchRecord], verdicts: &BTreeMap<(String, String), bool>) {
+    for r in records {
+        r.correct_model = verdicts
+            .get(&(r.workload.clone(), r.policy.clone()))
+            .copied();
+    }
+}
+
+/// Writes the JSON document to `path`.
+///
+/// # Errors
+///
+/// If the file cannot be written.
+pub fn write_json(path: &Path, records: &[BenchRecord]) -> Result<()> {
+    std::fs::write(path, to_json(records)).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str = "LAZYHYP-BENCH: workload=W1 policy=flatten pte_writes=528 dsb_ishst=9 dsb_ish=0 isb=9 \
+        tlbi_ipas2e1is=0 tlbi_ripas2e1is=0 tlbi_vmalle1is=0 tlbi_vmalls12e1is=0 tlbi_vae2is=0 tlbi_alle2is=0 \
+        tlbi_pages=0 bbm=0 flattened=8 demand_faults=0 exits=0 wall_us=623 correct=true";
+
+    #[test]
+    fn parses_bench_and_model_lines_and_merges() {
+        let mut records = parse_bench_lines(&format!("noise\n{LINE}\n"));
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!(
+            (
+                r.workload.as_str(),
+                r.policy.as_str(),
+                r.dsb(),
+                r.get("flattened")
+            ),
+            ("W1", "flatten", 9, 8)
+        );
+        assert!((r.wall_ms - 0.623).abs() < 1e-9);
+        let verdicts = parse_model_lines(
+            "MODEL workload=W1 policy=flatten correct=true\nMODEL workload=W1 policy=naive correct=false\n",
+        );
+        merge(&mut records, &verdicts);
+        assert!(records[0].correct());
+    }
+
+    #[test]
+    fn json_has_the_required_fields_and_is_well_formed() {
+        let mut records = parse_bench_lines(LINE);
+        records[0].correct_model = Some(false);
+        let json = to_json(&records);
+        for field in [
+            "\"workload\": \"W1\"",
+            "\"policy\": \"flatten\"",
+            "\"pte_writes\": 528",
+            "\"dsb\": 9",
+            "\"isb\": 9",
+            "\"tlbi\": 0",
+            "\"tlbi_pages\": 0",
+            "\"bbm\": 0",
+            "\"flattened\": 8",
+            "\"exits\": 0",
+            "\"wall_ms\": 0.623",
+            "\"correct\": false",
+        ] {
+            assert!(json.contains(field), "{field} missing in {json}");
+        }
+        // Balanced brackets and braces, one object.
+        assert_eq!(json.matches('{').count(), 1);
+        assert!(json.trim_start().starts_with('[') && json.trim_end().ends_with(']'));
+    }
+}
