@@ -396,7 +396,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         // Every entry is invalid (checked above), so this walk meets few.
         let mut needed = 0;
         self.walk_leaves(&region, |l| {
-            needed += tables_for(&l.entry, l.level, core::slice::from_ref(&piece))
+            needed += tables_for(&l.entry, l.level, core::slice::from_ref(&piece));
         });
         self.prepare(needed)?;
         self.make(&piece);

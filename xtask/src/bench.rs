@@ -77,8 +77,8 @@ pub fn parse_bench_lines(output: &str) -> Vec<BenchRecord> {
                 continue;
             };
             match k {
-                "workload" => r.workload = v.to_owned(),
-                "policy" => r.policy = v.to_owned(),
+                "workload" => v.clone_into(&mut r.workload),
+                "policy" => v.clone_into(&mut r.policy),
                 "wall_us" => r.wall_ms = v.parse::<f64>().unwrap_or(0.0) / 1000.0,
                 "correct" => r.correct_qemu = v == "true",
                 _ => {
@@ -235,7 +235,7 @@ pub fn table(records: &[BenchRecord]) -> String {
 /// If QEMU cannot run, the run fails, or it reports no record.
 pub fn qemu_records(artifacts: &Artifacts) -> Result<Vec<BenchRecord>> {
     let opts = RunOptions {
-        timeout: Duration::from_secs(600),
+        timeout: Duration::from_mins(10),
         bootargs: vec![
             "guest.bench=1".to_owned(),
             "mm.guard=1".to_owned(),
@@ -280,7 +280,7 @@ pub fn model_verdicts() -> Result<BTreeMap<(String, String), bool>> {
         "--example",
         "model_check",
     ]);
-    let out = run_with_timeout(cmd, Some(Duration::from_secs(900)), false)?;
+    let out = run_with_timeout(cmd, Some(Duration::from_mins(15)), false)?;
     if out.timed_out || !out.status.success() {
         bail!("model_check failed:\n{}", out.output);
     }
@@ -295,7 +295,7 @@ pub fn model_verdicts() -> Result<BTreeMap<(String, String), bool>> {
 pub fn host_ratio() -> Result<String> {
     let mut cmd = cargo_command();
     cmd.args(["bench", "-p", "lazyhyp", "--bench", "map_unmap"]);
-    let out = run_with_timeout(cmd, Some(Duration::from_secs(1200)), true)?;
+    let out = run_with_timeout(cmd, Some(Duration::from_mins(20)), true)?;
     out.output
         .lines()
         .find(|l| l.starts_with("RATIO "))
