@@ -286,7 +286,11 @@ impl<'m, A: MmArch> PagePool<'m, A> {
 }
 
 #[cfg(any(test, feature = "model"))]
-#[allow(clippy::must_use_candidate, clippy::missing_panics_doc, reason = "test fixtures")]
+#[allow(
+    clippy::must_use_candidate,
+    clippy::missing_panics_doc,
+    reason = "test fixtures"
+)]
 pub mod test_support {
     //! Host memory for pools, and an EL2-page map that only counts.
 

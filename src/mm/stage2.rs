@@ -394,14 +394,15 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             flags: attrs.descriptor_flags(),
         };
         // Every entry is invalid (checked above), so this walk meets few.
-        let mut needed = 0;
+        let mut made = MadeLayout::default();
         self.walk_leaves(&region, |l| {
-            needed += tables_for(&l.entry, l.level, core::slice::from_ref(&piece));
+            made += layout_for(&l.entry, l.level, core::slice::from_ref(&piece))
         });
+        let needed = made.tables;
         self.prepare(needed)?;
         self.make(&piece);
         let used = self.finish(needed);
-        let (leaves_written, blocks) = self.count_valid_leaves(&region);
+        let (leaves_written, blocks) = (made.leaves, made.blocks);
         self.mm.note_writes((leaves_written + used) as u64, true);
         let c = self.mm.counters();
         add(&c.blocks_mapped, blocks as u64);
@@ -591,14 +592,20 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         }
         let pieces = make_pieces(&region, &straddling, change);
 
-        // Prepare: tables for every entry that will be made anew.
-        let mut needed = 0;
-        self.walk_leaves(&region, |l| {
-            let in_place = l.valid && inside(&l) && !remap;
-            if !in_place {
-                needed += tables_for(&l.entry, l.level, &pieces);
-            }
-        });
+        // Prepare: tables for every entry that will be made anew: the
+        // straddling blocks (only they meet the pieces of an unmap or a
+        // protect), and for a remap every entry in the range.
+        let mut needed: usize = straddling
+            .iter()
+            .map(|l| layout_for(&l.entry, l.level, &pieces).tables)
+            .sum();
+        if remap {
+            self.walk_leaves(&region, |l| {
+                if inside(&l) {
+                    needed += layout_for(&l.entry, l.level, &pieces).tables;
+                }
+            });
+        }
         self.prepare(needed)?;
 
         // Break: straddling blocks, and for a remap every valid entry.
@@ -945,16 +952,33 @@ fn with_perm(flags: Stage2Attributes, perm: S2Perm) -> Stage2Attributes {
         & (Stage2Attributes::S2AP_ACCESS_RW | Stage2Attributes::XN))
 }
 
-/// Tables aarch64-paging creates when it writes `pieces` into the entry
-/// `entry` at `level`, which is not a table (it is invalid, or a block about
-/// to be broken). It follows aarch64-paging's rule: an entry takes a block
-/// (or stays empty) only if one piece covers it whole with an aligned
-/// output address, or nothing covers it; otherwise it becomes a table, and
-/// each of its entries is decided the same way one level down.
-fn tables_for(entry: &Range<usize>, level: usize, pieces: &[Piece]) -> usize {
-    if level >= 3 {
-        return 0;
+/// What writing some pieces into one entry creates.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+struct MadeLayout {
+    /// New tables.
+    tables: usize,
+    /// Valid leaf entries written.
+    leaves: usize,
+    /// Of those, blocks.
+    blocks: usize,
+}
+
+impl core::ops::AddAssign for MadeLayout {
+    fn add_assign(&mut self, o: Self) {
+        self.tables += o.tables;
+        self.leaves += o.leaves;
+        self.blocks += o.blocks;
     }
+}
+
+/// What aarch64-paging creates when it writes `pieces` (disjoint) into the
+/// entry `entry` at `level`, which is not a table (it is invalid, or a block
+/// about to be broken). It follows aarch64-paging's rule: an entry takes a
+/// block (or stays empty) only if one piece covers it whole with an aligned
+/// output address, or nothing covers it; otherwise it becomes a table, and
+/// each of its entries is decided the same way one level down (a level-3
+/// table holds one page per covered page).
+fn layout_for(entry: &Range<usize>, level: usize, pieces: &[Piece]) -> MadeLayout {
     let inside: Vec<Piece> = pieces
         .iter()
         .filter(|p| p.range.start < entry.end && entry.start < p.range.end)
@@ -969,14 +993,35 @@ fn tables_for(entry: &Range<usize>, level: usize, pieces: &[Piece]) -> usize {
         .collect();
     let gran = entry.end - entry.start;
     match inside.as_slice() {
-        [] => 0,
-        [p] if p.range == *entry && p.pa.is_multiple_of(gran) => 0,
+        [] => MadeLayout::default(),
+        _ if level >= 3 => MadeLayout {
+            tables: 0,
+            leaves: 1,
+            blocks: 0,
+        },
+        [p] if p.range == *entry && p.pa.is_multiple_of(gran) => MadeLayout {
+            tables: 0,
+            leaves: 1,
+            blocks: 1,
+        },
+        _ if level == 2 => MadeLayout {
+            tables: 1,
+            leaves: inside
+                .iter()
+                .map(|p| (p.range.end - p.range.start) / PAGE_SIZE)
+                .sum(),
+            blocks: 0,
+        },
         _ => {
             let sub = gran / 512;
-            1 + (entry.start..entry.end)
-                .step_by(sub)
-                .map(|s| tables_for(&(s..s + sub), level + 1, &inside))
-                .sum::<usize>()
+            let mut made = MadeLayout {
+                tables: 1,
+                ..MadeLayout::default()
+            };
+            for s in (entry.start..entry.end).step_by(sub) {
+                made += layout_for(&(s..s + sub), level + 1, &inside);
+            }
+            made
         }
     }
 }
