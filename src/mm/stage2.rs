@@ -574,22 +574,30 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         let inside = |l: &Leaf| region.start <= l.entry.start && l.entry.end <= region.end;
         let remap = matches!(change, Change::Remap { .. });
 
-        // Survey: holes, pages mapped, and the valid blocks reaching past the
-        // range (only the entries at its two ends can), which must be split.
-        let (mut hole, mut mapped_pages) = (false, 0);
+        // Survey. Only the entries at the range's two ends can be valid
+        // blocks reaching past it (which must be split): look at those two.
+        // Protect and remap need the range wholly mapped: walk it for holes.
         let mut straddling: Vec<Leaf> = Vec::new();
-        self.walk_leaves(&region, |l| {
-            hole |= !l.valid;
-            if l.valid {
-                mapped_pages += (l.chunk.end - l.chunk.start) / PAGE_SIZE;
-                if !inside(&l) {
+        for page in [region.start, region.end - PAGE_SIZE] {
+            self.walk_leaves(&(page..page + PAGE_SIZE), |l| {
+                if l.valid && !inside(&l) && !straddling.iter().any(|s| s.entry == l.entry) {
                     straddling.push(l);
                 }
-            }
-        });
-        if !matches!(change, Change::Unmap) && hole {
-            return Err(Stage2Error::NotMapped);
+            });
         }
+        if !matches!(change, Change::Unmap) {
+            let mut hole = false;
+            self.walk_leaves(&region, |l| hole |= !l.valid);
+            if hole {
+                return Err(Stage2Error::NotMapped);
+            }
+        }
+        // Pages this unmaps: the straddlers' parts inside the range, plus
+        // the entries inside it (counted as they are unmapped, below).
+        let mut mapped_pages: usize = straddling
+            .iter()
+            .map(|l| (l.entry.end.min(region.end) - l.entry.start.max(region.start)) / PAGE_SIZE)
+            .sum();
         let pieces = make_pieces(&region, &straddling, change);
 
         // Prepare: tables for every entry that will be made anew: the
@@ -633,14 +641,33 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         // Make, or change in place.
         let mut writes = 0;
         match change {
-            Change::Unmap => self.for_each_window(&region, |s2, leaves| {
-                // Whole runs of valid entries at once: a run covering a whole
-                // table entry replaces it (one write; the table is detached).
-                for r in valid_runs(leaves.iter().filter(|l| l.valid && inside(l))) {
-                    s2.unmap_entries(&r);
-                    s2.walk_leaves(&r, |_| writes += 1);
+            Change::Unmap => {
+                // Window by window: the runs of valid entries inside the
+                // range, then each run at once (a run covering a whole table
+                // entry replaces it: one write, the table detached).
+                let mut start = region.start;
+                while start < region.end {
+                    let end = ((start & !(BLOCK_2M - 1)) + BLOCK_2M).min(region.end);
+                    let mut runs: Vec<Range<usize>> = Vec::new();
+                    self.walk_leaves(&(start..end), |l| {
+                        // Entries larger than a window are seen once, in the
+                        // window they start in.
+                        if !l.valid || !inside(&l) || l.entry.start < start {
+                            return;
+                        }
+                        mapped_pages += (l.entry.end - l.entry.start) / PAGE_SIZE;
+                        match runs.last_mut() {
+                            Some(r) if r.end == l.entry.start => r.end = l.entry.end,
+                            _ => runs.push(l.entry.clone()),
+                        }
+                    });
+                    for r in &runs {
+                        self.unmap_entries(r);
+                        self.walk_leaves(r, |_| writes += 1);
+                    }
+                    start = end;
                 }
-            }),
+            }
             Change::Protect(perm) => self.for_each_window(&region, |s2, leaves| {
                 for l in leaves.iter().filter(|l| l.valid && inside(l)) {
                     s2.make(&Piece {
@@ -886,18 +913,6 @@ impl<A: MmArch> Drop for Stage2<'_, A> {
         }
         self.mm.flush();
     }
-}
-
-/// Maximal runs of address-contiguous entries.
-fn valid_runs<'a>(leaves: impl Iterator<Item = &'a Leaf>) -> Vec<Range<usize>> {
-    let mut runs: Vec<Range<usize>> = Vec::new();
-    for l in leaves {
-        match runs.last_mut() {
-            Some(r) if r.end == l.entry.start => r.end = l.entry.end,
-            _ => runs.push(l.entry.clone()),
-        }
-    }
-    runs
 }
 
 /// The pieces an operation (re)makes: the parts of straddling blocks outside
