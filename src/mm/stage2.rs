@@ -396,7 +396,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         // Every entry is invalid (checked above), so this walk meets few.
         let mut made = MadeLayout::default();
         self.walk_leaves(&region, |l| {
-            made += layout_for(&l.entry, l.level, core::slice::from_ref(&piece))
+            made += layout_for(&l.entry, l.level, core::slice::from_ref(&piece));
         });
         let needed = made.tables;
         self.prepare(needed)?;
@@ -642,31 +642,9 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         let mut writes = 0;
         match change {
             Change::Unmap => {
-                // Window by window: the runs of valid entries inside the
-                // range, then each run at once (a run covering a whole table
-                // entry replaces it: one write, the table detached).
-                let mut start = region.start;
-                while start < region.end {
-                    let end = ((start & !(BLOCK_2M - 1)) + BLOCK_2M).min(region.end);
-                    let mut runs: Vec<Range<usize>> = Vec::new();
-                    self.walk_leaves(&(start..end), |l| {
-                        // Entries larger than a window are seen once, in the
-                        // window they start in.
-                        if !l.valid || !inside(&l) || l.entry.start < start {
-                            return;
-                        }
-                        mapped_pages += (l.entry.end - l.entry.start) / PAGE_SIZE;
-                        match runs.last_mut() {
-                            Some(r) if r.end == l.entry.start => r.end = l.entry.end,
-                            _ => runs.push(l.entry.clone()),
-                        }
-                    });
-                    for r in &runs {
-                        self.unmap_entries(r);
-                        self.walk_leaves(r, |_| writes += 1);
-                    }
-                    start = end;
-                }
+                let (w, pages) = self.unmap_inside(&region);
+                writes += w;
+                mapped_pages += pages;
             }
             Change::Protect(perm) => self.for_each_window(&region, |s2, leaves| {
                 for l in leaves.iter().filter(|l| l.valid && inside(l)) {
@@ -712,6 +690,38 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         }
         self.mm.op_done();
         Ok(())
+    }
+
+    /// Unmaps every valid entry wholly inside `region`, window by window:
+    /// the runs of valid entries in a 2 MiB window, then each run at once (a
+    /// run covering a whole table entry replaces it: one write, the table
+    /// detached). Returns (descriptors written, pages unmapped).
+    fn unmap_inside(&mut self, region: &Range<usize>) -> (usize, usize) {
+        let inside = |l: &Leaf| region.start <= l.entry.start && l.entry.end <= region.end;
+        let (mut writes, mut pages) = (0, 0);
+        let mut start = region.start;
+        while start < region.end {
+            let end = ((start & !(BLOCK_2M - 1)) + BLOCK_2M).min(region.end);
+            let mut runs: Vec<Range<usize>> = Vec::new();
+            self.walk_leaves(&(start..end), |l| {
+                // Entries larger than a window are seen once, in the window
+                // they start in.
+                if !l.valid || !inside(&l) || l.entry.start < start {
+                    return;
+                }
+                pages += (l.entry.end - l.entry.start) / PAGE_SIZE;
+                match runs.last_mut() {
+                    Some(r) if r.end == l.entry.start => r.end = l.entry.end,
+                    _ => runs.push(l.entry.clone()),
+                }
+            });
+            for r in &runs {
+                self.unmap_entries(r);
+                self.walk_leaves(r, |_| writes += 1);
+            }
+            start = end;
+        }
+        (writes, pages)
     }
 
     /// Calls `f` for each 2 MiB-aligned window of `region` with the leaves
