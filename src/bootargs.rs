@@ -22,6 +22,10 @@ pub mod guest_flags {
 }
 
 /// Parsed boot arguments.
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent on/off boot options"
+)]
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct BootArgs {
     /// `log=`: maximum log level.
@@ -44,6 +48,12 @@ pub struct BootArgs {
     /// `guest.uart=emulated|passthrough`: the guest's PL011 is emulated
     /// (default) or the real one is mapped into it.
     pub uart_passthrough: bool,
+    /// `guest.kind=test|linux`: the payload is the test guest's ELF
+    /// (default) or an arm64 Linux Image.
+    pub linux: bool,
+    /// `linux.initrd=<PA>` and `linux.initrd_size=<bytes>`: where the
+    /// initramfs was loaded (size 0: none).
+    pub initrd: (PhysAddr, usize),
 }
 
 impl Default for BootArgs {
@@ -57,6 +67,8 @@ impl Default for BootArgs {
             populate_at_boot: false,
             fault_around_kib: 2048,
             uart_passthrough: false,
+            linux: false,
+            initrd: (0, 0),
         }
     }
 }
@@ -83,7 +95,7 @@ impl core::fmt::Display for BootArgsError<'_> {
             Self::NotKeyValue(w) => write!(f, "boot argument `{w}` is not key=value"),
             Self::UnknownKey(k) => write!(
                 f,
-                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.fail, guest.bench)"
+                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.kind, linux.initrd, linux.initrd_size, guest.fail, guest.bench)"
             ),
             Self::BadValue { key, value } => write!(f, "bad value `{value}` for `{key}`"),
         }
@@ -117,6 +129,15 @@ impl BootArgs {
                         _ => return Err(bad),
                     };
                 }
+                "guest.kind" => {
+                    args.linux = match value {
+                        "linux" => true,
+                        "test" => false,
+                        _ => return Err(bad),
+                    };
+                }
+                "linux.initrd" => args.initrd.0 = parse_number(value).ok_or(bad)?,
+                "linux.initrd_size" => args.initrd.1 = parse_number(value).ok_or(bad)?,
                 "guest.uart" => {
                     args.uart_passthrough = match value {
                         "passthrough" => true,
@@ -166,12 +187,21 @@ fn parse_level(s: &str) -> Option<LevelFilter> {
     })
 }
 
-/// Parses a decimal or `0x` hexadecimal number.
+/// Parses a decimal or `0x` hexadecimal number (`_` separators allowed in
+/// hex). Runs before the heap exists: no allocation.
 fn parse_number(s: &str) -> Option<usize> {
-    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => usize::from_str_radix(&hex.replace('_', ""), 16).ok(),
-        None => s.parse().ok(),
+    let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) else {
+        return s.parse().ok();
+    };
+    let mut value: usize = 0;
+    let mut digits = 0;
+    for c in hex.chars().filter(|&c| c != '_') {
+        value = value
+            .checked_mul(16)?
+            .checked_add(c.to_digit(16)? as usize)?;
+        digits += 1;
     }
+    (digits > 0).then_some(value)
 }
 
 #[cfg(test)]

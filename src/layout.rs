@@ -29,8 +29,9 @@ pub const POOL_SIZE: usize = 16 << 20;
 pub struct LayoutInput {
     /// All of RAM.
     pub ram: Range<PhysAddr>,
-    /// Regions in use that must not be given out.
-    pub in_use: [(&'static str, Range<PhysAddr>); 3],
+    /// Regions in use that must not be given out (empty ranges are
+    /// ignored).
+    pub in_use: [(&'static str, Range<PhysAddr>); 4],
     /// Guest RAM size to back.
     pub guest_ram: usize,
 }
@@ -108,18 +109,21 @@ impl Layout {
     /// A [`LayoutError`] naming the region that does not fit.
     pub fn new(input: &LayoutInput) -> Result<Self, LayoutError> {
         for (i, (name, r)) in input.in_use.iter().enumerate() {
+            if r.is_empty() {
+                continue;
+            }
             if r.start < input.ram.start || r.end > input.ram.end || r.start > r.end {
                 return Err(LayoutError::OutsideRam(name, r.clone()));
             }
             for (other, o) in &input.in_use[i + 1..] {
-                if overlaps(r, o) {
+                if !o.is_empty() && overlaps(r, o) {
                     return Err(LayoutError::Overlap(name, other));
                 }
             }
         }
         // Runs before the heap exists: no allocation. The in-use regions,
         // then each region placed, in a fixed array.
-        let mut taken: [Range<PhysAddr>; 6] = core::array::from_fn(|_| 0..0);
+        let mut taken: [Range<PhysAddr>; 7] = core::array::from_fn(|_| 0..0);
         for (slot, (_, r)) in taken.iter_mut().zip(&input.in_use) {
             *slot = r.clone();
         }
@@ -153,6 +157,7 @@ mod tests {
                 ("device tree", 0x4000_0000..0x4010_0000),
                 ("hypervisor image", 0x4020_0000..0x4031_0000),
                 ("guest payload", 0x4800_0000..0x4802_0000),
+                ("initrd", 0..0),
             ],
             guest_ram,
         }

@@ -19,6 +19,7 @@ pub mod bootargs;
 pub mod esr;
 pub mod guest_mm;
 pub mod layout;
+pub mod linux;
 pub mod loader;
 pub mod mm;
 pub mod mmio;

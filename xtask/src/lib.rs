@@ -6,6 +6,7 @@
 
 mod artifacts;
 pub mod bench;
+pub mod linux;
 mod outcome;
 mod process;
 mod qemu;

@@ -26,6 +26,20 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
+    /// Boot Debian's arm64 Linux kernel with a busybox initramfs under the
+    /// hypervisor (fetched with apt-get and cached under target/linux unless
+    /// given).
+    Linux {
+        /// Kernel Image to boot instead of Debian's.
+        #[arg(long, value_name = "PATH", requires = "initrd")]
+        kernel: Option<std::path::PathBuf>,
+        /// Initramfs (newc cpio) to use instead of the built one.
+        #[arg(long, value_name = "PATH", requires = "kernel")]
+        initrd: Option<std::path::PathBuf>,
+        /// Kill QEMU and report a hang after this many seconds.
+        #[arg(long, default_value_t = 120, value_name = "SECS")]
+        timeout: u64,
+    },
     /// Run the benchmarks: W1..W5 in eager mode and under every nesting
     /// policy in one QEMU boot (correctness from the host model), then the
     /// host throughput of the manager against raw aarch64-paging.
@@ -117,6 +131,38 @@ fn test() -> Result<bool> {
     }
 }
 
+fn linux(
+    kernel: Option<std::path::PathBuf>,
+    initrd: Option<std::path::PathBuf>,
+    timeout: u64,
+) -> Result<bool> {
+    xtask::ensure_qemu()?;
+    let artifacts = xtask::build(true)?;
+    let (kernel, initrd) = match (kernel, initrd) {
+        (Some(k), Some(i)) => (k, i),
+        _ => xtask::linux::fetch()?,
+    };
+    let outcome = xtask::linux::boot(
+        &artifacts.hypervisor,
+        &kernel,
+        &initrd,
+        Duration::from_secs(timeout),
+        true,
+    )?;
+    println!("{}", outcome.stage2_line());
+    match xtask::linux::judge(&outcome) {
+        Ok(()) => {
+            println!("xtask linux: PASS ({:.1} s)", outcome.elapsed.as_secs_f64());
+            Ok(true)
+        }
+        Err(why) => {
+            println!("xtask linux: FAIL");
+            eprintln!("xtask linux: {why}");
+            Ok(false)
+        }
+    }
+}
+
 fn bench(json: Option<&std::path::Path>, no_host: bool) -> Result<bool> {
     use xtask::bench;
     xtask::ensure_qemu()?;
@@ -161,6 +207,11 @@ fn main() -> ExitCode {
         Cmd::Test => test(),
         Cmd::Build { debug } => build(debug),
         Cmd::Bench { json, no_host } => bench(json.as_deref(), no_host),
+        Cmd::Linux {
+            kernel,
+            initrd,
+            timeout,
+        } => linux(kernel, initrd, timeout),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -104,8 +104,8 @@ impl ImageLayout {
 /// Regions of the EL2 map besides the image.
 #[derive(Debug)]
 pub struct El2Regions {
-    /// Read-only: device tree, guest payload.
-    pub read_only: [Range<PhysAddr>; 2],
+    /// Read-only: device tree, guest payload, initrd (empty: none).
+    pub read_only: [Range<PhysAddr>; 3],
     /// Read-write: heap, guest RAM backing.
     pub read_write: [Range<PhysAddr>; 2],
     /// The page-table pool: read-write, mapped with pages (no blocks) so
@@ -144,7 +144,7 @@ pub fn build(image: &ImageLayout, regions: &El2Regions) -> IdMap<El2> {
     // stays read-only.
     map_region(&(image.data.start..image.boot_stack.start), DATA);
     map_region(&(image.boot_stack.start + PAGE_SIZE..image.data.end), DATA);
-    for r in &regions.read_only {
+    for r in regions.read_only.iter().filter(|r| !r.is_empty()) {
         map_region(r, RODATA);
     }
     for r in &regions.read_write {

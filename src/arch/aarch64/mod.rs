@@ -147,6 +147,7 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
             ("device tree", boot.dtb.clone()),
             ("hypervisor image", image.whole()),
             ("guest payload", boot.payload.clone()),
+            ("initrd", boot.initrd.clone()),
         ],
         guest_ram: boot.guest_ram,
     })
@@ -161,7 +162,10 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
     let pa_range = sysreg::pa_range();
     switch_to_el2_map(&image, &boot, &layout, pa_range);
 
-    let entry = load_guest(&boot.guest_elf, &layout.guest_backing, boot.guest_ram);
+    let (entry, x0) = match &boot.kind {
+        Payload::Elf(elf) => (load_guest(elf, &layout.guest_backing, boot.guest_ram), 0),
+        Payload::Linux { header, image } => load_linux(header, image, &boot, &layout),
+    };
     let vttbr = build_stage2(&layout, boot.guest_ram, &boot.args);
     let vtcr = vm::vtcr_el2(pa_range)
         .unwrap_or_else(|| setup_error(format_args!("PARange {pa_range} is below 40 bits")));
@@ -170,8 +174,12 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
     unsafe { vm::configure(vttbr, vtcr) };
 
     let mut regs = GuestRegs::default();
-    regs.x[0] = 0; // no device tree for the test guest
-    regs.x[1] = boot.args.guest_flags;
+    // Linux: the device tree's IPA (x1..x3 zero, as the boot protocol
+    // says). The test guest: no device tree, its flags in x1.
+    regs.x[0] = x0;
+    if !boot.args.linux {
+        regs.x[1] = boot.args.guest_flags;
+    }
     regs.elr = entry;
     regs.spsr = SPSR_EL1H_MASKED;
     log::info!("entering guest at {entry:#x}");
@@ -184,13 +192,26 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
     unsafe { vectors::enter_guest(&regs, image.boot_stack.end) }
 }
 
+/// What the payload is.
+enum Payload {
+    /// The test guest's ELF.
+    Elf(GuestElf<'static>),
+    /// An arm64 Linux Image.
+    Linux {
+        header: crate::linux::ImageHeader,
+        image: &'static [u8],
+    },
+}
+
 /// What boot finds in the device tree and the payload.
 struct BootInfo {
     args: BootArgs,
     ram: Range<PhysAddr>,
     dtb: Range<PhysAddr>,
     payload: Range<PhysAddr>,
-    guest_elf: GuestElf<'static>,
+    /// The initramfs xtask loaded (empty: none).
+    initrd: Range<PhysAddr>,
+    kind: Payload,
     guest_ram: usize,
 }
 
@@ -233,16 +254,52 @@ fn read_boot_info() -> BootInfo {
     // SAFETY: the range is RAM covered by the boot map and the EL2 map (read
     // only); the layout keeps everything else out of the payload's extent.
     let bytes = unsafe { core::slice::from_raw_parts(args.payload as *const u8, payload_len) };
-    let guest_elf = GuestElf::parse(bytes)
-        .unwrap_or_else(|e| setup_error(format_args!("guest payload at {:#x}: {e}", args.payload)));
-    let payload = args.payload..align_up(args.payload + guest_elf.file_size(), PAGE_SIZE);
+    let (kind, payload_size) = if args.linux {
+        let header = crate::linux::parse_image_header(bytes).unwrap_or_else(|e| {
+            setup_error(format_args!("guest payload at {:#x}: {e}", args.payload))
+        });
+        let size = usize::try_from(header.image_size).unwrap_or(usize::MAX);
+        if size > bytes.len() {
+            setup_error(format_args!(
+                "kernel image_size {size:#x} reaches past the first GiB of RAM"
+            ));
+        }
+        (
+            Payload::Linux {
+                header,
+                image: &bytes[..size],
+            },
+            size,
+        )
+    } else {
+        let elf = GuestElf::parse(bytes).unwrap_or_else(|e| {
+            setup_error(format_args!("guest payload at {:#x}: {e}", args.payload))
+        });
+        let size = elf.file_size();
+        (Payload::Elf(elf), size)
+    };
+    let payload = args.payload..align_up(args.payload + payload_size, PAGE_SIZE);
+    let (initrd_pa, initrd_size) = args.initrd;
+    let initrd = if initrd_size == 0 {
+        0..0
+    } else if initrd_pa
+        .checked_add(initrd_size)
+        .is_some_and(|end| initrd_pa >= ram.start && end <= boot_ram_end)
+    {
+        initrd_pa..align_up(initrd_pa + initrd_size, PAGE_SIZE)
+    } else {
+        setup_error(format_args!(
+            "initrd {initrd_pa:#x}+{initrd_size:#x} is not in the first GiB of RAM"
+        ))
+    };
     BootInfo {
         guest_ram: args.guest_ram_mib << 20,
         args,
         ram,
         dtb,
         payload,
-        guest_elf,
+        initrd,
+        kind,
     }
 }
 
@@ -257,7 +314,7 @@ fn switch_to_el2_map(image: &el2map::ImageLayout, boot: &BootInfo, layout: &Layo
     let map = el2map::build(
         image,
         &el2map::El2Regions {
-            read_only: [boot.dtb.clone(), boot.payload.clone()],
+            read_only: [boot.dtb.clone(), boot.payload.clone(), boot.initrd.clone()],
             read_write: [layout.heap.clone(), layout.guest_backing.clone()],
             pool: layout.pool.clone(),
         },
@@ -300,7 +357,15 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
             .unwrap_or_else(|e| setup_error(format_args!("mapping guest RAM: {e:?}")));
         mm.leave();
     }
-    if args.uart_passthrough {
+    if args.linux {
+        // The GIC is the guest's (IMO/FMO clear: interrupts go to EL1).
+        for (ipa, size) in [GICD, GICR] {
+            stage2
+                .map(ipa, size as usize, ipa as usize, S2Attrs::DEVICE)
+                .unwrap_or_else(|e| setup_error(format_args!("mapping the GIC: {e:?}")));
+        }
+    }
+    if args.uart_passthrough || args.linux {
         stage2
             .map(PL011_BASE as u64, PAGE_SIZE, PL011_BASE, S2Attrs::DEVICE)
             .unwrap_or_else(|e| setup_error(format_args!("mapping the PL011: {e:?}")));
@@ -321,7 +386,8 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
         backing: layout.guest_backing.start,
     };
     let mem = GuestMemory::new(ram, args.fault_around_kib << 10);
-    let uart = (!args.uart_passthrough).then(|| crate::mmio::Pl011::new(console::putc as fn(u8)));
+    let uart = (!args.uart_passthrough && !args.linux)
+        .then(|| crate::mmio::Pl011::new(console::putc as fn(u8)));
     VM.call_once(|| {
         SpinMutex::new(Vm {
             stage2,
@@ -335,6 +401,74 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
 
 /// `SPSR_EL2` for entering the guest: EL1h, with D, A, I and F masked.
 const SPSR_EL1H_MASKED: u64 = 0x3c5;
+
+/// QEMU virt's GICv3 distributor and (one CPU's) redistributor frames,
+/// passed through to a Linux guest.
+const GICD: (u64, u64) = (0x0800_0000, 0x1_0000);
+const GICR: (u64, u64) = (0x080a_0000, 0x2_0000);
+
+/// The kernel command line of a Linux guest.
+const LINUX_CMDLINE: &str = "console=ttyAMA0 earlycon=pl011,0x9000000 panic=-1 rdinit=/init";
+
+/// Loads a Linux guest per the arm64 boot protocol: the Image at guest RAM's
+/// (2 MiB-aligned) base plus `text_offset`, the initramfs 64 MiB below the
+/// end of guest RAM, the device tree 2 MiB below it. Returns (entry, x0 =
+/// the tree's IPA).
+fn load_linux(
+    header: &crate::linux::ImageHeader,
+    image: &[u8],
+    boot: &BootInfo,
+    layout: &Layout,
+) -> (u64, u64) {
+    let backing = &layout.guest_backing;
+    let ram_end = GUEST_RAM_IPA + boot.guest_ram as u64;
+    let to_pa = |ipa: u64| backing.start + (ipa - GUEST_RAM_IPA) as usize;
+    let kernel = GUEST_RAM_IPA + header.text_offset;
+    let dtb_ipa = ram_end - (2 << 20);
+    let initrd_ipa = ram_end - (64 << 20);
+    if kernel + image.len() as u64 > initrd_ipa {
+        setup_error(format_args!(
+            "the kernel does not fit below the initramfs in guest RAM"
+        ));
+    }
+    let initrd_len = boot.initrd.end - boot.initrd.start;
+    if initrd_len > (62 << 20) {
+        setup_error(format_args!("initramfs larger than 62 MiB"));
+    }
+    let tree = crate::linux::build_tree(&crate::linux::GuestTree {
+        ram: GUEST_RAM_IPA..ram_end,
+        initrd: (initrd_len > 0).then(|| initrd_ipa..initrd_ipa + boot.args.initrd.1 as u64),
+        bootargs: LINUX_CMDLINE,
+        gicd: GICD,
+        gicr: GICR,
+        uart: PL011_BASE as u64,
+        mpidr: read_sysreg!("mpidr_el1") & 0xff_00ff_ffff,
+    })
+    .unwrap_or_else(|e| setup_error(format_args!("{e}")));
+    // SAFETY: the backing is ours alone and mapped read-write by the EL2
+    // map; the sources (payload, initrd: read-only in the EL2 map; the tree
+    // on the heap) are disjoint from it, and every destination range was
+    // checked to lie in guest RAM above.
+    unsafe {
+        core::ptr::write_bytes(backing.start as *mut u8, 0, boot.guest_ram);
+        core::ptr::copy_nonoverlapping(image.as_ptr(), to_pa(kernel) as *mut u8, image.len());
+        core::ptr::copy_nonoverlapping(
+            boot.initrd.start as *const u8,
+            to_pa(initrd_ipa) as *mut u8,
+            initrd_len,
+        );
+        core::ptr::copy_nonoverlapping(tree.as_ptr(), to_pa(dtb_ipa) as *mut u8, tree.len());
+    }
+    cache::clean_invalidate_to_poc_and_sync_icache(backing.start, boot.guest_ram);
+    log::info!(
+        "Linux: kernel at IPA {kernel:#x}, initramfs {initrd_ipa:#x} ({initrd_len:#x} bytes), tree {dtb_ipa:#x}"
+    );
+    LINUX.store(true, core::sync::atomic::Ordering::Relaxed);
+    (kernel, dtb_ipa)
+}
+
+/// Set when the guest is Linux: its power-off is the end of a good run.
+static LINUX: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 /// Copies the guest's segments into its RAM backing and zeroes the rest of
 /// it, then makes it all visible to a guest running with caches off.
@@ -493,6 +627,12 @@ fn finish(stop: Stop, regs: &GuestRegs) -> ! {
                 "system-reset"
             };
             match report {
+                // A Linux guest does not report: powering off is its end.
+                None if LINUX.load(core::sync::atomic::Ordering::Relaxed)
+                    && stop == Stop::SystemOff =>
+                {
+                    exit(exit_code::PASS, reason)
+                }
                 Some(r) if r.failed == 0 && r.passed > 0 => exit(exit_code::PASS, reason),
                 Some(_) => exit(exit_code::GUEST_FAILED, reason),
                 None => exit(exit_code::NO_REPORT, reason),

@@ -1,0 +1,318 @@
+//! `cargo xtask linux`: boot Debian's arm64 kernel under lazyhyp with a small
+//! initramfs (busybox), built here as a newc cpio archive (no host `cpio`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{Artifacts, RunOptions, RunOutcome, run, run_with_timeout, target_dir};
+
+/// Where the initramfs is loaded (physical; must not overlap the kernel at
+/// `PAYLOAD_ADDR`, whose Debian image is about 35 MiB in memory).
+pub const INITRD_ADDR: u64 = 0x4c00_0000;
+
+/// Markers the initramfs prints.
+pub const START_MARKER: &str = "LINUX-INIT-START";
+/// Printed after the 64 MiB write and read-back succeeded.
+pub const END_MARKER: &str = "LINUX-INIT-END";
+
+/// The `/init` of the initramfs.
+pub const INIT_SCRIPT: &str = "#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t tmpfs -o size=96m tmpfs /tmp
+echo LINUX-INIT-START
+/bin/busybox grep MemTotal /proc/meminfo
+/bin/busybox yes lazyhyp | /bin/busybox head -c 67108864 > /tmp/blob
+if /bin/busybox yes lazyhyp | /bin/busybox head -c 67108864 | /bin/busybox cmp - /tmp/blob; then echo LINUX-INIT-END; else echo LINUX-INIT-FAILED; fi
+/bin/busybox poweroff -f
+";
+
+/// One file of a newc archive.
+struct Entry<'a> {
+    name: &'a str,
+    mode: u32,
+    data: &'a [u8],
+    rdev: (u32, u32),
+}
+
+/// One archive member: name, mode, contents, device (major, minor).
+pub type Member<'a> = (&'a str, u32, &'a [u8], (u32, u32));
+
+/// Writes a newc ("070701") cpio archive.
+#[must_use]
+pub fn newc(entries: &[Member<'_>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let pad = |out: &mut Vec<u8>| {
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+    };
+    let entries = entries
+        .iter()
+        .map(|&(name, mode, data, rdev)| Entry {
+            name,
+            mode,
+            data,
+            rdev,
+        })
+        .chain(std::iter::once(Entry {
+            name: "TRAILER!!!",
+            mode: 0,
+            data: &[],
+            rdev: (0, 0),
+        }));
+    for (ino, e) in entries.enumerate() {
+        let fields = [
+            ino as u32 + 1,
+            e.mode,
+            0,
+            0,
+            if e.mode & 0o040_000 != 0 { 2 } else { 1 },
+            0,
+            e.data.len() as u32,
+            0,
+            0,
+            e.rdev.0,
+            e.rdev.1,
+            e.name.len() as u32 + 1,
+            0,
+        ];
+        out.extend_from_slice(b"070701");
+        for f in fields {
+            out.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        out.extend_from_slice(e.name.as_bytes());
+        out.push(0);
+        pad(&mut out);
+        out.extend_from_slice(e.data);
+        pad(&mut out);
+    }
+    out
+}
+
+/// The initramfs: `/init`, `/bin/busybox`, `/dev/console`, `/dev/null`,
+/// mount points. `/init` writes 64 MiB to tmpfs (memory the guest was not
+/// given at boot: it is demand-populated) and reads it back.
+#[must_use]
+pub fn initramfs(busybox: &[u8]) -> Vec<u8> {
+    const DIR: u32 = 0o040_755;
+    const EXE: u32 = 0o100_755;
+    const CHR: u32 = 0o020_600;
+    newc(&[
+        ("bin", DIR, &[], (0, 0)),
+        ("dev", DIR, &[], (0, 0)),
+        ("proc", DIR, &[], (0, 0)),
+        ("sys", DIR, &[], (0, 0)),
+        ("tmp", DIR, &[], (0, 0)),
+        ("dev/console", CHR, &[], (5, 1)),
+        ("dev/null", 0o020_666, &[], (1, 3)),
+        ("bin/busybox", EXE, busybox, (0, 0)),
+        ("init", EXE, INIT_SCRIPT.as_bytes(), (0, 0)),
+    ])
+}
+
+fn sh(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = run_with_timeout(
+        std::mem::replace(cmd, Command::new("true")),
+        Some(Duration::from_mins(10)),
+        false,
+    )
+    .with_context(|| format!("running {what}"))?;
+    if out.timed_out || !out.status.success() {
+        bail!("{what} failed:\n{}", out.output);
+    }
+    Ok(out.output)
+}
+
+/// Fetches Debian's arm64 cloud kernel and busybox-static with `apt-get
+/// download`, unpacks them, and builds the initramfs; cached under
+/// `target/linux`. Returns (kernel Image, initramfs).
+///
+/// # Errors
+///
+/// If this is not Debian/Ubuntu as root, or a step fails.
+pub fn fetch() -> Result<(PathBuf, PathBuf)> {
+    let dir = target_dir().join("linux");
+    let (image, initrd) = (dir.join("Image"), dir.join("initramfs.cpio"));
+    if image.exists() && initrd.exists() {
+        return Ok((image, initrd));
+    }
+    std::fs::create_dir_all(&dir)?;
+    let root = sh(Command::new("id").arg("-u"), "id -u")?.trim() == "0";
+    if !root || !Path::new("/usr/bin/apt-get").exists() {
+        bail!(
+            "fetching the kernel needs Debian/Ubuntu as root; or pass --kernel and --initrd, or run:\n  \
+             dpkg --add-architecture arm64 && apt-get update && apt-get download \
+             linux-image-<version>-cloud-arm64:arm64 busybox-static:arm64"
+        );
+    }
+    println!(
+        "xtask linux: fetching Debian's arm64 kernel and busybox-static with apt-get download"
+    );
+    sh(
+        Command::new("dpkg").args(["--add-architecture", "arm64"]),
+        "dpkg --add-architecture arm64",
+    )?;
+    sh(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get update",
+    )?;
+    let list = sh(
+        Command::new("apt-cache").args([
+            "search",
+            "--names-only",
+            "^linux-image-[0-9].*-cloud-arm64$",
+        ]),
+        "apt-cache search",
+    )?;
+    let mut names: Vec<&str> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    names.sort_by_key(|n| version_key(n));
+    let kernel_pkg = names
+        .last()
+        .context("no linux-image-*-cloud-arm64 package found")?;
+    sh(
+        Command::new("apt-get").current_dir(&dir).args([
+            "download",
+            &format!("{kernel_pkg}:arm64"),
+            "busybox-static:arm64",
+        ]),
+        "apt-get download",
+    )?;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "deb") {
+            sh(
+                Command::new("dpkg-deb")
+                    .arg("-x")
+                    .arg(&path)
+                    .arg(dir.join("root")),
+                "dpkg-deb -x",
+            )?;
+        }
+    }
+    let boot = dir.join("root/boot");
+    let vmlinuz = std::fs::read_dir(&boot)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .context("no vmlinuz in the kernel package")?;
+    std::fs::copy(&vmlinuz, &image)?;
+    let busybox =
+        std::fs::read(dir.join("root/bin/busybox")).context("no busybox in busybox-static")?;
+    std::fs::write(&initrd, initramfs(&busybox))?;
+    Ok((image, initrd))
+}
+
+/// Sort key for package names by their numeric version parts.
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Boots `kernel` with `initrd` under the hypervisor.
+///
+/// # Errors
+///
+/// If QEMU cannot run.
+pub fn boot(
+    hypervisor: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    timeout: Duration,
+    echo: bool,
+) -> Result<RunOutcome> {
+    let size = std::fs::metadata(initrd)?.len();
+    let artifacts = Artifacts {
+        hypervisor: hypervisor.to_path_buf(),
+        guest: kernel.to_path_buf(),
+    };
+    let opts = RunOptions {
+        timeout,
+        bootargs: vec![
+            "guest.kind=linux".to_owned(),
+            format!("linux.initrd={INITRD_ADDR:#x}"),
+            format!("linux.initrd_size={size}"),
+        ],
+        extra_qemu_args: vec![
+            "-device".to_owned(),
+            format!(
+                "loader,file={},addr={INITRD_ADDR:#x},force-raw=on",
+                initrd.display()
+            ),
+            // SVE and SME state are not context-switched by the hypervisor
+            // (it traps SVE): do not offer them to the guest.
+            "-cpu".to_owned(),
+            "max,sve=off,sme=off".to_owned(),
+        ],
+        echo,
+        ..RunOptions::default()
+    };
+    run(&artifacts, &opts)
+}
+
+/// Whether a Linux run reached the init's end marker and powered off cleanly.
+///
+/// # Errors
+///
+/// What went wrong with the run.
+pub fn judge(outcome: &RunOutcome) -> Result<(), String> {
+    if outcome.timed_out {
+        return Err(format!(
+            "timed out after {:.0} s",
+            outcome.elapsed.as_secs_f64()
+        ));
+    }
+    if let Some(p) = &outcome.panic {
+        return Err(format!("hypervisor panic: {p}"));
+    }
+    for marker in [START_MARKER, "MemTotal:", END_MARKER] {
+        if !outcome.output.contains(marker) {
+            return Err(format!("no `{marker}` in the output"));
+        }
+    }
+    if outcome.exit_code != Some(0) || outcome.exit.as_ref().map(|e| e.code) != Some(0) {
+        return Err(format!(
+            "no clean power-off (QEMU exit code {:?})",
+            outcome.exit_code
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newc_archive_is_well_formed() {
+        let a = newc(&[
+            ("init", 0o100_755, b"#!/bin/sh\n", (0, 0)),
+            ("dev/console", 0o020_600, &[], (5, 1)),
+        ]);
+        assert!(a.starts_with(b"070701"));
+        assert_eq!(a.len() % 4, 0);
+        let text = String::from_utf8_lossy(&a);
+        assert!(
+            text.contains("init\0")
+                && text.contains("dev/console\0")
+                && text.contains("TRAILER!!!\0")
+        );
+        // The console's rdev major/minor fields (10th and 11th).
+        let second = text.find("dev/console").expect("entry") - 110;
+        assert_eq!(
+            &text[second + 6 + 9 * 8..second + 6 + 11 * 8],
+            "0000000500000001"
+        );
+    }
+}
