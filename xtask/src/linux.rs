@@ -261,6 +261,47 @@ pub fn boot(
     run(&artifacts, &opts)
 }
 
+/// The kernel command line (as the hypervisor gives it, for the bare run).
+pub const CMDLINE: &str = "console=ttyAMA0 earlycon=pl011,0x9000000 panic=-1 rdinit=/init";
+
+/// Boots `kernel` with `initrd` on bare QEMU (no hypervisor), with the same
+/// CPU options and as much RAM as the hypervisor gives the guest. Returns
+/// the wall time to power-off, if the run reached the end marker.
+///
+/// # Errors
+///
+/// If QEMU cannot run, or the run does not reach the end marker.
+pub fn bare_boot(kernel: &Path, initrd: &Path, timeout: Duration) -> Result<Duration> {
+    let mut cmd = Command::new(crate::QEMU);
+    cmd.args([
+        "-M",
+        "virt,gic-version=3",
+        "-cpu",
+        "max,sve=off,sme=off",
+        "-smp",
+        "1",
+        "-m",
+        "256M",
+    ])
+    .args(["-nographic", "-no-reboot", "-kernel"])
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd)
+    .args(["-append", CMDLINE]);
+    let out = run_with_timeout(cmd, Some(timeout), false)?;
+    if out.timed_out || !out.output.contains(END_MARKER) {
+        bail!("bare QEMU run did not reach {END_MARKER}:\n{}", out.output);
+    }
+    Ok(out.elapsed)
+}
+
+/// Median of a few durations.
+#[must_use]
+pub fn median(mut d: Vec<Duration>) -> Duration {
+    d.sort();
+    d.get(d.len() / 2).copied().unwrap_or_default()
+}
+
 /// Whether a Linux run reached the init's end marker and powered off cleanly.
 ///
 /// # Errors

@@ -39,6 +39,10 @@ enum Cmd {
         /// Kill QEMU and report a hang after this many seconds.
         #[arg(long, default_value_t = 120, value_name = "SECS")]
         timeout: u64,
+        /// Also boot N times under the hypervisor and N times on bare QEMU
+        /// and print the ratio of the median times to power-off.
+        #[arg(long, value_name = "N")]
+        compare: Option<usize>,
     },
     /// Run the benchmarks: W1..W5 in eager mode and under every nesting
     /// policy in one QEMU boot (correctness from the host model), then the
@@ -135,6 +139,7 @@ fn linux(
     kernel: Option<std::path::PathBuf>,
     initrd: Option<std::path::PathBuf>,
     timeout: u64,
+    compare: Option<usize>,
 ) -> Result<bool> {
     xtask::ensure_qemu()?;
     let artifacts = xtask::build(true)?;
@@ -153,6 +158,30 @@ fn linux(
     match xtask::linux::judge(&outcome) {
         Ok(()) => {
             println!("xtask linux: PASS ({:.1} s)", outcome.elapsed.as_secs_f64());
+            if let Some(n) = compare {
+                let t = Duration::from_secs(timeout);
+                let (mut hyp, mut bare) = (Vec::new(), Vec::new());
+                for i in 0..n {
+                    let o = xtask::linux::boot(&artifacts.hypervisor, &kernel, &initrd, t, false)?;
+                    if let Err(why) = xtask::linux::judge(&o) {
+                        anyhow::bail!("hypervisor run {i}: {why}");
+                    }
+                    hyp.push(o.elapsed);
+                    bare.push(xtask::linux::bare_boot(&kernel, &initrd, t)?);
+                    println!(
+                        "xtask linux: run {i}: hypervisor {:.2} s, bare QEMU {:.2} s",
+                        o.elapsed.as_secs_f64(),
+                        bare[i].as_secs_f64()
+                    );
+                }
+                let (h, b) = (xtask::linux::median(hyp), xtask::linux::median(bare));
+                println!(
+                    "xtask linux: median to power-off over {n} runs each: hypervisor {:.2} s, bare QEMU {:.2} s, ratio {:.3}",
+                    h.as_secs_f64(),
+                    b.as_secs_f64(),
+                    h.as_secs_f64() / b.as_secs_f64()
+                );
+            }
             Ok(true)
         }
         Err(why) => {
@@ -211,7 +240,8 @@ fn main() -> ExitCode {
             kernel,
             initrd,
             timeout,
-        } => linux(kernel, initrd, timeout),
+            compare,
+        } => linux(kernel, initrd, timeout, compare),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
