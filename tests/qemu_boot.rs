@@ -9,12 +9,14 @@ use xtask::{Artifacts, RunOptions, RunOutcome, Verdict};
 
 const TIMEOUT: Duration = Duration::from_mins(1);
 
-/// Release build of hypervisor and guest, done once per test binary.
-fn artifacts() -> &'static Artifacts {
-    static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
-    let built = ARTIFACTS.get_or_init(|| {
+/// A build of hypervisor and guest, done once per profile and test binary.
+fn built(release: bool) -> &'static Artifacts {
+    static RELEASE: OnceLock<Result<Artifacts, String>> = OnceLock::new();
+    static DEBUG: OnceLock<Result<Artifacts, String>> = OnceLock::new();
+    let cell = if release { &RELEASE } else { &DEBUG };
+    let built = cell.get_or_init(|| {
         xtask::ensure_qemu().map_err(|e| format!("{e:#}"))?;
-        xtask::build(true).map_err(|e| format!("{e:#}"))
+        xtask::build(release).map_err(|e| format!("{e:#}"))
     });
     match built {
         Ok(artifacts) => artifacts,
@@ -22,17 +24,14 @@ fn artifacts() -> &'static Artifacts {
     }
 }
 
-/// Debug build (debug assertions on), done once per test binary.
+/// Release build (the default of `cargo xtask qemu`).
+fn artifacts() -> &'static Artifacts {
+    built(true)
+}
+
+/// Debug build (debug assertions on).
 fn debug_artifacts() -> &'static Artifacts {
-    static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
-    let built = ARTIFACTS.get_or_init(|| {
-        xtask::ensure_qemu().map_err(|e| format!("{e:#}"))?;
-        xtask::build(false).map_err(|e| format!("{e:#}"))
-    });
-    match built {
-        Ok(artifacts) => artifacts,
-        Err(e) => panic!("cannot build or find QEMU: {e}"),
-    }
+    built(false)
 }
 
 fn boot(bootargs: &[&str]) -> RunOutcome {

@@ -371,8 +371,19 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     ) -> Result<(), Stage2Error> {
         let region = checked_region(ipa, size)?;
         check_pa(pa, size)?;
+        let piece = Piece {
+            range: region.clone(),
+            pa,
+            flags: attrs.descriptor_flags(),
+        };
+        // One walk: refuse a range with anything mapped, and size what the
+        // map creates (every entry met is invalid, so it meets few).
         let mut any_valid = false;
-        self.walk_leaves(&region, |l| any_valid |= l.valid);
+        let mut made = MadeLayout::default();
+        self.walk_leaves(&region, |l| {
+            any_valid |= l.valid;
+            made += layout_for(&l.entry, l.level, core::slice::from_ref(&piece));
+        });
         if any_valid {
             return Err(Stage2Error::AlreadyMapped);
         }
@@ -388,16 +399,6 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             self.mm.flush();
             inc(&self.mm.counters().bbm);
         }
-        let piece = Piece {
-            range: region.clone(),
-            pa,
-            flags: attrs.descriptor_flags(),
-        };
-        // Every entry is invalid (checked above), so this walk meets few.
-        let mut made = MadeLayout::default();
-        self.walk_leaves(&region, |l| {
-            made += layout_for(&l.entry, l.level, core::slice::from_ref(&piece));
-        });
         let needed = made.tables;
         self.prepare(needed)?;
         self.make(&piece);
