@@ -11,7 +11,7 @@ use core::ops::Range;
 use crate::mm::arch::MmArch;
 use crate::mm::lazy::MmCtx;
 use crate::mm::stage2::{MemType, S2Attrs, S2Perm, Stage2, Stage2Error};
-use crate::mm::{Ipa, PAGE_SIZE, PhysAddr};
+use crate::mm::{BLOCK_2M, Ipa, PAGE_SIZE, PhysAddr};
 
 /// Most operations one batch may hold.
 pub const MAX_BATCH_OPS: usize = 64;
@@ -179,26 +179,22 @@ fn run_op<A: MmArch>(s2: &mut Stage2<'_, A>, ram: &GuestRam, op: &MmOp) -> Resul
     };
     match op.kind {
         kind::POPULATE => {
-            // Map each unmapped run to its own backing.
-            let mut holes: alloc::vec::Vec<Range<Ipa>> = alloc::vec::Vec::new();
-            let mut cursor = op.ipa;
-            s2.for_each_mapping(op.ipa, size, |r, _| {
-                if r.start > cursor {
-                    holes.push(cursor..r.start);
+            // Map each unmapped run to its own backing, one 2 MiB window at
+            // a time (bounded memory whatever the range).
+            let end = op.ipa + op.size;
+            let mut window = op.ipa;
+            while window < end {
+                let window_end = ((window & !(BLOCK_2M as u64 - 1)) + BLOCK_2M as u64).min(end);
+                for h in unmapped_runs(s2, window..window_end) {
+                    s2.map(
+                        h.start,
+                        (h.end - h.start) as usize,
+                        ram.backing_of(h.start),
+                        ram_attrs,
+                    )
+                    .map_err(stage2_error)?;
                 }
-                cursor = r.end;
-            });
-            if cursor < op.ipa + op.size {
-                holes.push(cursor..op.ipa + op.size);
-            }
-            for h in holes {
-                s2.map(
-                    h.start,
-                    (h.end - h.start) as usize,
-                    ram.backing_of(h.start),
-                    ram_attrs,
-                )
-                .map_err(stage2_error)?;
+                window = window_end;
             }
             Ok(())
         }
@@ -347,20 +343,20 @@ impl GuestMemory {
         let fa = self.fault_around as u64;
         let start = (ipa & !(fa - 1)).max(self.ram.ipa.start);
         let end = ((ipa & !(fa - 1)) + fa).min(self.ram.ipa.end);
-        // Runs of pages to map: not mapped, not given back.
-        let mut mapped = alloc::vec::Vec::new();
-        s2.for_each_mapping(start, (end - start) as usize, |r, _| mapped.push(r));
+        // Runs of pages to map: not mapped (one walk of the window), and
+        // not given back (split further at given-back pages).
         let mut runs: alloc::vec::Vec<Range<Ipa>> = alloc::vec::Vec::new();
-        let mut page = start;
-        while page < end {
-            let free = !mapped.iter().any(|r| r.contains(&page)) && !self.is_given_back(page);
-            if free {
-                match runs.last_mut() {
-                    Some(r) if r.end == page => r.end += PAGE_SIZE as u64,
-                    _ => runs.push(page..page + PAGE_SIZE as u64),
+        for hole in unmapped_runs(s2, start..end) {
+            let mut page = hole.start;
+            while page < hole.end {
+                if !self.is_given_back(page) {
+                    match runs.last_mut() {
+                        Some(r) if r.end == page => r.end += PAGE_SIZE as u64,
+                        _ => runs.push(page..page + PAGE_SIZE as u64),
+                    }
                 }
+                page += PAGE_SIZE as u64;
             }
-            page += PAGE_SIZE as u64;
         }
         let ram_attrs = S2Attrs {
             perm: S2Perm::RWX,
@@ -435,6 +431,22 @@ pub fn read_ops<A: MmArch>(
         *slot = MmOp::from_bytes(&bytes);
     }
     Ok(count)
+}
+
+/// The unmapped runs of `range` (in order), from one walk of it.
+fn unmapped_runs<A: MmArch>(s2: &Stage2<'_, A>, range: Range<Ipa>) -> alloc::vec::Vec<Range<Ipa>> {
+    let mut holes = alloc::vec::Vec::new();
+    let mut cursor = range.start;
+    s2.for_each_mapping(range.start, (range.end - range.start) as usize, |r, _| {
+        if r.start > cursor {
+            holes.push(cursor..r.start);
+        }
+        cursor = r.end;
+    });
+    if cursor < range.end {
+        holes.push(cursor..range.end);
+    }
+    holes
 }
 
 /// Copies `bytes` into guest memory at `ipa`, through the guest's stage-2

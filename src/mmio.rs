@@ -166,7 +166,7 @@ pub fn emulate(device: &mut dyn MmioDevice, esr: Esr, offset: u64, regs: &mut Gu
         access.complete_load(regs, v);
     }
     // A 32-bit instruction (IL = 1) the guest is past.
-    regs.elr += if esr.il() { 4 } else { 2 };
+    regs.elr = regs.elr.wrapping_add(if esr.il() { 4 } else { 2 });
     true
 }
 

@@ -195,7 +195,12 @@ impl Vcpu {
             ec::SMC64 => {
                 inc(&exits.exits_smc);
                 // A trapped SMC leaves ELR at the SMC itself: step over it.
-                regs.elr += 4;
+                regs.elr = regs.elr.wrapping_add(4);
+                // SMCCC calls use `SMC #0`.
+                if trap.esr.iss() & 0xffff != 0 {
+                    regs.x[0] = smccc::NOT_SUPPORTED;
+                    return Exit::Resume;
+                }
                 self.smccc_call(regs)
             }
             // A stage-2 abort: demand population or an injected abort, as the
@@ -319,7 +324,9 @@ impl AbortInjection {
             far_el1: trap.far,
             elr_el1: elr,
             spsr_el1: spsr,
-            elr: vbar_el1 + vector,
+            // VBAR_EL1 bits [10:0] are RES0 to the CPU (not cleared by every
+            // implementation on write): use bits [63:11].
+            elr: (vbar_el1 & !0x7ff) | vector,
             spsr: entry_pstate(spsr, sctlr_el1),
         }
     }
@@ -575,6 +582,9 @@ mod abi_doc_tests {
                 "HYP_TEST_SET_FAULT_AROUND",
                 smccc::HYP_TEST_SET_FAULT_AROUND,
             ),
+            ("HYP_TEST_RUN_WORKLOAD", smccc::HYP_TEST_RUN_WORKLOAD),
+            ("HYP_TEST_BENCH_MARK", smccc::HYP_TEST_BENCH_MARK),
+            ("HYP_TEST_FORGET", smccc::HYP_TEST_FORGET),
         ] {
             // The row that starts with the name.
             let row = DOC.lines().find(|l| l.starts_with(&format!("| `{name}")));

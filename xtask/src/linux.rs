@@ -132,7 +132,7 @@ fn sh(cmd: &mut Command, what: &str) -> Result<String> {
 ///
 /// # Errors
 ///
-/// If this is not Debian/Ubuntu as root, or a step fails.
+/// If this is not Debian as root, or a step fails.
 pub fn fetch() -> Result<(PathBuf, PathBuf)> {
     let dir = target_dir().join("linux");
     let (image, initrd) = (dir.join("Image"), dir.join("initramfs.cpio"));
@@ -143,7 +143,7 @@ pub fn fetch() -> Result<(PathBuf, PathBuf)> {
     let root = sh(Command::new("id").arg("-u"), "id -u")?.trim() == "0";
     if !root || !Path::new("/usr/bin/apt-get").exists() {
         bail!(
-            "fetching the kernel needs Debian/Ubuntu as root; or pass --kernel and --initrd, or run:\n  \
+            "fetching the kernel needs Debian as root; or pass --kernel and --initrd, or run:\n  \
              dpkg --add-architecture arm64 && apt-get update && apt-get download \
              linux-image-<version>-cloud-arm64:arm64 busybox-static:arm64"
         );
@@ -207,8 +207,9 @@ pub fn fetch() -> Result<(PathBuf, PathBuf)> {
         })
         .context("no vmlinuz in the kernel package")?;
     std::fs::copy(&vmlinuz, &image)?;
-    let busybox =
-        std::fs::read(dir.join("root/bin/busybox")).context("no busybox in busybox-static")?;
+    let busybox = std::fs::read(dir.join("root/bin/busybox"))
+        .or_else(|_| std::fs::read(dir.join("root/usr/bin/busybox")))
+        .context("no busybox in busybox-static")?;
     std::fs::write(&initrd, initramfs(&busybox))?;
     Ok((image, initrd))
 }

@@ -423,14 +423,19 @@ fn load_linux(
     let backing = &layout.guest_backing;
     let ram_end = GUEST_RAM_IPA + boot.guest_ram as u64;
     let to_pa = |ipa: u64| backing.start + (ipa - GUEST_RAM_IPA) as usize;
-    let kernel = GUEST_RAM_IPA + header.text_offset;
     let dtb_ipa = ram_end - (2 << 20);
-    let initrd_ipa = ram_end - (64 << 20);
-    if kernel + image.len() as u64 > initrd_ipa {
+    let initrd_ipa = ram_end.saturating_sub(64 << 20);
+    // Checked: text_offset comes from the Image header.
+    let kernel = GUEST_RAM_IPA.checked_add(header.text_offset).filter(|k| {
+        k.checked_add(image.len() as u64)
+            .is_some_and(|end| end <= initrd_ipa)
+    });
+    let Some(kernel) = kernel else {
         setup_error(format_args!(
-            "the kernel does not fit below the initramfs in guest RAM"
-        ));
-    }
+            "the kernel (text_offset {:#x}) does not fit below the initramfs in guest RAM",
+            header.text_offset
+        ))
+    };
     let initrd_len = boot.initrd.end - boot.initrd.start;
     if initrd_len > (62 << 20) {
         setup_error(format_args!("initramfs larger than 62 MiB"));
@@ -520,7 +525,10 @@ pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
             let ipa = crate::esr::fault_ipa(trap.hpfar, trap.far);
             let mut guard = vm.lock();
             let vm = &mut *guard;
-            if let Some(uart) = vm.uart.as_mut() {
+            // An MMIO access: a translation fault (HPFAR is only valid for
+            // those) by a load or store, not by a stage-1 table walk.
+            let mmio = (0x04..=0x07).contains(&trap.esr.fault_status()) && !trap.esr.s1ptw();
+            if let Some(uart) = vm.uart.as_mut().filter(|_| mmio) {
                 let base = PL011_BASE as u64;
                 if (base..base + PAGE_SIZE as u64).contains(&ipa)
                     && crate::mmio::emulate(uart, trap.esr, ipa - base, regs)
@@ -552,6 +560,12 @@ pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
 /// Delivers a synchronous external abort to the guest's EL1 for a stage-2
 /// abort it cannot be given memory for.
 fn inject_abort(trap: Trap, regs: &mut GuestRegs) {
+    // An abort fetching the very vector we just sent the guest to would be
+    // injected again forever: the guest cannot take exceptions, stop.
+    let last = LAST_VECTOR.load(core::sync::atomic::Ordering::Relaxed);
+    if trap.esr.ec() == crate::esr::ec::IABT_LOWER && regs.elr == last {
+        finish(Stop::UnhandledTrap(trap), regs);
+    }
     let inj = AbortInjection::sync_external_abort(
         trap,
         regs.elr,
@@ -568,7 +582,11 @@ fn inject_abort(trap: Trap, regs: &mut GuestRegs) {
     write_sysreg!("spsr_el1", inj.spsr_el1);
     regs.elr = inj.elr;
     regs.spsr = inj.spsr;
+    LAST_VECTOR.store(inj.elr, core::sync::atomic::Ordering::Relaxed);
 }
+
+/// The guest vector the last abort was injected to.
+static LAST_VECTOR: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(u64::MAX);
 
 /// Called from the lower-EL IRQ, FIQ and SError vectors (and AArch32
 /// vectors): none is routed to EL2, so any is a fatal surprise.
