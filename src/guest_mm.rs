@@ -507,6 +507,17 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
+    /// An operation, briefly.
+    pub(super) fn op(kind: u32, perm: u32, ipa: u64, size: u64, src_ipa: u64) -> MmOp {
+        MmOp {
+            kind,
+            perm,
+            ipa,
+            size,
+            src_ipa,
+        }
+    }
+
     fn kit() -> (Kit, GuestMemory) {
         let mut kit = Kit::new(64, true, NestPolicy::Flatten);
         let ram_ = GuestRam {
@@ -542,13 +553,7 @@ mod tests {
     #[test]
     fn every_malformed_op_is_refused_before_anything_runs() {
         let (mut kit, mut ram_) = kit();
-        let good = MmOp {
-            kind: kind::UNMAP,
-            perm: 0,
-            ipa: GIB,
-            size: 0x1000,
-            src_ipa: 0,
-        };
+        let good = op(kind::UNMAP, 0, GIB, 0x1000, 0);
         let cases = [
             (MmOp { kind: 99, ..good }, BatchError::UnknownKind),
             (
@@ -637,27 +642,9 @@ mod tests {
         let (mut kit, mut ram_) = kit();
         let mib = 1u64 << 20;
         let ops = [
-            MmOp {
-                kind: kind::UNMAP,
-                perm: 0,
-                ipa: GIB,
-                size: 0x4000,
-                src_ipa: 0,
-            },
-            MmOp {
-                kind: kind::PROTECT,
-                perm: 1,
-                ipa: GIB + 0x4000,
-                size: 0x4000,
-                src_ipa: 0,
-            },
-            MmOp {
-                kind: kind::REMAP_ALIAS,
-                perm: 0,
-                ipa: GIB + 0x8000,
-                size: 0x2000,
-                src_ipa: GIB + 4 * mib,
-            },
+            op(kind::UNMAP, 0, GIB, 0x4000, 0),
+            op(kind::PROTECT, 1, GIB + 0x4000, 0x4000, 0),
+            op(kind::REMAP_ALIAS, 0, GIB + 0x8000, 0x2000, GIB + 4 * mib),
         ];
         kit.touch(&(GIB..GIB + 16 * mib));
         ram_.run_batch(&mut kit.s2, kit.mm, &ops).expect("batch");
@@ -668,34 +655,10 @@ mod tests {
         kit.check(&(GIB..GIB + 16 * mib)).expect("effects");
         // Undo: populate, protect back, alias back, merge.
         let ops = [
-            MmOp {
-                kind: kind::POPULATE,
-                perm: 0,
-                ipa: GIB,
-                size: 2 * mib,
-                src_ipa: 0,
-            },
-            MmOp {
-                kind: kind::PROTECT,
-                perm: 7,
-                ipa: GIB + 0x4000,
-                size: 0x4000,
-                src_ipa: 0,
-            },
-            MmOp {
-                kind: kind::REMAP_ALIAS,
-                perm: 0,
-                ipa: GIB + 0x8000,
-                size: 0x2000,
-                src_ipa: GIB + 0x8000,
-            },
-            MmOp {
-                kind: kind::MERGE,
-                perm: 0,
-                ipa: GIB,
-                size: 2 * mib,
-                src_ipa: 0,
-            },
+            op(kind::POPULATE, 0, GIB, 2 * mib, 0),
+            op(kind::PROTECT, 7, GIB + 0x4000, 0x4000, 0),
+            op(kind::REMAP_ALIAS, 0, GIB + 0x8000, 0x2000, GIB + 0x8000),
+            op(kind::MERGE, 0, GIB, 2 * mib, 0),
         ];
         ram_.run_batch(&mut kit.s2, kit.mm, &ops).expect("batch");
         kit.ref_map(GIB, 16 << 20, 0x8000_0000, S2Perm::RWX);
@@ -787,6 +750,7 @@ mod tests {
 
 #[cfg(test)]
 mod fault_tests {
+    use super::tests::op;
     use super::*;
     use crate::mm::lazy::NestPolicy;
     use crate::mm::stage2::S2Perm;
@@ -851,13 +815,7 @@ mod fault_tests {
     fn given_back_permission_and_outside_faults_are_injected() {
         let (mut kit, mut mem) = demand_kit(DEFAULT_FAULT_AROUND);
         first_touch(&mut kit, &mut mem, GIB..GIB + 2 * MIB);
-        let unmap = MmOp {
-            kind: kind::UNMAP,
-            perm: 0,
-            ipa: GIB,
-            size: 0x1000,
-            src_ipa: 0,
-        };
+        let unmap = op(kind::UNMAP, 0, GIB, 0x1000, 0);
         mem.run_batch(&mut kit.s2, kit.mm, &[unmap]).expect("unmap");
         assert_eq!(
             mem.stage2_fault(&mut kit.s2, kit.mm, GIB, 0x07),

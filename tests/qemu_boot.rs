@@ -61,6 +61,19 @@ fn report(outcome: &RunOutcome) -> String {
     )
 }
 
+/// Each named guest test printed its `ok` line.
+fn assert_guest_tests_passed(outcome: &RunOutcome, report: &str, tests: &[&str]) {
+    for test in tests {
+        assert!(
+            outcome
+                .output
+                .lines()
+                .any(|l| l.trim() == format!("test {test} ... ok")),
+            "guest test {test} did not pass\n{report}"
+        );
+    }
+}
+
 #[test]
 fn guest_suite_passes() {
     let outcome = boot(&[]);
@@ -118,21 +131,17 @@ fn lazy_sections_with_guard_mode_take_effect_in_qemu() {
     let outcome = boot(&["mm.guard=1"]);
     let report = report(&outcome);
     assert_eq!(outcome.verdict(), Verdict::Pass, "{report}");
-    for test in [
-        "lazy_batch_under_flatten",
-        "lazy_batch_under_flush_inner",
-        "lazy_batch_under_counted",
-        "naive_leaves_a_freed_page_reachable_flatten_does_not",
-        "malformed_batches_are_refused",
-    ] {
-        assert!(
-            outcome
-                .output
-                .lines()
-                .any(|l| l.trim() == format!("test {test} ... ok")),
-            "guest test {test} did not pass\n{report}"
-        );
-    }
+    assert_guest_tests_passed(
+        &outcome,
+        &report,
+        &[
+            "lazy_batch_under_flatten",
+            "lazy_batch_under_flush_inner",
+            "lazy_batch_under_counted",
+            "naive_leaves_a_freed_page_reachable_flatten_does_not",
+            "malformed_batches_are_refused",
+        ],
+    );
     let stat = |key: &str| -> u64 {
         outcome
             .stat(key)
@@ -178,20 +187,16 @@ fn guest_interface_suite_in_qemu() {
     let outcome = boot(&[]);
     let report = report(&outcome);
     assert_eq!(outcome.verdict(), Verdict::Pass, "{report}");
-    for test in [
-        "map_unmap_protect_by_touch",
-        "demand_faults_and_fault_around",
-        "smccc_arch_features",
-        "malformed_calls_are_refused",
-    ] {
-        assert!(
-            outcome
-                .output
-                .lines()
-                .any(|l| l.trim() == format!("test {test} ... ok")),
-            "guest test {test} did not pass\n{report}"
-        );
-    }
+    assert_guest_tests_passed(
+        &outcome,
+        &report,
+        &[
+            "map_unmap_protect_by_touch",
+            "demand_faults_and_fault_around",
+            "smccc_arch_features",
+            "malformed_calls_are_refused",
+        ],
+    );
     assert!(
         outcome
             .output
