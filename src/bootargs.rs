@@ -54,6 +54,47 @@ pub struct BootArgs {
     /// `linux.initrd=<PA>` and `linux.initrd_size=<bytes>`: where the
     /// initramfs was loaded (size 0: none).
     pub initrd: (PhysAddr, usize),
+    /// `run.token=<hex>`: the run's secret, carried by every marker line the
+    /// hypervisor prints so xtask can tell them from guest output.
+    pub run_token: RunToken,
+    /// `test.hypercalls=0|1`: the test-only hypercalls (nesting policy,
+    /// benchmarks, ...) are answered (default: off, `NOT_SUPPORTED`).
+    pub test_hypercalls: bool,
+}
+
+/// The run's secret token: up to 32 hex digits from the bootargs, which
+/// live only in the device tree QEMU gives the hypervisor (never in guest
+/// memory). `Debug` does not show it, so logging the bootargs does not
+/// leak it.
+#[derive(Clone, Copy, Default, Eq, PartialEq)]
+pub struct RunToken {
+    digits: [u8; 32],
+    len: u8,
+}
+
+impl RunToken {
+    /// The token's hex digits (empty: none given).
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are stored.
+        core::str::from_utf8(&self.digits[..usize::from(self.len)]).unwrap_or("")
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        if s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut t = Self::default();
+        t.digits[..s.len()].copy_from_slice(s.as_bytes());
+        t.len = s.len() as u8;
+        Some(t)
+    }
+}
+
+impl core::fmt::Debug for RunToken {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(if self.len == 0 { "none" } else { "<hidden>" })
+    }
 }
 
 impl Default for BootArgs {
@@ -69,6 +110,8 @@ impl Default for BootArgs {
             uart_passthrough: false,
             linux: false,
             initrd: (0, 0),
+            run_token: RunToken::default(),
+            test_hypercalls: false,
         }
     }
 }
@@ -95,7 +138,7 @@ impl core::fmt::Display for BootArgsError<'_> {
             Self::NotKeyValue(w) => write!(f, "boot argument `{w}` is not key=value"),
             Self::UnknownKey(k) => write!(
                 f,
-                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.kind, linux.initrd, linux.initrd_size, guest.fail, guest.bench)"
+                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.kind, linux.initrd, linux.initrd_size, guest.fail, guest.bench, run.token, test.hypercalls)"
             ),
             Self::BadValue { key, value } => write!(f, "bad value `{value}` for `{key}`"),
         }
@@ -155,6 +198,8 @@ impl BootArgs {
                     "1" => args.guest_flags |= guest_flags::BENCH,
                     _ => return Err(bad),
                 },
+                "run.token" => args.run_token = RunToken::parse(value).ok_or(bad)?,
+                "test.hypercalls" => args.test_hypercalls = parse_bool(value).ok_or(bad)?,
                 "guest.fail" => match value {
                     "0" => args.guest_flags &= !guest_flags::FAIL,
                     "1" => args.guest_flags |= guest_flags::FAIL,
@@ -259,5 +304,23 @@ mod tests {
         assert!(BootArgs::parse("guest.ram_mib=0").is_err());
         assert!(BootArgs::parse("guest.fail=yes").is_err());
         assert!(BootArgs::parse("payload=0xzz").is_err());
+        assert!(BootArgs::parse("run.token=").is_err());
+        assert!(BootArgs::parse("run.token=xyz").is_err());
+        assert!(BootArgs::parse(&format!("run.token={}", "a".repeat(33))).is_err());
+        assert!(BootArgs::parse("test.hypercalls=yes").is_err());
+    }
+
+    #[test]
+    fn token_is_kept_but_never_shown_and_test_calls_default_off() {
+        let a = BootArgs::parse("run.token=0123456789abcdef0123456789ABCDEF test.hypercalls=1")
+            .expect("valid");
+        assert_eq!(a.run_token.as_str(), "0123456789abcdef0123456789ABCDEF");
+        assert!(a.test_hypercalls);
+        let shown = alloc::format!("{a:?}");
+        assert!(!shown.contains("0123456789"), "{shown}");
+        assert!(shown.contains("<hidden>"), "{shown}");
+        let d = BootArgs::default();
+        assert!(!d.test_hypercalls);
+        assert_eq!(d.run_token.as_str(), "");
     }
 }

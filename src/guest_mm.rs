@@ -110,6 +110,12 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
+    /// The physical range backing all of guest RAM.
+    #[must_use]
+    pub fn backing_range(&self) -> Range<PhysAddr> {
+        self.backing..self.backing + (self.ipa.end - self.ipa.start) as usize
+    }
+
     /// The backing of `ipa` (inside guest RAM).
     #[must_use]
     pub fn backing_of(&self, ipa: Ipa) -> PhysAddr {

@@ -16,6 +16,7 @@
 extern crate alloc;
 
 pub mod bootargs;
+pub mod el2_controls;
 pub mod esr;
 pub mod guest_mm;
 pub mod layout;
@@ -23,6 +24,7 @@ pub mod linux;
 pub mod loader;
 pub mod mm;
 pub mod mmio;
+pub mod sysreg_emul;
 pub mod vcpu;
 pub mod workloads;
 

@@ -10,6 +10,7 @@ use core::fmt;
 use crate::counter_set;
 use crate::esr::{Esr, ec, fault_ipa};
 use crate::mm::counters::inc;
+use crate::sysreg_emul::SysregAccess;
 
 /// The guest's general-purpose registers and return state, as the lower-EL
 /// vectors save them on the EL2 stack. The layout is shared with the
@@ -133,6 +134,17 @@ counter_set! {
         exits_other,
         /// Data aborts on an emulated device, emulated.
         mmio_emulated,
+        /// Trapped system register accesses emulated (sanitised ID reads,
+        /// RAZ/WI debug registers, set/way operations).
+        sysreg_emulated,
+        /// Set/way cache maintenance emulated by a clean of guest memory.
+        setway_flushes,
+        /// UNDEFINED exceptions injected for traps the hypervisor does not
+        /// emulate.
+        undef_injected,
+        /// Synchronous external aborts injected for stage-2 aborts the
+        /// guest cannot be given memory for.
+        abort_injected,
     }
 }
 
@@ -160,6 +172,12 @@ pub enum Exit {
     /// A stage-2 abort: populated on demand if it is the guest's memory,
     /// answered with a synchronous external abort otherwise.
     Stage2Abort(Trap),
+    /// A trapped system register access (EC 0x18), decoded; the caller
+    /// acts as [`crate::sysreg_emul::classify`] says.
+    Sysreg(Trap, SysregAccess),
+    /// A trap the hypervisor does not emulate: inject UNDEFINED (see
+    /// [`Injection::undefined`]).
+    Undefined(Trap),
 }
 
 /// The test guest's report of its results.
@@ -213,15 +231,17 @@ impl Vcpu {
                 });
                 Exit::Stage2Abort(trap)
             }
-            // Nothing else is handled yet: count it by kind, then stop with
-            // a report.
-            other => {
-                inc(if other == ec::SYSREG {
-                    &exits.exits_sysreg
-                } else {
-                    &exits.exits_other
-                });
-                Exit::Stop(Stop::UnhandledTrap(trap))
+            ec::SYSREG => {
+                inc(&exits.exits_sysreg);
+                Exit::Sysreg(trap, SysregAccess::decode(trap.esr.iss()))
+            }
+            // Anything else that reaches EL2 from the guest is an
+            // instruction or access the hypervisor does not offer (SVE and
+            // SME through CPTR_EL2, and whatever a future trap bit adds):
+            // UNDEFINED, as on a CPU without it. It never ends the run.
+            _ => {
+                inc(&exits.exits_other);
+                Exit::Undefined(trap)
             }
         }
     }
@@ -268,32 +288,79 @@ impl Vcpu {
     }
 }
 
-/// How to deliver a synchronous external abort to the guest's EL1: the EL1
-/// syndrome registers to write and where the guest resumes (its vector).
+/// How to deliver an exception to the guest's EL1 as if the CPU had taken
+/// it there: the EL1 syndrome registers to write and where the guest
+/// resumes (its vector).
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
-pub struct AbortInjection {
+pub struct Injection {
     /// `ESR_EL1`.
     pub esr_el1: u64,
-    /// `FAR_EL1`.
-    pub far_el1: u64,
-    /// `ELR_EL1`: the faulting instruction.
+    /// `FAR_EL1`, for aborts; `None`: left as it is (UNKNOWN for the
+    /// exception being delivered).
+    pub far_el1: Option<u64>,
+    /// `ELR_EL1`: the instruction that took the exception.
     pub elr_el1: u64,
-    /// `SPSR_EL1`: the guest's PSTATE at the fault.
+    /// `SPSR_EL1`: the guest's PSTATE at the exception.
     pub spsr_el1: u64,
     /// New `ELR_EL2`: the guest's vector entry.
     pub elr: u64,
-    /// New `SPSR_EL2`: EL1h with D, A, I, F masked.
+    /// New `SPSR_EL2`: PSTATE on entry to EL1h (see [`entry_pstate`]).
     pub spsr: u64,
 }
 
-impl AbortInjection {
+/// Whether a saved PSTATE (`SPSR_EL2`) is AArch32 (`M[4]`).
+const fn is_aarch32(spsr: u64) -> bool {
+    spsr & 0b1_0000 != 0
+}
+
+/// Whether a saved PSTATE is EL0 (AArch64 `M[3:0]` = 0, or any AArch32
+/// mode: EL1 is AArch64 here, so AArch32 is always EL0).
+const fn is_el0(spsr: u64) -> bool {
+    is_aarch32(spsr) || spsr & 0b1111 == 0
+}
+
+/// The offset of the synchronous vector for an exception taken to EL1 from
+/// PSTATE `spsr`.
+const fn sync_vector_offset(spsr: u64) -> u64 {
+    match spsr & 0b1_1111 {
+        0b0_0100 => 0x000,               // EL1t: current EL with SP_EL0
+        0b0_0101 => 0x200,               // EL1h: current EL with SP_ELx
+        m if m & 0b1_0000 != 0 => 0x600, // AArch32 EL0: lower EL, AArch32
+        _ => 0x400,                      // EL0: lower EL, AArch64
+    }
+}
+
+impl Injection {
+    fn new(
+        esr_el1: u64,
+        far_el1: Option<u64>,
+        elr: u64,
+        spsr: u64,
+        vbar_el1: u64,
+        sctlr_el1: u64,
+    ) -> Self {
+        Self {
+            esr_el1,
+            far_el1,
+            elr_el1: elr,
+            spsr_el1: spsr,
+            // VBAR_EL1 bits [10:0] are RES0 to the CPU (not cleared by every
+            // implementation on write): use bits [63:11].
+            elr: (vbar_el1 & !0x7ff) | sync_vector_offset(spsr),
+            spsr: entry_pstate(spsr, sctlr_el1),
+        }
+    }
+
     /// The injection for stage-2 abort `trap` taken at `elr`/`spsr` with the
     /// guest's `VBAR_EL1` and `SCTLR_EL1`, as the architecture delivers a
     /// synchronous external abort: the exception class of an abort taken to
     /// EL1 from the guest's EL (same EL: 0x25/0x21, from EL0: 0x24/0x20),
-    /// DFSC/IFSC 0x10, `WnR` kept for data aborts, `FAR_EL1` the faulting VA,
-    /// and PSTATE on entry as for any exception to EL1 (see
-    /// [`entry_pstate`]).
+    /// the fault status "synchronous external abort" (0x10), or "... on a
+    /// translation table walk" (0x14 + level) when the stage-2 fault was on
+    /// the guest's own stage-1 walk (`S1PTW`; EL2 does not know which
+    /// stage-1 level was walking, so the level is that of the stage-2
+    /// lookup that failed for it), `WnR` kept for data aborts, `FAR_EL1`
+    /// the faulting VA, and PSTATE on entry as for any exception to EL1.
     #[must_use]
     pub fn sync_external_abort(
         trap: Trap,
@@ -303,8 +370,8 @@ impl AbortInjection {
         sctlr_el1: u64,
     ) -> Self {
         const SEA: u64 = 0x10;
-        // SPSR.M[3:0] == 0: EL0t.
-        let from_el0 = spsr.trailing_zeros() >= 4;
+        const SEA_ON_WALK: u64 = 0x14;
+        let from_el0 = is_el0(spsr);
         let data = trap.esr.ec() == ec::DABT_LOWER;
         let ec = match (data, from_el0) {
             (true, false) => ec::DABT_CURRENT,
@@ -312,41 +379,63 @@ impl AbortInjection {
             (false, false) => ec::IABT_CURRENT,
             (false, true) => ec::IABT_LOWER,
         };
-        let wnr = if data { trap.esr.0 & (1 << 6) } else { 0 };
-        let vector = match spsr & 0b1_1111 {
-            0b0_0100 => 0x000,               // EL1t: current EL with SP_EL0
-            0b0_0101 => 0x200,               // EL1h: current EL with SP_ELx
-            m if m & 0b1_0000 != 0 => 0x600, // AArch32 EL0: lower EL, AArch32
-            _ => 0x400,                      // EL0: lower EL, AArch64
+        let fsc = if trap.esr.s1ptw() {
+            SEA_ON_WALK | u64::from(trap.esr.fault_status() & 3)
+        } else {
+            SEA
         };
-        Self {
-            esr_el1: (u64::from(ec) << 26) | (1 << 25) | wnr | SEA,
-            far_el1: trap.far,
-            elr_el1: elr,
-            spsr_el1: spsr,
-            // VBAR_EL1 bits [10:0] are RES0 to the CPU (not cleared by every
-            // implementation on write): use bits [63:11].
-            elr: (vbar_el1 & !0x7ff) | vector,
-            spsr: entry_pstate(spsr, sctlr_el1),
-        }
+        // WnR is meaningful for a data abort not on a walk (a walk reads).
+        let wnr = if data && !trap.esr.s1ptw() {
+            trap.esr.0 & (1 << 6)
+        } else {
+            0
+        };
+        let esr = (u64::from(ec) << 26) | (1 << 25) | wnr | fsc;
+        Self::new(esr, Some(trap.far), elr, spsr, vbar_el1, sctlr_el1)
+    }
+
+    /// The injection of an UNDEFINED exception (EC 0x00) for the trapped
+    /// instruction `trap` at `elr`/`spsr`: `ESR_EL1.IL` as the trap's (a
+    /// 16-bit T32 instruction from AArch32 EL0 has IL = 0), `ELR_EL1` the
+    /// instruction itself (not stepped over), `FAR_EL1` untouched.
+    #[must_use]
+    pub fn undefined(trap: Trap, elr: u64, spsr: u64, vbar_el1: u64, sctlr_el1: u64) -> Self {
+        let il = if trap.esr.il() { 1 << 25 } else { 0 };
+        Self::new(
+            (u64::from(ec::UNKNOWN) << 26) | il,
+            None,
+            elr,
+            spsr,
+            vbar_el1,
+            sctlr_el1,
+        )
     }
 }
 
 /// PSTATE on taking an exception to EL1h from PSTATE `old`, with the
 /// guest's `SCTLR_EL1` (Arm ARM, "PSTATE on exception entry"; as KVM's
-/// `get_except64_cpsr`): D, A, I, F masked; PAN kept, and set if
-/// `SCTLR_EL1.SPAN` is 0; SSBS from `SCTLR_EL1.DSSBS`; DIT kept; UAO, SS,
-/// IL and BTYPE cleared. (No MTE for the guest: TCO is left clear.)
+/// `get_except64_cpsr`): N, Z, C, V kept; D, A, I, F masked; PAN kept, and
+/// set if `SCTLR_EL1.SPAN` is 0; DIT kept (from bit 21 of an AArch32
+/// SPSR, bit 24 of an AArch64 one); SSBS from `SCTLR_EL1.DSSBS`; UAO, SS,
+/// IL, BTYPE and the rest cleared. (No MTE for the guest: TCO is left
+/// clear.)
 #[must_use]
 pub fn entry_pstate(old: u64, sctlr_el1: u64) -> u64 {
     const EL1H: u64 = 0b0101;
     const DAIF: u64 = 0b1111 << 6;
+    const NZCV: u64 = 0b1111 << 28;
     const PAN: u64 = 1 << 22;
     const DIT: u64 = 1 << 24;
+    const DIT_AARCH32: u64 = 1 << 21;
     const SSBS: u64 = 1 << 12;
     const SCTLR_SPAN: u64 = 1 << 23;
     const SCTLR_DSSBS: u64 = 1 << 44;
-    let mut new = EL1H | DAIF | (old & (PAN | DIT));
+    let dit = if is_aarch32(old) {
+        if old & DIT_AARCH32 != 0 { DIT } else { 0 }
+    } else {
+        old & DIT
+    };
+    let mut new = EL1H | DAIF | (old & (NZCV | PAN)) | dit;
     if sctlr_el1 & SCTLR_SPAN == 0 {
         new |= PAN;
     }
@@ -508,22 +597,23 @@ mod tests {
         // DFSC 0x10 (SEA), WnR kept.
         // SCTLR_EL1.SPAN set: PAN is not forced.
         let span = 1 << 23;
-        let inj = AbortInjection::sync_external_abort(trap, 0x4008_1234, 0x3c5, 0x4008_0800, span);
+        let inj = Injection::sync_external_abort(trap, 0x4008_1234, 0x3c5, 0x4008_0800, span);
         assert_eq!(inj.elr, 0x4008_0a00);
         assert_eq!(inj.esr_el1, (0x25 << 26) | (1 << 25) | (1 << 6) | 0x10);
         assert_eq!(
             (inj.far_el1, inj.elr_el1, inj.spsr_el1, inj.spsr),
-            (0x5000_0123, 0x4008_1234, 0x3c5, 0x3c5)
+            (Some(0x5000_0123), 0x4008_1234, 0x3c5, 0x3c5)
         );
         // From EL0 with SPAN clear: the lower-EL vector, EC 0x24, PAN set.
-        let inj = AbortInjection::sync_external_abort(trap, 0x1000, 0, 0x4008_0800, 0);
+        let inj = Injection::sync_external_abort(trap, 0x1000, 0, 0x4008_0800, 0);
         assert_eq!(
             (inj.elr, inj.esr_el1 >> 26, inj.spsr),
             (0x4008_0c00, 0x24, 0x3c5 | (1 << 22))
         );
-        // From AArch32 EL0: the AArch32 lower-EL vector.
-        let inj = AbortInjection::sync_external_abort(trap, 0x1000, 0b1_0000, 0x4008_0800, span);
-        assert_eq!(inj.elr, 0x4008_0e00);
+        // From AArch32 EL0: the AArch32 lower-EL vector, and the lower-EL
+        // class (AArch32 is always EL0 here).
+        let inj = Injection::sync_external_abort(trap, 0x1000, 0b1_0000, 0x4008_0800, span);
+        assert_eq!((inj.elr, inj.esr_el1 >> 26), (0x4008_0e00, 0x24));
         let text = format!(
             "{}",
             TrapReport {
@@ -536,6 +626,97 @@ mod tests {
         assert!(text.contains("Data abort from lower EL"), "{text}");
         assert!(text.contains("translation fault level 2"), "{text}");
         assert!(text.contains("faulting IPA 0x50000123"), "{text}");
+    }
+
+    #[test]
+    fn entry_pstate_keeps_nzcv_and_reads_aarch32_dit_from_bit_21() {
+        let nzcv = 0b1010 << 28;
+        let span = 1 << 23;
+        // AArch64 EL1h with N and C set and DIT (bit 24): all kept.
+        assert_eq!(
+            entry_pstate(nzcv | (1 << 24) | 0x5, span),
+            nzcv | (1 << 24) | 0x3c5
+        );
+        // AArch32 EL0 (M = 0b10000) with DIT in bit 21: DIT lands in bit 24,
+        // and bit 21 (AArch64 SS) does not survive.
+        let a32 = nzcv | (1 << 21) | 0b1_0000;
+        assert_eq!(entry_pstate(a32, span), nzcv | (1 << 24) | 0x3c5);
+        // AArch64 SS (bit 21) is cleared on entry.
+        assert_eq!(entry_pstate((1 << 21) | 0x5, span), 0x3c5);
+    }
+
+    #[test]
+    fn abort_on_a_stage1_walk_reports_walk_fsc_with_level() {
+        // S1PTW (bit 7) set, stage-2 translation fault level 2.
+        let esr = Esr((u64::from(ec::DABT_LOWER) << 26) | (1 << 25) | (1 << 7) | (1 << 6) | 0x06);
+        let trap = Trap {
+            esr,
+            far: 0x1234_5000,
+            hpfar: 0,
+        };
+        let inj = Injection::sync_external_abort(trap, 0x4008_0000, 0x3c5, 0, 1 << 23);
+        assert_eq!(inj.esr_el1 & 0x3f, 0x16, "SEA on walk, level 2");
+        assert_eq!(inj.esr_el1 & (1 << 6), 0, "a walk is a read");
+    }
+
+    #[test]
+    fn unknown_traps_become_undefined_and_sysregs_are_decoded() {
+        let exits = ExitCounters::new();
+        let mut vcpu = Vcpu::default();
+        let mut regs = GuestRegs {
+            elr: 0x4008_2000,
+            spsr: 0x3c5,
+            ..GuestRegs::default()
+        };
+        // An SVE instruction trapped by CPTR_EL2.TZ (EC 0x19), and SME
+        // (EC 0x1d): never a stop.
+        for class in [0x19_u64, 0x1d, 0x07, 0x00] {
+            let trap = Trap {
+                esr: Esr((class << 26) | (1 << 25)),
+                far: 0,
+                hpfar: 0,
+            };
+            assert_eq!(
+                vcpu.handle_sync(&mut regs, trap, &exits),
+                Exit::Undefined(trap)
+            );
+        }
+        assert_eq!(regs.elr, 0x4008_2000, "the caller injects, at the insn");
+        // MRS x3, ID_AA64PFR0_EL1.
+        let iss = (3 << 20) | (0 << 17) | (0 << 14) | (0 << 10) | (3 << 5) | (4 << 1) | 1;
+        let trap = Trap {
+            esr: Esr((u64::from(ec::SYSREG) << 26) | (1 << 25) | iss),
+            far: 0,
+            hpfar: 0,
+        };
+        match vcpu.handle_sync(&mut regs, trap, &exits) {
+            Exit::Sysreg(t, a) => {
+                assert_eq!(t, trap);
+                assert_eq!((a.encoding(), a.rt, a.read), ((3, 0, 0, 4, 0), 3, true));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The UNDEFINED injection: EC 0, IL kept, the current-EL vector,
+        // ELR_EL1 at the instruction, FAR untouched.
+        let trap = Trap {
+            esr: Esr((0x19 << 26) | (1 << 25)),
+            far: 0,
+            hpfar: 0,
+        };
+        let inj = Injection::undefined(trap, 0x4008_2000, 0x3c5, 0x4008_0800, 1 << 23);
+        assert_eq!(inj.esr_el1, 1 << 25);
+        assert_eq!(
+            (inj.elr, inj.elr_el1, inj.far_el1),
+            (0x4008_0a00, 0x4008_2000, None)
+        );
+        // A 16-bit T32 instruction from AArch32 EL0: IL = 0, AArch32 vector.
+        let t16 = Trap {
+            esr: Esr(0x19 << 26),
+            far: 0,
+            hpfar: 0,
+        };
+        let inj = Injection::undefined(t16, 0x8000, 0b1_0000, 0x4008_0800, 1 << 23);
+        assert_eq!((inj.esr_el1, inj.elr), (0, 0x4008_0e00));
     }
 }
 

@@ -51,9 +51,10 @@ fn boot_with(artifacts: &Artifacts, bootargs: &[&str]) -> RunOutcome {
 /// The run in full, for assertion messages.
 fn report(outcome: &RunOutcome) -> String {
     format!(
-        "verdict: {}\nQEMU exit code: {:?}, timed out: {}, {:.1} s\n\
+        "verdict: {} (status {})\nQEMU exit code: {:?}, timed out: {}, {:.1} s\n\
          ---- QEMU output ----\n{}---- end of QEMU output ----",
         outcome.verdict(),
+        outcome.status(),
         outcome.exit_code,
         outcome.timed_out,
         outcome.elapsed.as_secs_f64(),
@@ -65,10 +66,7 @@ fn report(outcome: &RunOutcome) -> String {
 fn assert_guest_tests_passed(outcome: &RunOutcome, report: &str, tests: &[&str]) {
     for test in tests {
         assert!(
-            outcome
-                .output
-                .lines()
-                .any(|l| l.trim() == format!("test {test} ... ok")),
+            outcome.tests.iter().any(|t| t.name == *test && t.ok),
             "guest test {test} did not pass\n{report}"
         );
     }
@@ -79,7 +77,7 @@ fn guest_suite_passes() {
     let outcome = boot(&[]);
     let report = report(&outcome);
     assert_eq!(outcome.verdict(), Verdict::Pass, "{report}");
-    assert_eq!(outcome.exit_code, Some(0), "{report}");
+    assert_eq!(outcome.status(), 0, "{report}");
     let summary = outcome
         .summary
         .unwrap_or_else(|| panic!("no guest summary\n{report}"));
@@ -110,7 +108,7 @@ fn failing_guest_is_reported_as_failure() {
         matches!(outcome.verdict(), Verdict::Fail(_)),
         "a failing guest test must fail the run\n{report}"
     );
-    assert_eq!(outcome.exit_code, Some(1), "{report}");
+    assert_eq!(outcome.status(), 1, "{report}");
     let summary = outcome
         .summary
         .unwrap_or_else(|| panic!("no guest summary\n{report}"));

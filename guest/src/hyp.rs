@@ -170,6 +170,10 @@ pub const COUNTERS: &[&str] = &[
     "exits_irq",
     "exits_other",
     "mmio_emulated",
+    "sysreg_emulated",
+    "setway_flushes",
+    "undef_injected",
+    "abort_injected",
 ];
 
 /// Reads one counter through `HYP_STATS`.

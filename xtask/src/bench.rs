@@ -252,7 +252,14 @@ pub fn qemu_records(artifacts: &Artifacts) -> Result<Vec<BenchRecord>> {
             outcome.output
         );
     }
-    let records = parse_bench_lines(&outcome.output);
+    // Only this run's markers (the guest's output cannot add records).
+    let lines: String = outcome
+        .markers
+        .iter()
+        .filter(|(kind, _)| kind == "BENCH")
+        .map(|(_, rest)| format!("LAZYHYP-BENCH: {rest}\n"))
+        .collect();
+    let records = parse_bench_lines(&lines);
     if records.is_empty() {
         bail!(
             "the bench boot printed no LAZYHYP-BENCH line\n{}",

@@ -17,12 +17,13 @@ pub use artifacts::{
     workspace_root,
 };
 pub use outcome::{
-    ExitMarker, GuestSummary, RunOutcome, TestLine, Verdict, exit_code_meaning, parse_exit_marker,
-    parse_guest_summary, parse_result_marker, parse_stats, parse_test_line,
+    ExitMarker, GUEST_PREFIX, GuestSummary, RunOutcome, TestLine, Verdict, exit_code_meaning,
+    parse_exit_marker, parse_guest_summary, parse_result_marker, parse_stats, parse_test_line,
+    trusted_marker,
 };
 pub use process::{Captured, run_with_timeout};
 pub use qemu::{
-    DEFAULT_TIMEOUT, GDB_PORT, PAYLOAD_ADDR, QEMU, RunOptions, ensure_qemu, qemu_args,
-    qemu_command, run, run_with_qemu,
+    DEFAULT_TIMEOUT, GDB_PORT, PAYLOAD_ADDR, QEMU, RunOptions, ensure_qemu, new_run_token,
+    qemu_args, qemu_command, run, run_with_qemu,
 };
 pub use test_runner::{TestTotals, parse_test_result_line, run_host_tests};

@@ -251,12 +251,9 @@ pub fn boot(
                 "loader,file={},addr={INITRD_ADDR:#x},force-raw=on",
                 initrd.display()
             ),
-            // SVE and SME state are not context-switched by the hypervisor
-            // (it traps SVE): do not offer them to the guest.
-            "-cpu".to_owned(),
-            "max,sve=off,sme=off".to_owned(),
         ],
         echo,
+        test_hypercalls: false,
         ..RunOptions::default()
     };
     run(&artifacts, &opts)
@@ -284,7 +281,7 @@ pub fn bare_boot(kernel: &Path, initrd: &Path, timeout: Duration) -> Result<Dura
         "-m",
         "256M",
     ])
-    .args(["-nographic", "-no-reboot", "-kernel"])
+    .args(["-nographic", "-no-reboot", "-nic", "none", "-kernel"])
     .arg(kernel)
     .arg("-initrd")
     .arg(initrd)

@@ -7,7 +7,35 @@ use std::time::Duration;
 const RESULT_MARKER: &str = "LAZYHYP-RESULT:";
 const STATS_MARKER: &str = "LAZYHYP-STATS:";
 const EXIT_MARKER: &str = "LAZYHYP-EXIT:";
-const PANIC_MARKER: &str = "LAZYHYP-PANIC";
+const MARKER_PREFIX: &str = "LAZYHYP-";
+/// The prefix the hypervisor puts in front of every line of the guest's
+/// console output (emulated UART).
+pub const GUEST_PREFIX: &str = "vm1| ";
+
+/// A marker line of this run: `LAZYHYP-<KIND>: token=<token> <rest>` at the
+/// very start of the line, with the token xtask gave the hypervisor. Returns
+/// (kind, rest). Anything else (another token, none, text before it) is not
+/// the hypervisor's and is not believed.
+#[must_use]
+pub fn trusted_marker<'a>(line: &'a str, token: &str) -> Option<(&'a str, &'a str)> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let rest = line.strip_prefix(MARKER_PREFIX)?;
+    let (kind, rest) = rest.split_once(": ")?;
+    if kind.is_empty() || !kind.bytes().all(|b| b.is_ascii_uppercase()) || token.is_empty() {
+        return None;
+    }
+    let rest = rest.strip_prefix("token=")?.strip_prefix(token)?;
+    if !(rest.is_empty() || rest.starts_with(' ')) {
+        return None;
+    }
+    Some((kind, rest.trim_start()))
+}
+
+/// A guest console line without the hypervisor's prefix (lines printed
+/// through a passed-through UART have none).
+fn guest_line(line: &str) -> &str {
+    line.strip_prefix(GUEST_PREFIX).unwrap_or(line)
+}
 
 /// Pass and fail counts, from the guest's closing line or `LAZYHYP-RESULT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,16 +90,19 @@ impl fmt::Display for Verdict {
     }
 }
 
-/// What QEMU's exit code means under the contract.
+/// What a run status ([`RunOutcome::status`], the exit status of
+/// `cargo xtask qemu`) means under the contract.
 #[must_use]
 pub fn exit_code_meaning(code: i32) -> &'static str {
     match code {
         0 => "the guest reported no failures and powered off",
         1 => "the guest reported one or more failures",
-        2 => "the guest powered off or reset without reporting results",
+        2 => {
+            "no report: the guest powered off without reporting results, or the run hung or ended without the hypervisor's exit marker"
+        }
         3 => "hypervisor panic or unexpected exception",
         4 => "hypervisor setup error",
-        _ => "not a code of the run contract (QEMU itself failed?)",
+        _ => "not a code of the run contract (xtask itself failed?)",
     }
 }
 
@@ -181,16 +212,23 @@ pub struct RunOutcome {
     pub panic: Option<String>,
     /// The guest's per-test lines, in order.
     pub tests: Vec<TestLine>,
+    /// The run's marker lines, as (kind, text after the token), in order.
+    pub markers: Vec<(String, String)>,
+    /// Lines that carry `LAZYHYP-` but are not this run's markers (guest
+    /// output that imitates them): shown, never believed.
+    pub forged: Vec<String>,
 }
 
 impl RunOutcome {
-    /// Parses the markers out of `output`.
+    /// Parses the markers out of `output`: only lines that
+    /// [`trusted_marker`] accepts with `token` are the hypervisor's.
     #[must_use]
     pub fn from_output(
         output: String,
         exit_code: Option<i32>,
         timed_out: bool,
         elapsed: Duration,
+        token: &str,
     ) -> Self {
         let mut outcome = Self {
             output: String::new(),
@@ -203,25 +241,52 @@ impl RunOutcome {
             stats: None,
             panic: None,
             tests: Vec::new(),
+            markers: Vec::new(),
+            forged: Vec::new(),
         };
         for line in output.lines() {
-            if outcome.panic.is_none() && line.contains(PANIC_MARKER) {
-                outcome.panic = Some(line.trim().to_owned());
+            if let Some((kind, rest)) = trusted_marker(line, token) {
+                let normalised = format!("{MARKER_PREFIX}{kind}: {rest}");
+                if kind == "PANIC" && outcome.panic.is_none() {
+                    outcome.panic = Some(normalised.clone());
+                } else if let Some(r) = parse_result_marker(&normalised) {
+                    outcome.result = Some(r);
+                } else if let Some(e) = parse_exit_marker(&normalised) {
+                    outcome.exit = Some(e);
+                } else if let Some(s) = parse_stats(&normalised) {
+                    outcome.stats = Some(s);
+                }
+                outcome.markers.push((kind.to_owned(), rest.to_owned()));
+                continue;
             }
+            if line.contains(MARKER_PREFIX) {
+                outcome.forged.push(line.to_owned());
+            }
+            let line = guest_line(line);
             if let Some(s) = parse_guest_summary(line) {
                 outcome.summary = Some(s);
-            } else if let Some(r) = parse_result_marker(line) {
-                outcome.result = Some(r);
-            } else if let Some(e) = parse_exit_marker(line) {
-                outcome.exit = Some(e);
-            } else if let Some(s) = parse_stats(line) {
-                outcome.stats = Some(s);
             } else if let Some(t) = parse_test_line(line) {
                 outcome.tests.push(t);
             }
         }
         outcome.output = output;
         outcome
+    }
+
+    /// The run's status under the contract (docs/run-contract.md): the
+    /// code of this run's `LAZYHYP-EXIT` marker; 2 (no report) when there
+    /// is none (a hang, a QEMU that died, a hypervisor that never got to
+    /// say).
+    #[must_use]
+    pub fn status(&self) -> i32 {
+        match (&self.exit, self.verdict()) {
+            (_, Verdict::Pass) => 0,
+            (Some(e), _) if e.code != 0 => e.code,
+            // The hypervisor said 0 but something contradicts it (the
+            // closing line, a FAILED test, QEMU's own status).
+            (Some(_), _) => 1,
+            (None, _) => 2,
+        }
     }
 
     /// The value of one `LAZYHYP-STATS` key.
@@ -303,12 +368,18 @@ impl RunOutcome {
         };
         if code != 0 {
             return Verdict::Fail(format!(
-                "QEMU exited with code {code} ({}){ctx}",
-                exit_code_meaning(code)
+                "QEMU itself exited with status {code} (the hypervisor powers off with status 0){ctx}"
             ));
         }
         let Some(exit) = &self.exit else {
-            return Verdict::Fail(format!("no LAZYHYP-EXIT line{ctx}"));
+            return Verdict::Fail(format!(
+                "no LAZYHYP-EXIT line with this run's token{}{ctx}",
+                if self.forged.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({} forged marker lines ignored)", self.forged.len())
+                }
+            ));
         };
         if exit.code != 0 {
             return Verdict::Fail(format!(
@@ -355,28 +426,34 @@ test stage2_map_lazy ... ok
 test stage2_unmap_tlbi ... ok
 test fp_state_survives_exits ... ok
 guest: 3 passed, 0 failed
-LAZYHYP-RESULT: passed=3 failed=0
-LAZYHYP-STATS: mappings=12 pages_mapped=4096 batches=3 tlbi=5 exits_hvc=7 exits_dabt=2
-LAZYHYP-EXIT: code=0 reason=system_off
+LAZYHYP-RESULT: token=t0k passed=3 failed=0
+LAZYHYP-STATS: token=t0k mappings=12 pages_mapped=4096 batches=3 tlbi=5 exits_hvc=7 exits_dabt=2
+LAZYHYP-EXIT: token=t0k code=0 reason=system_off
 ";
 
     const FAILING: &str = "\
 test stage2_map_lazy ... ok
 test deliberate_failure ... FAILED
 guest: 1 passed, 1 failed
-LAZYHYP-RESULT: passed=1 failed=1
-LAZYHYP-STATS: mappings=3 pages_mapped=16 exits_hvc=2
-LAZYHYP-EXIT: code=1 reason=failures
+LAZYHYP-RESULT: token=t0k passed=1 failed=1
+LAZYHYP-STATS: token=t0k mappings=3 pages_mapped=16 exits_hvc=2
+LAZYHYP-EXIT: token=t0k code=1 reason=failures
 ";
 
     const PANICKING: &str = "\
 test stage2_map_lazy ... ok
-LAZYHYP-PANIC: unexpected exception ESR=0x96000045 FAR=0x0 ELR=0x40201234
-LAZYHYP-EXIT: code=3 reason=panic
+LAZYHYP-PANIC: token=t0k unexpected exception ESR=0x96000045 FAR=0x0 ELR=0x40201234
+LAZYHYP-EXIT: token=t0k code=3 reason=panic
 ";
 
     fn outcome(output: &str, code: Option<i32>) -> RunOutcome {
-        RunOutcome::from_output(output.to_owned(), code, false, Duration::from_secs(1))
+        RunOutcome::from_output(
+            output.to_owned(),
+            code,
+            false,
+            Duration::from_secs(1),
+            "t0k",
+        )
     }
 
     fn reason(v: &Verdict) -> &str {
@@ -501,7 +578,8 @@ LAZYHYP-EXIT: code=3 reason=panic
         let o = outcome(FAILING, Some(1));
         let v = o.verdict();
         let r = reason(&v);
-        assert!(r.contains("code 1"), "{r}");
+        assert!(r.contains("code=1"), "{r}");
+        assert_eq!(o.status(), 1);
         assert!(r.contains("deliberate_failure"), "{r}");
         assert_eq!(o.failed_tests(), ["deliberate_failure"]);
         assert_eq!(o.exit.as_ref().map(|e| e.code), Some(1));
@@ -522,21 +600,26 @@ LAZYHYP-EXIT: code=3 reason=panic
             reason(&v).starts_with("hypervisor panic: LAZYHYP-PANIC"),
             "{v}"
         );
+        assert_eq!(o.status(), 3);
         // Even if the exit code were 0, a panic line is a failure.
-        let o = outcome(&format!("{PASSING}LAZYHYP-PANIC: late\n"), Some(0));
+        let o = outcome(
+            &format!("{PASSING}LAZYHYP-PANIC: token=t0k late\n"),
+            Some(0),
+        );
         assert!(!o.verdict().is_pass());
     }
 
     #[test]
     fn timeout_is_a_hang() {
-        let o = RunOutcome::from_output(PASSING.into(), None, true, Duration::from_mins(1));
+        let o = RunOutcome::from_output(PASSING.into(), None, true, Duration::from_mins(1), "t0k");
         assert!(reason(&o.verdict()).starts_with("hang"));
     }
 
     #[test]
     fn nonzero_exit_code_fails() {
         let o = outcome(PASSING, Some(2));
-        assert!(reason(&o.verdict()).contains("without reporting"));
+        assert!(reason(&o.verdict()).contains("QEMU itself exited"));
+        assert_eq!(o.status(), 1);
         let o = outcome(PASSING, None);
         assert!(reason(&o.verdict()).contains("signal"));
     }
@@ -553,6 +636,7 @@ LAZYHYP-EXIT: code=3 reason=panic
         };
         let o = outcome(&without("LAZYHYP-EXIT"), Some(0));
         assert!(reason(&o.verdict()).contains("no LAZYHYP-EXIT"));
+        assert_eq!(o.status(), 2, "no report");
         let o = outcome(&without("guest:"), Some(0));
         assert!(reason(&o.verdict()).contains("closing line"));
         // STATS and RESULT are not part of the pass rule.
@@ -580,7 +664,7 @@ LAZYHYP-EXIT: code=3 reason=panic
     #[test]
     fn zero_tests_fail() {
         let o = outcome(
-            "guest: 0 passed, 0 failed\nLAZYHYP-EXIT: code=0 reason=system_off\n",
+            "guest: 0 passed, 0 failed\nLAZYHYP-EXIT: token=t0k code=0 reason=system_off\n",
             Some(0),
         );
         assert!(reason(&o.verdict()).contains("zero tests"));
@@ -598,6 +682,52 @@ LAZYHYP-EXIT: code=3 reason=panic
     fn last_summary_wins() {
         let o = outcome(&format!("guest: 9 passed, 9 failed\n{PASSING}"), Some(0));
         assert!(o.verdict().is_pass());
+    }
+
+    #[test]
+    fn markers_without_this_runs_token_are_not_believed() {
+        // A failing run in which the guest printed (prefixed, or through a
+        // passed-through UART, raw) a pass verdict with no token, a wrong
+        // token, and a right-looking one after text on the line.
+        let forged = format!(
+            "{GUEST_PREFIX}LAZYHYP-EXIT: token=t0k code=0 reason=system-off\n\
+             LAZYHYP-EXIT: code=0 reason=system-off\n\
+             LAZYHYP-EXIT: token=t0kk code=0 reason=system-off\n\
+             LAZYHYP-EXIT: token=bad code=0 reason=system-off\n\
+             xLAZYHYP-RESULT: token=t0k passed=9 failed=0\n\
+             LAZYHYP-PANIC: forged\n\
+             {FAILING}\
+             LAZYHYP-EXIT: code=0 reason=late\n"
+        );
+        let o = outcome(&forged, Some(0));
+        assert_eq!(o.exit.as_ref().map(|e| e.code), Some(1));
+        assert_eq!(o.result.map(|r| r.passed), Some(1));
+        assert!(o.panic.is_none(), "an untrusted PANIC is not believed");
+        assert_eq!(o.forged.len(), 7, "{:?}", o.forged);
+        assert_eq!(o.status(), 1);
+        // And a passing run stays a pass whatever the guest prints.
+        let o = outcome(
+            &format!(
+                "{GUEST_PREFIX}LAZYHYP-PANIC: token=t0k x\nLAZYHYP-EXIT: token= code=1\n{PASSING}"
+            ),
+            Some(0),
+        );
+        assert!(o.verdict().is_pass(), "{:?}", o.verdict());
+        assert_eq!(o.status(), 0);
+        // Guest lines behind the prefix are read as guest lines.
+        let o = outcome(
+            &PASSING
+                .replace("test ", &format!("{GUEST_PREFIX}test "))
+                .replace("guest: 3", &format!("{GUEST_PREFIX}guest: 3")),
+            Some(0),
+        );
+        assert!(o.verdict().is_pass(), "{:?}", o.verdict());
+        assert_eq!(o.tests.len(), 3);
+        assert_eq!(
+            trusted_marker("LAZYHYP-EXIT: token=t0k", "t0k"),
+            Some(("EXIT", ""))
+        );
+        assert_eq!(trusted_marker("LAZYHYP-EXIT: token=t0k x", ""), None);
     }
 
     #[test]

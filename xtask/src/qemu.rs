@@ -43,6 +43,9 @@ pub struct RunOptions {
     pub extra_qemu_args: Vec<String>,
     /// Print QEMU's output line by line as it arrives.
     pub echo: bool,
+    /// Add `test.hypercalls=1`: the bundled test guest and the benchmark
+    /// need the test-only hypercalls; a Linux guest never gets them.
+    pub test_hypercalls: bool,
 }
 
 impl Default for RunOptions {
@@ -54,21 +57,51 @@ impl Default for RunOptions {
             bootargs: Vec::new(),
             extra_qemu_args: Vec::new(),
             echo: false,
+            test_hypercalls: true,
         }
     }
 }
 
 impl RunOptions {
-    /// The `-append` string: `log=<level>` then the other bootargs.
+    /// The `-append` string: `log=<level>`, `test.hypercalls=1` if asked,
+    /// the other bootargs, and the run's `run.token=`.
     #[must_use]
-    pub fn append_line(&self) -> String {
+    pub fn append_line(&self, token: &str) -> String {
         let mut args = Vec::new();
         if !self.bootargs.iter().any(|a| a.starts_with("log=")) {
             args.push(format!("log={}", self.log));
         }
+        if self.test_hypercalls
+            && !self
+                .bootargs
+                .iter()
+                .any(|a| a.starts_with("test.hypercalls="))
+        {
+            args.push("test.hypercalls=1".to_owned());
+        }
         args.extend(self.bootargs.iter().cloned());
+        args.push(format!("run.token={token}"));
         args.join(" ")
     }
+}
+
+/// A fresh secret for one run: 32 hex digits from the OS's random source
+/// (falling back to the clock and process id, which a guest cannot read
+/// either). It reaches the hypervisor in its device tree's bootargs, which
+/// no guest can read, and the hypervisor prints it on every marker line.
+#[must_use]
+pub fn new_run_token() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    let from_os = fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if from_os.is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let mixed = nanos ^ (u128::from(std::process::id()) << 64);
+        bytes = mixed.to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
@@ -131,11 +164,15 @@ pub fn ensure_qemu() -> Result<PathBuf> {
         );
     }
     if !is_root() {
-        bail!("{QEMU} not found on PATH; install it with: sudo apt-get install -y {QEMU_PACKAGE}");
+        bail!(
+            "{QEMU} not found on PATH; install it with: sudo apt-get install -y --no-install-recommends {QEMU_PACKAGE}"
+        );
     }
     eprintln!("xtask: {QEMU} not found; installing {QEMU_PACKAGE} with apt-get");
     apt_get(&["update"])?;
-    apt_get(&["install", "-y", QEMU_PACKAGE])?;
+    // Without the recommended desktop, audio and firmware packages (about
+    // 200 of them): the runs here use none of them (`-nographic`, no NIC).
+    apt_get(&["install", "-y", "--no-install-recommends", QEMU_PACKAGE])?;
     find_on_path(QEMU)
         .with_context(|| format!("{QEMU} still not found on PATH after installing {QEMU_PACKAGE}"))
 }
@@ -150,9 +187,11 @@ fn qemu_escape(path: &Path) -> OsString {
     }
 }
 
-/// QEMU's arguments for a run, as the contract gives them.
+/// QEMU's arguments for a run with token `token`, as the contract gives
+/// them. No semihosting (a guest could reach the host's files and end QEMU
+/// with any status through it: EL2 cannot trap it) and no network.
 #[must_use]
-pub fn qemu_args(artifacts: &Artifacts, opts: &RunOptions) -> Vec<OsString> {
+pub fn qemu_args(artifacts: &Artifacts, opts: &RunOptions, token: &str) -> Vec<OsString> {
     let mut args: Vec<OsString> = [
         "-M",
         "virt,virtualization=on,gic-version=3",
@@ -164,8 +203,8 @@ pub fn qemu_args(artifacts: &Artifacts, opts: &RunOptions) -> Vec<OsString> {
         "1G",
         "-nographic",
         "-no-reboot",
-        "-semihosting-config",
-        "enable=on,target=native",
+        "-nic",
+        "none",
         "-kernel",
     ]
     .into_iter()
@@ -178,7 +217,7 @@ pub fn qemu_args(artifacts: &Artifacts, opts: &RunOptions) -> Vec<OsString> {
     loader.push(format!(",addr={PAYLOAD_ADDR},force-raw=on"));
     args.push(loader);
     args.push("-append".into());
-    args.push(opts.append_line().into());
+    args.push(opts.append_line(token).into());
     if opts.gdb {
         args.push("-s".into());
         args.push("-S".into());
@@ -187,11 +226,11 @@ pub fn qemu_args(artifacts: &Artifacts, opts: &RunOptions) -> Vec<OsString> {
     args
 }
 
-/// The QEMU command for a run, with `qemu` as the binary.
+/// The QEMU command for a run with token `token`, with `qemu` as the binary.
 #[must_use]
-pub fn qemu_command(qemu: &Path, artifacts: &Artifacts, opts: &RunOptions) -> Command {
+pub fn qemu_command(qemu: &Path, artifacts: &Artifacts, opts: &RunOptions, token: &str) -> Command {
     let mut cmd = Command::new(qemu);
-    cmd.args(qemu_args(artifacts, opts));
+    cmd.args(qemu_args(artifacts, opts, token));
     cmd
 }
 
@@ -222,12 +261,18 @@ pub fn run_with_qemu(qemu: &Path, artifacts: &Artifacts, opts: &RunOptions) -> R
     } else {
         Some(opts.timeout)
     };
-    let captured = run_with_timeout(qemu_command(qemu, artifacts, opts), timeout, opts.echo)?;
+    let token = new_run_token();
+    let captured = run_with_timeout(
+        qemu_command(qemu, artifacts, opts, &token),
+        timeout,
+        opts.echo,
+    )?;
     Ok(RunOutcome::from_output(
         captured.output,
         captured.status.code(),
         captured.timed_out,
         captured.elapsed,
+        &token,
     ))
 }
 
@@ -255,15 +300,20 @@ mod tests {
             extra_qemu_args: vec!["-d".into(), "int".into()],
             ..RunOptions::default()
         };
-        let args = strings(&qemu_args(&artifacts(), &opts));
+        let args = strings(&qemu_args(&artifacts(), &opts, "abc"));
         assert_eq!(
             args.join(" "),
             "-M virt,virtualization=on,gic-version=3 -cpu max -smp 1 -m 1G -nographic -no-reboot \
-             -semihosting-config enable=on,target=native -kernel /t/hyp \
+             -nic none -kernel /t/hyp \
              -device loader,file=/t/a,,b/guest,addr=0x48000000,force-raw=on \
-             -append log=info guest.fail=1 -d int"
+             -append log=info test.hypercalls=1 guest.fail=1 run.token=abc -d int"
         );
-        assert!(args.contains(&"log=info guest.fail=1".to_owned()));
+        assert!(!args.iter().any(|a| a.contains("semihosting")));
+        let linux = RunOptions {
+            test_hypercalls: false,
+            ..RunOptions::default()
+        };
+        assert_eq!(linux.append_line("x"), "log=info run.token=x");
     }
 
     #[test]
@@ -273,10 +323,10 @@ mod tests {
             log: "trace".into(),
             ..RunOptions::default()
         };
-        let args = strings(&qemu_args(&artifacts(), &opts));
+        let args = strings(&qemu_args(&artifacts(), &opts, "t"));
         let n = args.len();
         assert_eq!(args[n - 2..], ["-s", "-S"]);
-        assert!(args.contains(&"log=trace".to_owned()));
+        assert!(args.iter().any(|a| a.starts_with("log=trace ")));
     }
 
     #[test]
@@ -285,7 +335,18 @@ mod tests {
             bootargs: vec!["log=debug".into(), "payload=0x48000000".into()],
             ..RunOptions::default()
         };
-        assert_eq!(opts.append_line(), "log=debug payload=0x48000000");
+        assert_eq!(
+            opts.append_line("t"),
+            "test.hypercalls=1 log=debug payload=0x48000000 run.token=t"
+        );
+    }
+
+    #[test]
+    fn run_tokens_are_fresh_hex() {
+        let (a, b) = (new_run_token(), new_run_token());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //! backend over it, and the unconditional marker lines xtask reads.
 //!
 //! The UART sits at the fixed address of the `virt` board (0x0900_0000),
-//! which the boot map and the EL2 map both cover as device memory; the guest
-//! shares it through a stage-2 pass-through mapping.
+//! which the boot map and the EL2 map both cover as device memory. Guest
+//! output through the emulated PL011 arrives here byte by byte ([`putc`])
+//! and is printed behind a prefix, escaped; a guest given the real UART
+//! (`guest.uart=passthrough`, a Linux guest) writes it directly, which is
+//! why every marker the hypervisor prints carries the run's secret token.
 
 use arm_pl011_uart::{PL011Registers, Uart, UniqueMmioPointer};
 use core::fmt::{self, Write};
@@ -14,7 +17,33 @@ use spin::mutex::SpinMutex;
 /// Physical (and EL2 virtual) address of the PL011 on QEMU `virt`.
 pub const PL011_BASE: usize = 0x0900_0000;
 
-static CONSOLE: SpinMutex<Option<Uart<'static>>> = SpinMutex::new(None);
+/// The console: the UART, and whether a guest line is open (guest bytes
+/// printed since the guest's last newline).
+struct Console {
+    uart: Uart<'static>,
+    guest_line_open: bool,
+}
+
+impl Console {
+    /// Ends an open guest line, so what the hypervisor prints next starts a
+    /// line of its own: no guest byte can precede a marker on its line.
+    fn end_guest_line(&mut self) {
+        if self.guest_line_open {
+            self.uart.write_word(b'\n');
+            self.guest_line_open = false;
+        }
+    }
+}
+
+static CONSOLE: SpinMutex<Option<Console>> = SpinMutex::new(None);
+
+/// The prefix of every line of guest output on the console. A guest can
+/// therefore never print a line that starts like one of the hypervisor's
+/// (`LAZYHYP-...`, log lines), and xtask reads guest lines only after it.
+pub const GUEST_PREFIX: &str = "vm1| ";
+
+/// The run's token (`run.token=`), carried by every marker line.
+static TOKEN: spin::Once<crate::bootargs::RunToken> = spin::Once::new();
 
 /// Sets up the console and the logger. Call once, first thing.
 ///
@@ -30,24 +59,75 @@ pub fn init(level: LevelFilter) {
             NonNull::new(PL011_BASE as *mut PL011Registers).expect("PL011_BASE is not null"),
         )
     };
-    *CONSOLE.lock() = Some(Uart::new(regs));
+    *CONSOLE.lock() = Some(Console {
+        uart: Uart::new(regs),
+        guest_line_open: false,
+    });
     // Only fails if a logger is already set, which would mean init ran twice.
     log::set_logger(&LOGGER).expect("console::init called twice");
     log::set_max_level(level);
 }
 
-/// Writes formatted text to the console, whatever the log level.
+/// Records the run's token for [`marker`]. Call once, when the bootargs are
+/// known.
+pub fn set_token(token: crate::bootargs::RunToken) {
+    TOKEN.call_once(|| token);
+}
+
+/// Writes formatted text to the console, whatever the log level, starting
+/// on a fresh line if guest output left one open.
 pub fn print(args: fmt::Arguments<'_>) {
-    if let Some(uart) = CONSOLE.lock().as_mut() {
+    if let Some(console) = CONSOLE.lock().as_mut() {
+        console.end_guest_line();
         // The PL011 writer never fails.
-        let _ = uart.write_fmt(args);
+        let _ = console.uart.write_fmt(args);
     }
 }
 
-/// Writes one byte the guest sent to its (emulated) UART.
+/// Prints one marker line, `LAZYHYP-<kind>: token=<token> <text>`, for
+/// xtask: only lines with this run's token count (docs/run-contract.md).
+/// Safe to call on the panic path (see [`print_in_panic`]).
+pub fn marker(kind: &str, args: fmt::Arguments<'_>) {
+    let token = TOKEN.get().map_or("none", |t| match t.as_str() {
+        "" => "none",
+        s => s,
+    });
+    print_in_panic(format_args!("LAZYHYP-{kind}: token={token} {args}\n"));
+}
+
+/// Writes one byte the guest sent to its (emulated) UART: at the start of
+/// a line the guest prefix first; printable ASCII and newline as they are;
+/// carriage return dropped (it could move the terminal's cursor back over
+/// the prefix); every other byte (escape sequences, control characters,
+/// non-ASCII) and the backslash written as `\xNN` / `\\`, so a guest
+/// cannot drive the host's terminal or forge a hypervisor line.
 pub fn putc(byte: u8) {
-    if let Some(uart) = CONSOLE.lock().as_mut() {
-        uart.write_word(byte);
+    let mut guard = CONSOLE.lock();
+    let Some(console) = guard.as_mut() else {
+        return;
+    };
+    if byte == b'\r' {
+        return;
+    }
+    if !console.guest_line_open {
+        for b in GUEST_PREFIX.bytes() {
+            console.uart.write_word(b);
+        }
+        console.guest_line_open = true;
+    }
+    match byte {
+        b'\n' => {
+            console.uart.write_word(b'\n');
+            console.guest_line_open = false;
+        }
+        b'\\' => {
+            console.uart.write_word(b'\\');
+            console.uart.write_word(b'\\');
+        }
+        b' '..=b'~' | b'\t' => console.uart.write_word(byte),
+        _ => {
+            let _ = write!(console.uart, "\\x{byte:02x}");
+        }
     }
 }
 

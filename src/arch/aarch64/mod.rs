@@ -14,7 +14,6 @@ pub mod cache;
 pub mod console;
 pub mod el2map;
 pub mod mm_hw;
-pub mod semihosting;
 mod services;
 pub mod sysreg;
 pub mod vectors;
@@ -26,6 +25,7 @@ use aarch64_rt::InitialPagetable;
 use buddy_system_allocator::LockedHeap;
 use core::fmt::Write;
 use core::ops::Range;
+use core::sync::atomic::{AtomicBool, Ordering};
 use spin::Once;
 use spin::mutex::SpinMutex;
 
@@ -39,7 +39,8 @@ use crate::mm::lazy::MmCtx;
 use crate::mm::pool::{El2PageMap, PagePool};
 use crate::mm::stage2::{S2Attrs, Stage2};
 use crate::mm::{PAGE_SIZE, PhysAddr, align_up};
-use crate::vcpu::{AbortInjection, Exit, ExitCounters, GuestRegs, Stop, Trap, TrapReport, Vcpu};
+use crate::sysreg_emul::SysregAction;
+use crate::vcpu::{Exit, ExitCounters, GuestRegs, Injection, Stop, Trap, TrapReport, Vcpu};
 use console::{PL011_BASE, println};
 use mm_hw::HwMmArch;
 use sysreg::{read_sysreg, write_sysreg};
@@ -107,6 +108,8 @@ static MM: Once<MmCtx<HwMmArch>> = Once::new();
 static EXITS: ExitCounters = ExitCounters::new();
 /// The guest.
 static VM: Once<SpinMutex<Vm>> = Once::new();
+/// The CPU's ID registers, read once at boot.
+static CPU_ID: Once<crate::el2_controls::CpuIdRegs> = Once::new();
 
 /// Frees table pages whose TLB maintenance has completed (the mm core's
 /// deferred frees).
@@ -169,9 +172,11 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
     let vttbr = build_stage2(&layout, boot.guest_ram, &boot.args);
     let vtcr = vm::vtcr_el2(pa_range)
         .unwrap_or_else(|| setup_error(format_args!("PARange {pa_range} is below 40 bits")));
+    let cpu = CPU_ID.call_once(sysreg::cpu_id_regs);
+    log::debug!("CPU ID registers: {cpu:#x?}");
     // SAFETY: the stage-2 tables live in a static forever and map only guest
     // RAM backing and the PL011; vtcr describes them.
-    unsafe { vm::configure(vttbr, vtcr) };
+    unsafe { vm::configure(vttbr, vtcr, cpu) };
 
     let mut regs = GuestRegs::default();
     // Linux: the device tree's IPA (x1..x3 zero, as the boot protocol
@@ -225,6 +230,8 @@ fn read_boot_info() -> BootInfo {
     let args = BootArgs::parse(fdt.chosen().bootargs().unwrap_or(""))
         .unwrap_or_else(|e| setup_error(format_args!("{e}")));
     log::set_max_level(args.log);
+    console::set_token(args.run_token);
+    TEST_HYPERCALLS.store(args.test_hypercalls, Ordering::Relaxed);
     log::info!(
         "lazyhyp {} at EL2, bootargs {args:?}",
         env!("CARGO_PKG_VERSION")
@@ -472,6 +479,9 @@ fn load_linux(
     (kernel, dtb_ipa)
 }
 
+/// `test.hypercalls=1`: the test-only hypercalls are answered.
+pub(crate) static TEST_HYPERCALLS: AtomicBool = AtomicBool::new(false);
+
 /// Set when the guest is Linux: its power-off is the end of a good run.
 static LINUX: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
@@ -515,19 +525,61 @@ pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
         far: read_sysreg!("far_el2"),
         hpfar: read_sysreg!("hpfar_el2"),
     };
+    // What the previous exit did, forgotten now: the livelock check and the
+    // set/way rate limit look only at the exit right before this one.
+    let last_vector = LAST_VECTOR.swap(u64::MAX, Ordering::Relaxed);
+    let after_setway = AFTER_SETWAY.swap(false, Ordering::Relaxed);
     let vm = VM.get().expect("guest traps only after the VM exists");
     let exit = vm.lock().vcpu.handle_sync(regs, trap, &EXITS);
     match exit {
         Exit::Resume => {}
         Exit::Stop(stop) => finish(stop, regs),
         Exit::MmCall(function) => services::mm_call(function, regs),
+        Exit::Sysreg(trap, access) => match crate::sysreg_emul::classify(&access) {
+            SysregAction::Undefined => inject_undefined(trap, regs),
+            action => {
+                let value = match action {
+                    SysregAction::IdRead { crm, op2 } => Some(crate::sysreg_emul::sanitise_id(
+                        crm,
+                        op2,
+                        sysreg::read_id_reg(crm, op2),
+                    )),
+                    SysregAction::ReadValue(v) => Some(v),
+                    SysregAction::SetWay => {
+                        setway_flush(after_setway);
+                        None
+                    }
+                    SysregAction::WriteIgnored | SysregAction::Undefined => None,
+                };
+                if let Some(v) = value
+                    && access.rt != 31
+                {
+                    regs.x[usize::from(access.rt)] = v;
+                }
+                crate::mm::counters::inc(&EXITS.sysreg_emulated);
+                // A trapped MSR/MRS leaves ELR at the instruction.
+                regs.elr = regs.elr.wrapping_add(4);
+            }
+        },
+        Exit::Undefined(trap) => inject_undefined(trap, regs),
         Exit::Stage2Abort(trap) => {
+            let fsc = trap.esr.fault_status();
+            // Translation (0x04-0x07), access flag (0x08-0x0b) and permission
+            // (0x0c-0x0f) faults are stage 2's to resolve, and only for
+            // them is HPFAR valid. Anything else (a synchronous external
+            // abort routed here by HCR_EL2.TEA, alignment, a TLB conflict)
+            // is the guest's: it gets the abort.
+            if !(0x04..=0x0f).contains(&fsc) {
+                log::warn!("guest abort with FSC {fsc:#x} at {:#x}: injected", regs.elr);
+                inject_abort(trap, regs, last_vector);
+                return;
+            }
             let ipa = crate::esr::fault_ipa(trap.hpfar, trap.far);
             let mut guard = vm.lock();
             let vm = &mut *guard;
-            // An MMIO access: a translation fault (HPFAR is only valid for
-            // those) by a load or store, not by a stage-1 table walk.
-            let mmio = (0x04..=0x07).contains(&trap.esr.fault_status()) && !trap.esr.s1ptw();
+            // An MMIO access: a translation fault by a load or store, not by
+            // a stage-1 table walk.
+            let mmio = (0x04..=0x07).contains(&fsc) && !trap.esr.s1ptw();
             if let Some(uart) = vm.uart.as_mut().filter(|_| mmio) {
                 let base = PL011_BASE as u64;
                 if (base..base + PAGE_SIZE as u64).contains(&ipa)
@@ -537,15 +589,12 @@ pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
                     return;
                 }
             }
-            let action = vm.mem.stage2_fault(
-                &mut vm.stage2,
-                MM.get().expect("mm exists"),
-                ipa,
-                trap.esr.fault_status(),
-            );
+            let action =
+                vm.mem
+                    .stage2_fault(&mut vm.stage2, MM.get().expect("mm exists"), ipa, fsc);
             drop(guard);
             if action == FaultAction::Inject {
-                inject_abort(trap, regs);
+                inject_abort(trap, regs, last_vector);
             }
         }
     }
@@ -557,16 +606,75 @@ pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
     );
 }
 
+/// Emulates data cache maintenance by set/way (trapped by `HCR_EL2.TSW`).
+///
+/// Set/way operations act on the physical CPU's caches, which hold the
+/// hypervisor's lines too, so they are not passed through. What a guest
+/// wants from them is its memory at the point of coherency (typically
+/// around turning its caches off), so the emulation cleans and invalidates
+/// all of its RAM by address. A guest walks every set and way in a loop of
+/// consecutive trapped operations; only the first of such a run cleans
+/// (as KVM, which flushes on the first one and not again until the guest's
+/// caches change state), so the cost is one pass over guest RAM per run:
+/// bounded by the guest's RAM size, documented in docs/hypercalls.md.
+fn setway_flush(previous_exit_was_setway: bool) {
+    AFTER_SETWAY.store(true, Ordering::Relaxed);
+    if previous_exit_was_setway {
+        return;
+    }
+    let backing = VM
+        .get()
+        .expect("guest exists")
+        .lock()
+        .mem
+        .ram
+        .backing_range();
+    cache::clean_invalidate_to_poc_and_sync_icache(backing.start, backing.end - backing.start);
+    crate::mm::counters::inc(&EXITS.setway_flushes);
+}
+
+/// Set when the last exit was an emulated set/way operation.
+static AFTER_SETWAY: AtomicBool = AtomicBool::new(false);
+
+/// Writes an [`Injection`] into the guest's EL1 state and points the guest
+/// at its vector.
+fn deliver(inj: &Injection, regs: &mut GuestRegs) {
+    // The guest's EL1 exception state, as if the exception had been taken
+    // to EL1 directly; the ERET to the guest then enters its vector.
+    write_sysreg!("esr_el1", inj.esr_el1);
+    if let Some(far) = inj.far_el1 {
+        write_sysreg!("far_el1", far);
+    }
+    write_sysreg!("elr_el1", inj.elr_el1);
+    write_sysreg!("spsr_el1", inj.spsr_el1);
+    regs.elr = inj.elr;
+    regs.spsr = inj.spsr;
+}
+
+/// Injects UNDEFINED for an instruction the hypervisor does not emulate.
+fn inject_undefined(trap: Trap, regs: &mut GuestRegs) {
+    let inj = Injection::undefined(
+        trap,
+        regs.elr,
+        regs.spsr,
+        read_sysreg!("vbar_el1"),
+        read_sysreg!("sctlr_el1"),
+    );
+    log::debug!("UNDEFINED injected: {:?} at {:#x}", trap.esr, regs.elr);
+    crate::mm::counters::inc(&EXITS.undef_injected);
+    deliver(&inj, regs);
+}
+
 /// Delivers a synchronous external abort to the guest's EL1 for a stage-2
-/// abort it cannot be given memory for.
-fn inject_abort(trap: Trap, regs: &mut GuestRegs) {
-    // An abort fetching the very vector we just sent the guest to would be
-    // injected again forever: the guest cannot take exceptions, stop.
-    let last = LAST_VECTOR.load(core::sync::atomic::Ordering::Relaxed);
-    if trap.esr.ec() == crate::esr::ec::IABT_LOWER && regs.elr == last {
+/// abort it cannot be given memory for. `last_vector`: where the exit right
+/// before this one sent the guest with an injected abort, if it did.
+fn inject_abort(trap: Trap, regs: &mut GuestRegs, last_vector: u64) {
+    // An abort fetching the very vector the previous exit sent the guest to
+    // would be injected again forever: the guest cannot take exceptions.
+    if trap.esr.ec() == crate::esr::ec::IABT_LOWER && regs.elr == last_vector {
         finish(Stop::UnhandledTrap(trap), regs);
     }
-    let inj = AbortInjection::sync_external_abort(
+    let inj = Injection::sync_external_abort(
         trap,
         regs.elr,
         regs.spsr,
@@ -574,32 +682,30 @@ fn inject_abort(trap: Trap, regs: &mut GuestRegs) {
         read_sysreg!("sctlr_el1"),
     );
     log::debug!("injecting SEA: guest {:#x} at {:#x}", trap.far, regs.elr);
-    // The guest's EL1 exception state, as if the abort had been taken to
-    // EL1 directly; the ERET below then enters its vector.
-    write_sysreg!("esr_el1", inj.esr_el1);
-    write_sysreg!("far_el1", inj.far_el1);
-    write_sysreg!("elr_el1", inj.elr_el1);
-    write_sysreg!("spsr_el1", inj.spsr_el1);
-    regs.elr = inj.elr;
-    regs.spsr = inj.spsr;
-    LAST_VECTOR.store(inj.elr, core::sync::atomic::Ordering::Relaxed);
+    crate::mm::counters::inc(&EXITS.abort_injected);
+    deliver(&inj, regs);
+    LAST_VECTOR.store(inj.elr, Ordering::Relaxed);
 }
 
-/// The guest vector the last abort was injected to.
+/// The guest vector the previous exit injected an abort to (`u64::MAX`:
+/// it did not).
 static LAST_VECTOR: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(u64::MAX);
 
 /// Called from the lower-EL IRQ, FIQ and SError vectors (and AArch32
 /// vectors): none is routed to EL2, so any is a fatal surprise.
 pub(crate) fn handle_guest_async(regs: &mut GuestRegs, kind: vectors::Kind) {
     crate::mm::counters::inc(&EXITS.exits_irq);
-    println!("LAZYHYP-PANIC: unexpected {kind:?} exception from the guest");
+    console::marker(
+        "PANIC",
+        format_args!("unexpected {kind:?} exception from the guest"),
+    );
     report_trap("guest (EL1)", regs);
     exit(exit_code::CRASH, "guest-unexpected-exception");
 }
 
 /// Called from the current-EL vectors, on the emergency stack.
 pub(crate) fn handle_el2_exception(regs: &GuestRegs, kind: vectors::Kind) -> ! {
-    console::print_in_panic(format_args!("LAZYHYP-PANIC: {kind:?} exception at EL2\n"));
+    console::marker("PANIC", format_args!("{kind:?} exception at EL2"));
     report_trap("hypervisor (EL2)", regs);
     exit(exit_code::CRASH, "hypervisor-exception")
 }
@@ -635,7 +741,10 @@ fn print_registers(regs: &GuestRegs) {
 fn finish(stop: Stop, regs: &GuestRegs) -> ! {
     let report = VM.get().and_then(|vm| vm.lock().vcpu.report);
     if let Some(r) = report {
-        println!("LAZYHYP-RESULT: passed={} failed={}", r.passed, r.failed);
+        console::marker(
+            "RESULT",
+            format_args!("passed={} failed={}", r.passed, r.failed),
+        );
     }
     match stop {
         Stop::SystemOff | Stop::SystemReset => {
@@ -657,7 +766,7 @@ fn finish(stop: Stop, regs: &GuestRegs) -> ! {
             }
         }
         Stop::UnhandledTrap(trap) => {
-            println!("LAZYHYP-PANIC: unhandled trap from the guest");
+            console::marker("PANIC", format_args!("unhandled trap from the guest"));
             let report = TrapReport {
                 origin: "guest (EL1)",
                 trap,
@@ -680,7 +789,7 @@ fn print_stats() {
         mm.for_each_total(&mut add);
     }
     EXITS.for_each(&mut add);
-    console::print_in_panic(format_args!("LAZYHYP-STATS:{}\n", line.as_str()));
+    console::marker("STATS", format_args!("{}", line.as_str().trim_start()));
 }
 
 /// A fixed-capacity string for the stats line, so printing it needs no heap
@@ -716,11 +825,17 @@ impl Write for LineBuf {
     }
 }
 
-/// Prints the counters and the exit marker, then ends QEMU with `code`.
+/// Prints the counters and the exit marker with the run's status `code`
+/// (docs/run-contract.md), then powers the machine off.
+///
+/// The status travels in the marker, which carries the run's token, not in
+/// QEMU's exit status: QEMU's semihosting, the other way to set that, would
+/// be open to the guest too (EL2 cannot trap `HLT` from EL1), so QEMU runs
+/// without it and always exits 0 on `SYSTEM_OFF`.
 fn exit(code: u32, reason: &str) -> ! {
     print_stats();
-    console::print_in_panic(format_args!("LAZYHYP-EXIT: code={code} reason={reason}\n"));
-    semihosting::exit(code)
+    console::marker("EXIT", format_args!("code={code} reason={reason}"));
+    psci_system_off()
 }
 
 /// Reports a setup failure and ends QEMU with the setup status.
@@ -741,6 +856,6 @@ pub fn psci_system_off() -> ! {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    console::print_in_panic(format_args!("LAZYHYP-PANIC: {info}\n"));
+    console::marker("PANIC", format_args!("{info}"));
     exit(exit_code::CRASH, "panic")
 }

@@ -22,9 +22,11 @@ fn invalid() -> (u64, u64) {
 /// Answers a memory-service call; results go to `x0` (status) and `x1`.
 pub(super) fn mm_call(function: u32, regs: &mut GuestRegs) {
     let (a1, a2, a3) = (regs.x[1], regs.x[2], regs.x[3]);
-    // Test calls exist in test builds, and never for a Linux guest (they
-    // select a known-wrong policy, use the shared table pool, and so on).
+    // Test calls exist in test builds, only with `test.hypercalls=1`, and
+    // never for a Linux guest (they select a known-wrong policy, use the
+    // shared table pool, swap VTTBR_EL2, and so on).
     let test = cfg!(feature = "test-hypercalls")
+        && super::TEST_HYPERCALLS.load(core::sync::atomic::Ordering::Relaxed)
         && !super::LINUX.load(core::sync::atomic::Ordering::Relaxed);
     let (x0, x1) = match function {
         smccc::HYP_STATS => stats(a1, a2),
@@ -229,7 +231,6 @@ pub(super) mod bench {
     use crate::vcpu::smccc;
     use crate::workloads::{self, Mode, Workload};
 
-    use super::super::console::println;
     use super::super::mm_hw::HwMmArch;
     use super::super::sysreg::{read_sysreg, write_sysreg};
     use super::super::{EXITS, MM, POOL, VM};
@@ -288,25 +289,28 @@ pub(super) mod bench {
             .sum();
         let freq = read_sysreg!("cntfrq_el0").max(1);
         let micros = (u128::from(to.ticks - from.ticks) * 1_000_000 / u128::from(freq)) as u64;
-        println!(
-            "LAZYHYP-BENCH: workload={workload} policy={} pte_writes={} dsb_ishst={} dsb_ish={} isb={} \
+        super::super::console::marker(
+            "BENCH",
+            format_args!(
+                "workload={workload} policy={} pte_writes={} dsb_ishst={} dsb_ish={} isb={} \
              tlbi_ipas2e1is={} tlbi_ripas2e1is={} tlbi_vmalle1is={} tlbi_vmalls12e1is={} tlbi_vae2is={} \
              tlbi_alle2is={} tlbi_pages={} bbm={} flattened={} demand_faults={} exits={exits} wall_us={micros} correct={correct}",
-            mode.name(),
-            delta("pte_writes"),
-            delta("dsb_ishst"),
-            delta("dsb_ish"),
-            delta("isb"),
-            delta("tlbi_ipas2e1is"),
-            delta("tlbi_ripas2e1is"),
-            delta("tlbi_vmalle1is"),
-            delta("tlbi_vmalls12e1is"),
-            delta("tlbi_vae2is"),
-            delta("tlbi_alle2is"),
-            delta("tlbi_pages"),
-            delta("bbm"),
-            delta("flattenings"),
-            delta("demand_faults"),
+                mode.name(),
+                delta("pte_writes"),
+                delta("dsb_ishst"),
+                delta("dsb_ish"),
+                delta("isb"),
+                delta("tlbi_ipas2e1is"),
+                delta("tlbi_ripas2e1is"),
+                delta("tlbi_vmalle1is"),
+                delta("tlbi_vmalls12e1is"),
+                delta("tlbi_vae2is"),
+                delta("tlbi_alle2is"),
+                delta("tlbi_pages"),
+                delta("bbm"),
+                delta("flattenings"),
+                delta("demand_faults"),
+            ),
         );
     }
 

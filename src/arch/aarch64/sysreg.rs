@@ -63,3 +63,60 @@ pub fn has_tlbi_range() -> bool {
 pub fn current_el() -> u64 {
     (read_sysreg!("CurrentEL") >> 2) & 3
 }
+
+/// The ID registers the EL2 controls and the guest's ID view depend on.
+#[must_use]
+pub fn cpu_id_regs() -> crate::el2_controls::CpuIdRegs {
+    let mut regs = crate::el2_controls::CpuIdRegs {
+        pfr0: read_sysreg!("id_aa64pfr0_el1"),
+        pfr1: read_sysreg!("id_aa64pfr1_el1"),
+        dfr0: read_sysreg!("id_aa64dfr0_el1"),
+        isar1: read_sysreg!("id_aa64isar1_el1"),
+        isar2: read_sysreg!("id_aa64isar2_el1"),
+        mmfr0: read_sysreg!("id_aa64mmfr0_el1"),
+        mmfr1: read_sysreg!("id_aa64mmfr1_el1"),
+        pmu_counters: 0,
+    };
+    if regs.has_pmuv3() {
+        // PMCR_EL0 exists only with a PMU (UNDEFINED otherwise).
+        regs.pmu_counters = (read_sysreg!("pmcr_el0") >> 11) & 0x1f;
+    }
+    regs
+}
+
+/// Reads ID register `S3_0_C0_C<crm>_<op2>` (CRm 1..=7), the ID space
+/// whose reserved encodings the architecture makes RAZ; 0 for other
+/// arguments.
+#[must_use]
+pub fn read_id_reg(crm: u8, op2: u8) -> u64 {
+    macro_rules! id_space {
+        ($($crm:literal: [$($op2:literal),*]),*) => {
+            match (crm, op2) {
+                $($(($crm, $op2) => {
+                    let value: u64;
+                    // SAFETY: reading an ID register has no side effect;
+                    // every encoding of this space reads at EL2 (reserved
+                    // ones as zero).
+                    unsafe {
+                        core::arch::asm!(
+                            concat!("mrs {0}, S3_0_C0_C", stringify!($crm), "_", stringify!($op2)),
+                            out(reg) value,
+                            options(nomem, nostack, preserves_flags),
+                        );
+                    }
+                    value
+                })*)*
+                _ => 0,
+            }
+        };
+    }
+    id_space!(
+        1: [0, 1, 2, 3, 4, 5, 6, 7],
+        2: [0, 1, 2, 3, 4, 5, 6, 7],
+        3: [0, 1, 2, 3, 4, 5, 6, 7],
+        4: [0, 1, 2, 3, 4, 5, 6, 7],
+        5: [0, 1, 2, 3, 4, 5, 6, 7],
+        6: [0, 1, 2, 3, 4, 5, 6, 7],
+        7: [0, 1, 2, 3, 4, 5, 6, 7]
+    )
+}

@@ -2,7 +2,9 @@
 
 use crate::mm::stage2::IPA_BITS;
 
-use super::sysreg::{has_gic_sysregs, has_pauth, read_sysreg, write_sysreg};
+use crate::el2_controls::{self, CpuIdRegs};
+
+use super::sysreg::{has_gic_sysregs, read_sysreg, write_sysreg};
 
 /// `VTCR_EL2` for this hypervisor's IPA space: T0SZ = 64 - `IPA_BITS`
 /// (25), SL0 = 1 (walks start at level 1 with a 4 KiB granule), inner and
@@ -27,38 +29,6 @@ pub fn vtcr_el2(pa_range: u64) -> Option<u64> {
     Some(RES1 | t0sz | SL0_LEVEL1 | IRGN0_WBWA | ORGN0_WBWA | SH0_INNER | (pa_range.min(5) << 16))
 }
 
-/// `HCR_EL2` while the guest runs:
-/// - `VM`: stage 2 on;
-/// - `SWIO`: set/way invalidation by the guest is upgraded to clean+invalidate;
-/// - `FB`: the guest's TLBIs and I-cache invalidations are broadcast;
-/// - `BSU` = inner shareable: the guest's barriers cover the inner domain;
-/// - `TSC`: the guest's SMCs trap here (PSCI is emulated);
-/// - `RW`: EL1 is AArch64;
-/// - `APK`, `API` (with FEAT_PAuth): pointer authentication is not trapped.
-///
-/// `IMO`/`FMO`/`AMO` stay clear: physical interrupts and SErrors go to the
-/// guest's EL1 directly.
-fn hcr_el2() -> u64 {
-    const VM: u64 = 1 << 0;
-    const SWIO: u64 = 1 << 1;
-    const FB: u64 = 1 << 9;
-    const BSU_INNER: u64 = 1 << 10;
-    const TSC: u64 = 1 << 19;
-    const RW: u64 = 1 << 31;
-    const APK: u64 = 1 << 40;
-    const API: u64 = 1 << 41;
-    let mut hcr = VM | SWIO | FB | BSU_INNER | TSC | RW;
-    if has_pauth() {
-        hcr |= APK | API;
-    }
-    hcr
-}
-
-/// `CPTR_EL2` (E2H = 0): the RES1 bits, `TZ` set (SVE traps: its state is
-/// not context-switched or sized via `ZCR_EL2` yet), `TFP` clear (FP/SIMD is
-/// the guest's; EL2 code never uses it, being built softfloat).
-const CPTR_EL2: u64 = 0x33ff;
-
 /// `SCTLR_EL1` at guest entry: MMU and caches off, RES1 bits set.
 const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
 
@@ -77,11 +47,37 @@ const ICC_SRE_EL2: u64 = 0b1111;
 ///
 /// `vttbr` must be the value of a stage-2 table that stays alive and maps no
 /// hypervisor memory; `vtcr` must describe it.
-pub unsafe fn configure(vttbr: u64, vtcr: u64) {
+pub unsafe fn configure(vttbr: u64, vtcr: u64, cpu: &CpuIdRegs) {
     // The guest sees the real CPU's identification (these reset to UNKNOWN).
     write_sysreg!("vpidr_el2", read_sysreg!("midr_el1"));
     write_sysreg!("vmpidr_el2", read_sysreg!("mpidr_el1"));
-    write_sysreg!("cptr_el2", CPTR_EL2);
+    // Each value's bits and reasons: crate::el2_controls.
+    write_sysreg!("cptr_el2", el2_controls::cptr_el2(cpu));
+    write_sysreg!("mdcr_el2", el2_controls::mdcr_el2(cpu));
+    if cpu.has_hcx() {
+        // HCRX_EL2 (S3_4_C1_C2_2), by encoding for assemblers without it.
+        write_sysreg!("S3_4_C1_C2_2", el2_controls::HCRX_EL2);
+    }
+    if cpu.has_fgt() {
+        // HFGRTR_EL2, HFGWTR_EL2, HFGITR_EL2, HDFGRTR_EL2, HDFGWTR_EL2.
+        write_sysreg!("S3_4_C1_C1_4", el2_controls::FGT_EL2);
+        write_sysreg!("S3_4_C1_C1_5", el2_controls::FGT_EL2);
+        write_sysreg!("S3_4_C1_C1_6", el2_controls::FGT_EL2);
+        write_sysreg!("S3_4_C3_C1_4", el2_controls::FGT_EL2);
+        write_sysreg!("S3_4_C3_C1_5", el2_controls::FGT_EL2);
+        if cpu.has_amu_v1p1() {
+            // HAFGRTR_EL2.
+            write_sysreg!("S3_4_C3_C1_6", el2_controls::FGT_EL2);
+        }
+    }
+    if cpu.has_fgt2() {
+        // HDFGRTR2_EL2, HDFGWTR2_EL2, HFGRTR2_EL2, HFGWTR2_EL2, HFGITR2_EL2.
+        write_sysreg!("S3_4_C3_C1_0", el2_controls::FGT_EL2);
+        write_sysreg!("S3_4_C3_C1_1", el2_controls::FGT_EL2);
+        write_sysreg!("S3_4_C3_C1_2", el2_controls::FGT_EL2);
+        write_sysreg!("S3_4_C3_C1_3", el2_controls::FGT_EL2);
+        write_sysreg!("S3_4_C3_C1_7", el2_controls::FGT_EL2);
+    }
     write_sysreg!("cnthctl_el2", CNTHCTL_EL2);
     write_sysreg!("cntvoff_el2", 0);
     write_sysreg!("sctlr_el1", SCTLR_EL1_RESET);
@@ -91,7 +87,7 @@ pub unsafe fn configure(vttbr: u64, vtcr: u64) {
     write_sysreg!("vtcr_el2", vtcr);
     // The stage-2 tables were completed with DSB ISHST by the mm core.
     write_sysreg!("vttbr_el2", vttbr);
-    write_sysreg!("hcr_el2", hcr_el2());
+    write_sysreg!("hcr_el2", el2_controls::hcr_el2(cpu));
     // SAFETY: barriers and TLB maintenance only.
     unsafe {
         core::arch::asm!(
