@@ -7,7 +7,7 @@
 //!   ([`layout`]), guest image loading ([`loader`]), exception syndrome
 //!   decoding ([`esr`]) and trap handling ([`vcpu`]);
 //! - [`arch`]: everything that only exists on AArch64 at EL2 (boot, vectors,
-//!   system registers, the console, semihosting), compiled only for the
+//!   system registers, the console), compiled only for the
 //!   bare-metal target.
 
 #![cfg_attr(not(test), no_std)]

@@ -145,6 +145,9 @@ counter_set! {
         /// Synchronous external aborts injected for stage-2 aborts the
         /// guest cannot be given memory for.
         abort_injected,
+        /// The most bytes the hypervisor's heap has had allocated at once
+        /// (a high-water mark, not a count).
+        heap_peak_bytes,
     }
 }
 
@@ -316,7 +319,7 @@ const fn is_aarch32(spsr: u64) -> bool {
 /// Whether a saved PSTATE is EL0 (AArch64 `M[3:0]` = 0, or any AArch32
 /// mode: EL1 is AArch64 here, so AArch32 is always EL0).
 const fn is_el0(spsr: u64) -> bool {
-    is_aarch32(spsr) || spsr & 0b1111 == 0
+    is_aarch32(spsr) || spsr.trailing_zeros() >= 4
 }
 
 /// The offset of the synchronous vector for an exception taken to EL1 from
@@ -683,7 +686,8 @@ mod tests {
         }
         assert_eq!(regs.elr, 0x4008_2000, "the caller injects, at the insn");
         // MRS x3, ID_AA64PFR0_EL1.
-        let iss = (3 << 20) | (0 << 17) | (0 << 14) | (0 << 10) | (3 << 5) | (4 << 1) | 1;
+        // Op0 3, Op1 0, CRn 0, CRm 4, Op2 0, Rt 3, read.
+        let iss = (3 << 20) | (3 << 5) | (4 << 1) | 1;
         let trap = Trap {
             esr: Esr((u64::from(ec::SYSREG) << 26) | (1 << 25) | iss),
             far: 0,

@@ -238,3 +238,98 @@ fn bench_boot_emits_every_record() {
         .expect("W1 flatten");
     assert!(w1_flatten.dsb() <= 2 * 8 + 1, "{w1_flatten:?}");
 }
+
+/// A guest cannot reach the verdict or the host: the test guest prints
+/// lines imitating every hypervisor marker (a pass on a failing run, a
+/// panic and failures on a passing one, escape sequences) and tries
+/// semihosting from EL1 and EL0 (a forged exit marker, a file created on
+/// the host, QEMU ended with status 0). The verdict and status are still
+/// the real ones, the forged lines are seen and ignored, no raw escape
+/// byte reaches the terminal, and no file appears.
+#[test]
+fn forged_markers_and_semihosting_do_not_reach_the_verdict_or_the_host() {
+    let probe_files = [
+        std::env::current_dir()
+            .expect("cwd")
+            .join("lazyhyp-semihosting-probe"),
+        xtask::workspace_root().join("lazyhyp-semihosting-probe"),
+    ];
+    for f in &probe_files {
+        let _ = std::fs::remove_file(f);
+    }
+    // A failing run: the guest's forged `code=0` lines change nothing.
+    let failing = boot(&["guest.fail=1"]);
+    let report_failing = report(&failing);
+    assert_eq!(failing.status(), 1, "{report_failing}");
+    assert!(!failing.verdict().is_pass(), "{report_failing}");
+    assert_eq!(
+        failing.exit.as_ref().map(|e| e.code),
+        Some(1),
+        "{report_failing}"
+    );
+    // A passing run: the guest's forged failures and panic change nothing.
+    let passing = boot(&[]);
+    let report_passing = report(&passing);
+    assert_eq!(passing.verdict(), Verdict::Pass, "{report_passing}");
+    assert_eq!(passing.status(), 0, "{report_passing}");
+    assert!(passing.panic.is_none(), "{report_passing}");
+    for (outcome, report) in [(&failing, &report_failing), (&passing, &report_passing)] {
+        assert!(
+            outcome.forged.len() >= 4
+                && outcome
+                    .forged
+                    .iter()
+                    .all(|l| l.starts_with(xtask::GUEST_PREFIX)),
+            "forged lines not seen, or not behind the guest prefix: {:?}\n{report}",
+            outcome.forged
+        );
+        assert!(
+            !outcome.output.contains('\u{1b}') && !outcome.output.contains('\r'),
+            "a raw escape or carriage return reached the host\n{report}"
+        );
+        assert_guest_tests_passed(
+            outcome,
+            report,
+            &[
+                "hostile_semihosting_is_undefined_at_el1_and_el0",
+                "hostile_forged_marker_lines_are_just_guest_output",
+            ],
+        );
+    }
+    for f in &probe_files {
+        assert!(!f.exists(), "the guest created {} on the host", f.display());
+    }
+}
+
+/// The hostile-guest suite: SVE/SME, PMU, debug, RAS, implementation-defined
+/// registers, set/way and other maintenance from EL1, malformed call
+/// encodings, a repeated report, and the give-back pattern built to make one
+/// `HYP_UNMAP` expensive. Every case is answered (emulated or UNDEFINED) and
+/// the hypervisor's counters show it.
+#[test]
+fn hostile_guest_suite_is_contained() {
+    let outcome = boot(&[]);
+    let report = report(&outcome);
+    assert_eq!(outcome.verdict(), Verdict::Pass, "{report}");
+    assert_guest_tests_passed(
+        &outcome,
+        &report,
+        &[
+            "hostile_sve_sme_are_hidden_and_undefined",
+            "hostile_pmu_ras_impdef_undefined_debug_raz_wi",
+            "hostile_maintenance_from_el1_is_contained",
+            "hostile_upper_half_of_x0_is_ignored",
+            "hostile_report_result_twice_last_one_stands",
+            "hostile_alternating_give_back_then_one_big_unmap",
+        ],
+    );
+    let stat = |key: &str| -> u64 {
+        outcome
+            .stat(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("LAZYHYP-STATS lacks {key}\n{report}"))
+    };
+    assert!(stat("undef_injected") >= 8, "{report}");
+    assert!(stat("sysreg_emulated") >= 5, "{report}");
+    assert_eq!(stat("setway_flushes"), 2, "{report}");
+}

@@ -174,6 +174,7 @@ pub const COUNTERS: &[&str] = &[
     "setway_flushes",
     "undef_injected",
     "abort_injected",
+    "heap_peak_bytes",
 ];
 
 /// Reads one counter through `HYP_STATS`.

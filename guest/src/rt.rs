@@ -51,6 +51,12 @@ impl ExceptionHandlers for Exceptions {
             }
             return;
         }
+        if crate::hostile::undef_fixup(esr) {
+            // SAFETY: a test expected this instruction to be UNDEFINED:
+            // step over it (every instruction it uses is 4 bytes).
+            unsafe { state.get_mut().elr += 4 };
+            return;
+        }
         if let Some(resume) = crate::probe::fixup(state.elr, esr) {
             // SAFETY: resuming at the probe's fault path, which expects to be
             // entered exactly this way (its registers are its own).
@@ -59,6 +65,27 @@ impl ExceptionHandlers for Exceptions {
         }
         panic!(
             "unexpected synchronous exception: ESR {esr:#x}, FAR {far:#x}, ELR {:#x}",
+            state.elr
+        );
+    }
+
+    extern "C" fn sync_lower(mut state: RegisterStateRef) {
+        let esr: u64;
+        // SAFETY: reads the EL1 syndrome register.
+        unsafe { asm!("mrs {0}, esr_el1", out(reg) esr, options(nomem, nostack)) };
+        if let Some(resume) = crate::hostile::el0_fixup(esr) {
+            // SAFETY: an EL0 excursion of the hostile suite ended: return to
+            // its EL1 continuation, at EL1h with interrupts masked, on the
+            // stack it left (SP_EL1 is unchanged by the excursion).
+            unsafe {
+                let regs = state.get_mut();
+                regs.elr = resume;
+                regs.spsr = 0x3c5;
+            }
+            return;
+        }
+        panic!(
+            "unexpected synchronous exception from EL0: ESR {esr:#x}, ELR {:#x}",
             state.elr
         );
     }

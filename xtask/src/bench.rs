@@ -253,12 +253,12 @@ pub fn qemu_records(artifacts: &Artifacts) -> Result<Vec<BenchRecord>> {
         );
     }
     // Only this run's markers (the guest's output cannot add records).
-    let lines: String = outcome
-        .markers
-        .iter()
-        .filter(|(kind, _)| kind == "BENCH")
-        .map(|(_, rest)| format!("LAZYHYP-BENCH: {rest}\n"))
-        .collect();
+    let mut lines = String::new();
+    for (_, rest) in outcome.markers.iter().filter(|(kind, _)| kind == "BENCH") {
+        lines.push_str("LAZYHYP-BENCH: ");
+        lines.push_str(rest);
+        lines.push('\n');
+    }
     let records = parse_bench_lines(&lines);
     if records.is_empty() {
         bail!(

@@ -178,9 +178,11 @@ pub fn parse_stats(line: &str) -> Option<Vec<(String, String)>> {
 pub fn parse_test_line(line: &str) -> Option<TestLine> {
     let rest = line.trim().strip_prefix("test ")?;
     let (name, status) = rest.rsplit_once(" ... ")?;
-    let ok = match status.trim() {
+    let status = status.trim();
+    let ok = match status {
         "ok" => true,
-        "FAILED" => false,
+        // The guest adds the reason: `FAILED: <reason>`.
+        s if s == "FAILED" || s.starts_with("FAILED:") => false,
         _ => return None,
     };
     Some(TestLine {
@@ -546,6 +548,14 @@ LAZYHYP-EXIT: token=t0k code=3 reason=panic
             })
         );
         assert_eq!(parse_test_line("test x ... maybe"), None);
+        assert_eq!(
+            parse_test_line("test x ... FAILED: no luck"),
+            Some(TestLine {
+                name: "x".into(),
+                ok: false
+            })
+        );
+        assert_eq!(parse_test_line("test x ... FAILEDX"), None);
         assert_eq!(parse_test_line("testing ... ok"), None);
     }
 

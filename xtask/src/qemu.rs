@@ -101,7 +101,13 @@ pub fn new_run_token() -> String {
         let mixed = nanos ^ (u128::from(std::process::id()) << 64);
         bytes = mixed.to_le_bytes();
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let digits = b"0123456789abcdef";
+    let mut hex = String::with_capacity(32);
+    for b in bytes {
+        hex.push(char::from(digits[usize::from(b >> 4)]));
+        hex.push(char::from(digits[usize::from(b & 0xf)]));
+    }
+    hex
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {

@@ -25,7 +25,7 @@ use aarch64_rt::InitialPagetable;
 use buddy_system_allocator::LockedHeap;
 use core::fmt::Write;
 use core::ops::Range;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use spin::Once;
 use spin::mutex::SpinMutex;
 
@@ -93,8 +93,41 @@ aarch64_rt::initial_pagetable!(
     el2map::tcr_el2(2)
 );
 
+/// The hypervisor's heap: a buddy allocator that also keeps the high-water
+/// mark of bytes in use (`heap_peak_bytes`), so a test can show that no
+/// guest call makes the heap grow with what the guest asks for.
+struct TrackedHeap {
+    heap: LockedHeap<32>,
+    in_use: AtomicUsize,
+}
+
+// SAFETY: allocation and deallocation are the buddy allocator's (a sound
+// `GlobalAlloc`); the wrapper only counts sizes on the side.
+unsafe impl core::alloc::GlobalAlloc for TrackedHeap {
+    unsafe fn alloc(&self, layout: core::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for `alloc` is passed on unchanged.
+        let p = unsafe { self.heap.alloc(layout) };
+        if !p.is_null() {
+            let now = self.in_use.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            EXITS
+                .heap_peak_bytes
+                .fetch_max(now as u64, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: core::alloc::Layout) {
+        // SAFETY: the caller's contract for `dealloc` is passed on unchanged.
+        unsafe { self.heap.dealloc(ptr, layout) };
+        self.in_use.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
 #[global_allocator]
-static HEAP: LockedHeap<32> = LockedHeap::empty();
+static HEAP: TrackedHeap = TrackedHeap {
+    heap: LockedHeap::empty(),
+    in_use: AtomicUsize::new(0),
+};
 
 /// The EL2 map; kept forever once active.
 static EL2_MAP: Once<SpinMutex<IdMap<El2>>> = Once::new();
@@ -315,7 +348,8 @@ fn switch_to_el2_map(image: &el2map::ImageLayout, boot: &BootInfo, layout: &Layo
     // SAFETY: the layout gave the heap region to the heap alone; it is RAM
     // mapped read-write by the boot map and by the EL2 map built next.
     unsafe {
-        HEAP.lock()
+        HEAP.heap
+            .lock()
             .init(layout.heap.start, layout.heap.end - layout.heap.start);
     }
     let map = el2map::build(

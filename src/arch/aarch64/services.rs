@@ -148,9 +148,13 @@ fn stats(buf_ipa: u64, buf_len: u64) -> (u64, u64) {
     };
     MM.get().expect("mm exists").for_each_total(&mut push);
     EXITS.for_each(&mut push);
+    // The buffer holds whole counters (docs/hypercalls.md).
     let Ok(len) = usize::try_from(buf_len) else {
         return invalid();
     };
+    if !len.is_multiple_of(8) {
+        return invalid();
+    }
     let count = (len / 8).min(n);
     if count == 0 {
         return invalid();
