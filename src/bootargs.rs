@@ -60,6 +60,10 @@ pub struct BootArgs {
     /// `test.hypercalls=0|1`: the test-only hypercalls (nesting policy,
     /// benchmarks, ...) are answered (default: off, `NOT_SUPPORTED`).
     pub test_hypercalls: bool,
+    /// `guest.unmap_bench_mib=<MiB>`: the test guest runs only the unmap
+    /// benchmark (page-map this much guest RAM from IPA 0x4400_0000, give
+    /// back every other page, unmap it in one call) and reports it (0: no).
+    pub unmap_bench_mib: usize,
 }
 
 /// The run's secret token: up to 32 hex digits from the bootargs, which
@@ -112,6 +116,7 @@ impl Default for BootArgs {
             initrd: (0, 0),
             run_token: RunToken::default(),
             test_hypercalls: false,
+            unmap_bench_mib: 0,
         }
     }
 }
@@ -138,7 +143,7 @@ impl core::fmt::Display for BootArgsError<'_> {
             Self::NotKeyValue(w) => write!(f, "boot argument `{w}` is not key=value"),
             Self::UnknownKey(k) => write!(
                 f,
-                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.kind, linux.initrd, linux.initrd_size, guest.fail, guest.bench, run.token, test.hypercalls)"
+                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.kind, linux.initrd, linux.initrd_size, guest.fail, guest.bench, guest.unmap_bench_mib, run.token, test.hypercalls)"
             ),
             Self::BadValue { key, value } => write!(f, "bad value `{value}` for `{key}`"),
         }
@@ -198,6 +203,9 @@ impl BootArgs {
                     "1" => args.guest_flags |= guest_flags::BENCH,
                     _ => return Err(bad),
                 },
+                "guest.unmap_bench_mib" => {
+                    args.unmap_bench_mib = parse_number(value).ok_or(bad)?;
+                }
                 "run.token" => args.run_token = RunToken::parse(value).ok_or(bad)?,
                 "test.hypercalls" => args.test_hypercalls = parse_bool(value).ok_or(bad)?,
                 "guest.fail" => match value {
@@ -207,6 +215,14 @@ impl BootArgs {
                 },
                 _ => return Err(BootArgsError::UnknownKey(key)),
             }
+        }
+        // The unmap benchmark's area starts 64 MiB into guest RAM.
+        if args.unmap_bench_mib > 0 && args.unmap_bench_mib.saturating_add(64) > args.guest_ram_mib
+        {
+            return Err(BootArgsError::BadValue {
+                key: "guest.unmap_bench_mib",
+                value: "larger than guest RAM minus 64 MiB",
+            });
         }
         Ok(args)
     }

@@ -472,24 +472,31 @@ pub fn forged_marker_lines_are_just_guest_output() -> TestResult {
     Ok(())
 }
 
-/// The give-back pattern built to make one `HYP_UNMAP` expensive: page-map
-/// 64 MiB, give back every other page (8192 calls), then unmap the whole
-/// range in one call. Compared with unmapping the same range wholly
-/// page-mapped: the invalidations stay bounded (whole-VMID past the
-/// thresholds), the heap does not grow with the number of holes, and the
-/// time (printed, not asserted: timing belongs to the benchmark) is of the
-/// same order.
-pub fn alternating_give_back_then_one_big_unmap() -> TestResult {
-    const AREA: u64 = 0x4800_0000;
-    const SIZE: u64 = 64 << 20;
+/// What one run of the unmap pattern measured.
+struct UnmapPattern {
+    /// EL2-bound time of the unmap of the wholly page-mapped range, µs.
+    full_us: u64,
+    /// TLBIs it issued (by IPA, range, or whole VMID).
+    full_tlbis: u64,
+    /// The same for the unmap of the range with every other page given back.
+    holes_us: u64,
+    holes_tlbis: u64,
+    /// Growth of the hypervisor's heap high-water mark during that unmap.
+    heap_growth: u64,
+}
+
+/// Page-maps `[area, area + size)`, unmaps it in one call (timed); page-maps
+/// it again, gives back every other page (one call each), unmaps it all in
+/// one call (timed). Fault-around is off meanwhile and back at 2 MiB after.
+fn unmap_pattern(area: u64, size: u64) -> Result<UnmapPattern, &'static str> {
     const PAGE: u64 = 4096;
     let call = |f: u32, a1: u64, a2: u64| hvc(f, a1, a2, 0)[0];
     let page_map = || -> TestResult {
         // Give the area back, forget that, and touch every page with
-        // fault-around off: 16384 single-page demand faults.
-        check(call(hyp::HYP_UNMAP, AREA, SIZE) == 0, "HYP_UNMAP failed")?;
-        check(call(0xc600_0f05, AREA, SIZE) == 0, "HYP_TEST_FORGET failed")?;
-        for p in (AREA..AREA + SIZE).step_by(PAGE as usize) {
+        // fault-around off: one single-page demand fault each.
+        check(call(hyp::HYP_UNMAP, area, size) == 0, "HYP_UNMAP failed")?;
+        check(call(0xc600_0f05, area, size) == 0, "HYP_TEST_FORGET failed")?;
+        for p in (area..area + size).step_by(PAGE as usize) {
             check(probe::write(p as usize, p), "demand population failed")?;
         }
         Ok(())
@@ -506,6 +513,8 @@ pub fn alternating_give_back_then_one_big_unmap() -> TestResult {
             .map(|c| stat(c).unwrap_or(0))
             .sum::<u64>()
     };
+    let freq = mrs!("cntfrq_el0").max(1);
+    let us = |t: u64| t * 1_000_000 / freq;
     check(
         call(hyp::HYP_TEST_SET_FAULT_AROUND, 0, 0) == 0,
         "fault-around off",
@@ -513,13 +522,12 @@ pub fn alternating_give_back_then_one_big_unmap() -> TestResult {
     page_map()?;
     let (t0, i0) = (ticks(), tlbis());
     check(
-        call(hyp::HYP_UNMAP, AREA, SIZE) == 0,
+        call(hyp::HYP_UNMAP, area, size) == 0,
         "HYP_UNMAP (full) failed",
     )?;
-    let (full_ticks, full_tlbis) = (ticks() - t0, tlbis() - i0);
-
+    let (full_us, full_tlbis) = (us(ticks() - t0), tlbis() - i0);
     page_map()?;
-    for p in (AREA..AREA + SIZE).step_by(2 * PAGE as usize) {
+    for p in (area..area + size).step_by(2 * PAGE as usize) {
         check(
             call(hyp::HYP_UNMAP, p, PAGE) == 0,
             "single-page HYP_UNMAP failed",
@@ -528,29 +536,69 @@ pub fn alternating_give_back_then_one_big_unmap() -> TestResult {
     let heap0 = stat("heap_peak_bytes").unwrap_or(u64::MAX);
     let (t0, i0) = (ticks(), tlbis());
     check(
-        call(hyp::HYP_UNMAP, AREA, SIZE) == 0,
+        call(hyp::HYP_UNMAP, area, size) == 0,
         "HYP_UNMAP (holes) failed",
     )?;
-    let (holes_ticks, holes_tlbis) = (ticks() - t0, tlbis() - i0);
+    let (holes_us, holes_tlbis) = (us(ticks() - t0), tlbis() - i0);
     let heap1 = stat("heap_peak_bytes").unwrap_or(u64::MAX);
     check(
         call(hyp::HYP_TEST_SET_FAULT_AROUND, 2 << 20, 0) == 0,
         "fault-around on",
     )?;
-    let freq = mrs!("cntfrq_el0").max(1);
+    Ok(UnmapPattern {
+        full_us,
+        full_tlbis,
+        holes_us,
+        holes_tlbis,
+        heap_growth: heap1.saturating_sub(heap0),
+    })
+}
+
+/// The give-back pattern built to make one `HYP_UNMAP` expensive: page-map
+/// 64 MiB, give back every other page (8192 calls), then unmap the whole
+/// range in one call. Compared with unmapping the same range wholly
+/// page-mapped: the invalidations stay bounded (whole-VMID past the
+/// thresholds) and the heap does not grow with the number of holes. The
+/// time is printed, not asserted (timing belongs to the benchmark:
+/// `guest.unmap_bench_mib`).
+pub fn alternating_give_back_then_one_big_unmap() -> TestResult {
+    let r = unmap_pattern(0x4800_0000, 64 << 20)?;
     println!(
-        "hostile: HYP_UNMAP of 64 MiB: page-mapped {} us / {full_tlbis} TLBIs, \
-         every other page given back {} us / {holes_tlbis} TLBIs, heap peak +{} bytes",
-        full_ticks * 1_000_000 / freq,
-        holes_ticks * 1_000_000 / freq,
-        heap1.saturating_sub(heap0)
+        "hostile: HYP_UNMAP of 64 MiB: page-mapped {} us / {} TLBIs, \
+         every other page given back {} us / {} TLBIs, heap peak +{} bytes",
+        r.full_us, r.full_tlbis, r.holes_us, r.holes_tlbis, r.heap_growth
     );
     check(
-        holes_tlbis <= 4 && full_tlbis <= 4,
+        r.holes_tlbis <= 4 && r.full_tlbis <= 4,
         "unbounded TLBIs for one HYP_UNMAP",
     )?;
     check(
-        heap1.saturating_sub(heap0) < 64 << 10,
+        r.heap_growth < 64 << 10,
         "the heap grew with the number of holes",
     )
+}
+
+/// The unmap benchmark (`guest.unmap_bench_mib=N`): the pattern above over
+/// N MiB from IPA 0x4400_0000, printed as one `unmap-bench:` line for
+/// `cargo xtask bench`. Returns (passed, failed) as a test run would.
+pub fn unmap_bench(mib: u64) -> (u64, u64) {
+    match unmap_pattern(0x4400_0000, mib << 20) {
+        Ok(r) => {
+            println!(
+                "unmap-bench: size_mib={mib} full_us={} full_tlbis={} holes_us={} holes_tlbis={} heap_growth={} ratio={}.{:02}",
+                r.full_us,
+                r.full_tlbis,
+                r.holes_us,
+                r.holes_tlbis,
+                r.heap_growth,
+                r.holes_us / r.full_us.max(1),
+                (r.holes_us * 100 / r.full_us.max(1)) % 100
+            );
+            (1, 0)
+        }
+        Err(why) => {
+            println!("unmap-bench: FAILED: {why}");
+            (0, 1)
+        }
+    }
 }

@@ -99,10 +99,12 @@ const FLAG_FAIL: u64 = 1;
 /// Flag bit 1 in `x1`: run the benchmark sequence instead of the tests.
 const FLAG_BENCH: u64 = 2;
 
-fn main(_dtb: u64, flags: u64, _x2: u64, _x3: u64) -> ! {
+fn main(_dtb: u64, flags: u64, unmap_bench_mib: u64, _x3: u64) -> ! {
     console::init();
     println!("guest: running at EL1 under lazyhyp (flags {flags:#x})");
-    let (passed, failed) = if flags & FLAG_BENCH != 0 {
+    let (passed, failed) = if unmap_bench_mib != 0 {
+        crate::hostile::unmap_bench(unmap_bench_mib)
+    } else if flags & FLAG_BENCH != 0 {
         crate::bench::run()
     } else {
         crate::tests::run_all(flags & FLAG_FAIL != 0)

@@ -384,3 +384,125 @@ mod tests {
         assert!(json.trim_start().starts_with('[') && json.trim_end().ends_with(']'));
     }
 }
+
+/// One run of the unmap benchmark (`guest.unmap_bench_mib`): the EL2-bound
+/// time and TLBIs of one `HYP_UNMAP` over a range wholly page-mapped and
+/// over the same range with every other page given back, and the heap
+/// growth of the latter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnmapBench {
+    /// Guest RAM of the run, MiB.
+    pub ram_mib: u64,
+    /// The unmapped range, MiB.
+    pub size_mib: u64,
+    /// Microseconds for the wholly page-mapped range.
+    pub full_us: u64,
+    /// TLBIs for it.
+    pub full_tlbis: u64,
+    /// Microseconds with every other page given back.
+    pub holes_us: u64,
+    /// TLBIs for it.
+    pub holes_tlbis: u64,
+    /// Heap high-water growth during that call, bytes.
+    pub heap_growth: u64,
+}
+
+/// Parses the guest's `unmap-bench:` line.
+#[must_use]
+pub fn parse_unmap_bench(output: &str, ram_mib: u64) -> Option<UnmapBench> {
+    let line = output.lines().find_map(|l| {
+        l.strip_prefix(crate::GUEST_PREFIX)
+            .unwrap_or(l)
+            .strip_prefix("unmap-bench: ")
+    })?;
+    let mut b = UnmapBench {
+        ram_mib,
+        ..UnmapBench::default()
+    };
+    for (k, v) in line.split_whitespace().filter_map(|t| t.split_once('=')) {
+        let n = v.parse().ok();
+        match k {
+            "size_mib" => b.size_mib = n?,
+            "full_us" => b.full_us = n?,
+            "full_tlbis" => b.full_tlbis = n?,
+            "holes_us" => b.holes_us = n?,
+            "holes_tlbis" => b.holes_tlbis = n?,
+            "heap_growth" => b.heap_growth = n?,
+            _ => {}
+        }
+    }
+    (b.size_mib > 0).then_some(b)
+}
+
+/// Boots the unmap benchmark over `size_mib` MiB with `ram_mib` MiB of guest
+/// RAM.
+///
+/// # Errors
+/// If QEMU cannot run, the run fails, or it prints no result.
+pub fn unmap_bench(artifacts: &Artifacts, ram_mib: u64, size_mib: u64) -> Result<UnmapBench> {
+    let opts = RunOptions {
+        timeout: Duration::from_mins(15),
+        bootargs: vec![
+            format!("guest.ram_mib={ram_mib}"),
+            format!("guest.unmap_bench_mib={size_mib}"),
+            "log=warn".to_owned(),
+        ],
+        echo: false,
+        ..RunOptions::default()
+    };
+    let outcome = run(artifacts, &opts)?;
+    if !outcome.verdict().is_pass() {
+        bail!(
+            "the unmap bench boot failed: {}\n{}",
+            outcome.verdict(),
+            outcome.output
+        );
+    }
+    parse_unmap_bench(&outcome.output, ram_mib)
+        .with_context(|| format!("no unmap-bench line\n{}", outcome.output))
+}
+
+/// The unmap benchmark's rows as a table.
+#[must_use]
+pub fn unmap_table(rows: &[UnmapBench]) -> String {
+    let mut t = String::from(
+        "| guest RAM | range | page-mapped: us | TLBIs | every other page given back: us | TLBIs | ratio | heap growth |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        // Two decimals in integer arithmetic (microsecond counts).
+        let hundredths = r.holes_us * 100 / r.full_us.max(1);
+        let _ = writeln!(
+            t,
+            "| {} MiB | {} MiB | {} | {} | {} | {} | {}.{:02} | {} B |",
+            r.ram_mib,
+            r.size_mib,
+            r.full_us,
+            r.full_tlbis,
+            r.holes_us,
+            r.holes_tlbis,
+            hundredths / 100,
+            hundredths % 100,
+            r.heap_growth
+        );
+    }
+    t
+}
+
+#[cfg(test)]
+mod unmap_tests {
+    use super::*;
+
+    #[test]
+    fn unmap_bench_line_parses() {
+        let out = "vm1| guest: running\nvm1| unmap-bench: size_mib=256 full_us=10 full_tlbis=1 \
+                   holes_us=15 holes_tlbis=1 heap_growth=0 ratio=1.50\n";
+        let b = parse_unmap_bench(out, 512).expect("parses");
+        assert_eq!(
+            (b.size_mib, b.full_us, b.holes_us, b.ram_mib),
+            (256, 10, 15, 512)
+        );
+        assert!(unmap_table(&[b]).contains("| 512 MiB | 256 MiB | 10 | 1 | 15 | 1 | 1.50 | 0 B |"));
+        assert_eq!(parse_unmap_bench("unmap-bench: FAILED: x", 1), None);
+    }
+}

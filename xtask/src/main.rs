@@ -219,6 +219,14 @@ fn bench(json: Option<&std::path::Path>, no_host: bool) -> Result<bool> {
         bench::write_json(path, &records)?;
         println!("xtask bench: wrote {}", path.display());
     }
+    println!(
+        "xtask bench: one HYP_UNMAP over a page-mapped range vs the same range with every other page given back"
+    );
+    let rows = [
+        bench::unmap_bench(&artifacts, 512, 256)?,
+        bench::unmap_bench(&artifacts, 768, 704)?,
+    ];
+    print!("{}", bench::unmap_table(&rows));
     if !no_host {
         println!("xtask bench: host benchmark (criterion), manager vs raw aarch64-paging");
         println!("{}", bench::host_ratio()?);

@@ -217,6 +217,7 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
     regs.x[0] = x0;
     if !boot.args.linux {
         regs.x[1] = boot.args.guest_flags;
+        regs.x[2] = boot.args.unmap_bench_mib as u64;
     }
     regs.elr = entry;
     regs.spsr = SPSR_EL1H_MASKED;
