@@ -111,8 +111,17 @@ fn decode(offset: u64) -> (Reg, Width) {
         reg::CTLR => (Reg::Ctlr, Width::Word),
         reg::TYPER => (Reg::Typer, Width::Word),
         reg::IIDR => (Reg::Iidr, Width::Word),
-        // TYPER2, STATUSR, SETSPI_NSR, CLRSPI_NSR, SETSPI_SR, CLRSPI_SR.
-        reg::TYPER2 | reg::STATUSR | 0x40 | 0x48 | 0x50 | 0x58 => (Reg::Ignored, Width::Word),
+        // TYPER2, STATUSR, SETSPI_NSR, CLRSPI_NSR, SETSPI_SR, CLRSPI_SR;
+        // IGRPMODR (RAZ/WI with DS = 1), NSACR (likewise), SGIR (WI with ARE).
+        reg::TYPER2
+        | reg::STATUSR
+        | 0x40
+        | 0x48
+        | 0x50
+        | 0x58
+        | 0x0d00..=0x0d7f
+        | 0x0e00..=0x0eff
+        | 0x0f00 => (Reg::Ignored, Width::Word),
         0x0080..=0x03ff => match BitReg::at(offset) {
             Some((kind, rel)) => (Reg::Bits(kind, (rel * 8) as u32), Width::Word),
             None => (Reg::Reserved, Width::Reserved),
@@ -121,12 +130,9 @@ fn decode(offset: u64) -> (Reg, Width) {
             Reg::Priority(first_intid(reg::IPRIORITYR, 1)),
             Width::ByteOrWord,
         ),
-        0x0800..=0x0bff => (Reg::Ignored, Width::ByteOrWord),
+        // ITARGETSR (RAZ/WI with ARE), CPENDSGIR, SPENDSGIR (likewise).
+        0x0800..=0x0bff | 0x0f10..=0x0f2f => (Reg::Ignored, Width::ByteOrWord),
         0x0c00..=0x0cff => (Reg::Config(first_intid(reg::ICFGR, 4)), Width::Word),
-        // IGRPMODR (RAZ/WI with DS = 1), NSACR (likewise), SGIR (WI with ARE).
-        0x0d00..=0x0d7f | 0x0e00..=0x0eff | 0x0f00 => (Reg::Ignored, Width::Word),
-        // CPENDSGIR, SPENDSGIR: RAZ/WI with ARE.
-        0x0f10..=0x0f2f => (Reg::Ignored, Width::ByteOrWord),
         // IROUTER<32..1019>; 0x6000..0x60ff would be SGIs and PPIs: reserved.
         0x6100..=0x7fdf => (
             Reg::Router(((offset - reg::IROUTER) / 8) as u32),
@@ -200,9 +206,9 @@ impl Distributor {
     /// SecurityExtn) clear.
     #[must_use]
     pub fn typer(&self) -> u32 {
+        const ID_BITS_10: u32 = 9 << 19;
         let it_lines = (self.spis.len() / 32) as u32;
         let cpu_number = (self.nr_vcpus.clamp(1, 8) - 1) as u32;
-        const ID_BITS_10: u32 = 9 << 19;
         it_lines | cpu_number << 5 | ID_BITS_10 | TYPER_NO1N
     }
 

@@ -10,6 +10,10 @@ use crate::mmio::MmioError;
 /// An interrupt that is not the VM's (`owned` false) keeps its reset state
 /// forever: every bit of it reads as zero and ignores writes, so a guest
 /// cannot even observe which interrupts exist on the machine.
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent architectural state bits of one interrupt"
+)]
 #[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
 pub struct Irq {
     /// Given to the VM; everything else about an unowned interrupt is RAZ/WI.

@@ -16,6 +16,10 @@ use super::irq::Irq;
 /// An interrupt that wants a list register: active ones (which must stay
 /// where the guest can deactivate them), and pending ones that are enabled
 /// and whose group the distributor forwards.
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "the independent fields of one list register"
+)]
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub struct Candidate {
     /// The INTID (virtual, and physical for `hw`).
@@ -196,7 +200,7 @@ mod tests {
         };
         assert_eq!(
             timer.lr_value(),
-            27 | 27 << 32 | 0x80 << 48 | lr::GROUP1 | lr::HW | lr::PENDING,
+            0x1b | 0x1b << 32 | 0x80 << 48 | lr::GROUP1 | lr::HW | lr::PENDING,
             "pINTID = vINTID, no EOI bit (bit 41 is pINTID's with HW)"
         );
         let timer_both = Candidate {
@@ -214,7 +218,7 @@ mod tests {
             active: true,
             ..pending(33, 0)
         };
-        assert_eq!(uart.lr_value(), 33 | lr::EOI | lr::PENDING | lr::ACTIVE);
+        assert_eq!(uart.lr_value(), 0x21 | lr::EOI | lr::PENDING | lr::ACTIVE);
     }
 
     #[test]

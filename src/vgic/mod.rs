@@ -557,7 +557,7 @@ impl Vgic {
 /// vCPU i's affinity: `Aff0` = i mod 16 (SGI target lists cover 16 `Aff0`
 /// values and `RSS` is 0), `Aff1` = i / 16.
 fn affinity(vcpu: usize) -> u32 {
-    ((vcpu / 16) << 8 | vcpu % 16) as u32
+    (((vcpu / 16) << 8) | (vcpu % 16)) as u32
 }
 
 /// The distributor of a [`Vgic`] as an MMIO device.

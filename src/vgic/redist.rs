@@ -122,7 +122,7 @@ fn decode(offset: u64) -> (Reg, Width) {
     } else {
         let offset = offset - FRAME_SIZE;
         match offset {
-            0x0080..=0x03ff if offset & 0x7f == 0 => match BitReg::at(offset) {
+            0x0080..=0x03ff if offset.trailing_zeros() >= 7 => match BitReg::at(offset) {
                 Some((kind, _)) => (Reg::Bits(kind), Width::Word),
                 None => (Reg::Reserved, Width::Reserved),
             },
