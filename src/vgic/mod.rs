@@ -144,9 +144,10 @@
 //!   only (priority drop), then [`Vgic::inject_hw_ppi`]`(vcpu, 27)`; the
 //!   guest deactivates it. A hypervisor IPI: EOIR + DIR (its purpose, an
 //!   exit, is served). 1023: spurious, nothing.
-//! - EC 0x18 with [`SgiTrap::decode`] `Some`: a read is an undefined
-//!   instruction; a write calls [`Vgic::send_sgi`] with `x<rt>` (0 for 31),
-//!   steps `ELR_EL2` by 4 and kicks the returned vCPUs.
+//! - EC 0x18: [`Vgic::handle_sysreg_trap`] (an SGI register write is
+//!   emulated and `ELR_EL2` stepped; kick the vCPUs it returns); `Undefined`
+//!   means inject an undefined instruction exception, `NotVgic` that the
+//!   trap is someone else's.
 //! - After any MMIO emulation of the guest's own devices (the PL011's
 //!   interrupt line): [`Vgic::set_spi_level`].
 //! - [`Vgic::take_hw_deactivations`] of the vCPU: `ICC_DIR_EL1` for each
@@ -178,6 +179,7 @@ pub use sgi::{SgiRegister, SgiRequest, SgiTrap};
 use crate::counter_set;
 use crate::mm::counters::{add, inc};
 use crate::mmio::{MmioDevice, MmioError};
+use crate::vcpu::GuestRegs;
 use dist::Distributor;
 use irq::Width;
 use redist::{PrivateConfig, REDIST_SIZE, Redistributor};
@@ -270,6 +272,19 @@ struct VcpuInterface {
     ap0r: [u32; 4],
     /// `ICH_AP1R<n>_EL2`.
     ap1r: [u32; 4],
+}
+
+/// The outcome of [`Vgic::handle_sysreg_trap`].
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum SysregTrap {
+    /// Not a register of the virtual GIC: the caller handles it.
+    NotVgic,
+    /// A read of a write-only SGI register: inject an undefined
+    /// instruction exception (`ELR_EL2` unchanged).
+    Undefined,
+    /// Sent: the vCPUs that got the SGI (bit i = vCPU i), to kick if they
+    /// run on other physical CPUs.
+    SgiSent(u128),
 }
 
 /// What [`Vgic::enter`] did.
@@ -419,6 +434,33 @@ impl Vgic {
         let rose = level && !irq.line_level;
         irq.line_level = level;
         if rose { self.spi_target(intid) } else { None }
+    }
+
+    /// Handles a trapped `MSR`/`MRS` (EC 0x18) of vCPU `vcpu` with syndrome
+    /// `iss`, if it is one of the SGI registers: a write sends the SGI and
+    /// steps `ELR_EL2` past the instruction (a trapped system register
+    /// access leaves it at the instruction).
+    pub fn handle_sysreg_trap(
+        &mut self,
+        vcpu: usize,
+        iss: u32,
+        regs: &mut GuestRegs,
+    ) -> SysregTrap {
+        let Some(trap) = SgiTrap::decode(iss) else {
+            return SysregTrap::NotVgic;
+        };
+        if trap.read {
+            // Write-only registers: the caller injects an undefined
+            // instruction exception.
+            return SysregTrap::Undefined;
+        }
+        let value = if trap.rt == 31 {
+            0
+        } else {
+            regs.x[usize::from(trap.rt)]
+        };
+        regs.elr = regs.elr.wrapping_add(4);
+        SysregTrap::SgiSent(self.send_sgi(vcpu, trap.register, value))
     }
 
     /// Emulates vCPU `sender`'s write of `value` to `register` (a trapped

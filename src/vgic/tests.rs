@@ -462,3 +462,37 @@ fn mpidr_and_redistributor_affinity_agree() {
     }
     assert_eq!(Vgic::mpidr(17), 1 << 31 | 1 << 8 | 1);
 }
+
+#[test]
+fn a_trapped_sgi1r_write_is_emulated_and_stepped_over_and_a_read_is_undefined() {
+    let mut v = booted(2);
+    let iss = |op2: u32, rt: u32, read: bool| {
+        3 << 20 | op2 << 17 | 12 << 10 | rt << 5 | 11 << 1 | u32::from(read)
+    };
+    let mut regs = GuestRegs {
+        elr: 0x2000,
+        ..GuestRegs::default()
+    };
+    regs.x[4] = 6 << 24 | 0b10;
+    assert_eq!(
+        v.handle_sysreg_trap(0, iss(5, 4, false), &mut regs),
+        SysregTrap::SgiSent(0b10)
+    );
+    assert_eq!(regs.elr, 0x2004);
+    assert!(v.irq(1, 6).expect("exists").pending());
+    // xzr: SGI 0 to Aff0 0 is not in an empty target list.
+    assert_eq!(
+        v.handle_sysreg_trap(1, iss(5, 31, false), &mut regs),
+        SysregTrap::SgiSent(0)
+    );
+    assert_eq!(
+        v.handle_sysreg_trap(0, iss(5, 4, true), &mut regs),
+        SysregTrap::Undefined
+    );
+    // ICC_DIR_EL1 (op2 1) is not the vGIC's business.
+    assert_eq!(
+        v.handle_sysreg_trap(0, iss(1, 4, false), &mut regs),
+        SysregTrap::NotVgic
+    );
+    assert_eq!(regs.elr, 0x2008, "only the two writes stepped");
+}
