@@ -233,8 +233,9 @@ pub struct SpiConfig {
 /// What a VM is given.
 #[derive(Clone, Debug, Eq, PartialEq)]
 pub struct VgicConfig {
-    /// Number of vCPUs (1..=128 here: `Aff1` 0..7 of 16 `Aff0` each keeps
-    /// within `GICR_TYPER.Processor_Number`'s comfort and `RSS` = 0).
+    /// Number of vCPUs, 1..=128 (the vCPU masks are `u128`s). vCPU i has
+    /// `Aff1` = i / 16 and `Aff0` = i % 16, as SGI target lists address
+    /// `Aff0` 0..15 only while `RSS` is 0.
     pub nr_vcpus: usize,
     /// Its SPIs.
     pub spis: Vec<SpiConfig>,
