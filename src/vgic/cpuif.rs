@@ -1,7 +1,8 @@
 //! The GICv3 virtual CPU interface control registers (`ICH_*_EL2`) behind a
 //! trait: the aarch64 layer implements it with `mrs`/`msr`, host tests with
-//! `FakeCpuInterface` (test builds), which models the parts of the hardware the world
-//! switch relies on (list register states, the maintenance conditions).
+//! `FakeCpuInterface` (test builds only), which models the parts of the
+//! hardware the world switch relies on (list register states, the
+//! maintenance conditions).
 
 /// `ICH_HCR_EL2` fields.
 pub mod hcr {

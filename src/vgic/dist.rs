@@ -169,11 +169,14 @@ pub struct Distributor {
     priority_mask: u8,
     /// Number of vCPUs (for `CPUNumber`).
     nr_vcpus: usize,
+    /// Hardware-backed SPIs the guest deactivated through `ICACTIVER`,
+    /// which the arch layer must deactivate physically.
+    hw_deactivations: Vec<u32>,
 }
 
 impl Distributor {
     /// A distributor owning the SPIs `owned` (INTIDs 32..=1019, each with
-    /// its trigger), for `nr_vcpus` vCPUs, with priorities masked to
+    /// its trigger and whether it is hardware-backed), for `nr_vcpus` vCPUs, with priorities masked to
     /// `priority_mask`. Every SPI routes to affinity 0 (vCPU 0) at reset.
     ///
     /// # Panics
@@ -190,7 +193,7 @@ impl Distributor {
                 "SPI {} out of range",
                 spi.intid
             );
-            spis[spi.intid as usize - 32] = Irq::owned(spi.edge, false);
+            spis[spi.intid as usize - 32] = Irq::owned(spi.edge, spi.hw);
         }
         Self {
             ctlr: 0,
@@ -198,7 +201,13 @@ impl Distributor {
             spis,
             priority_mask,
             nr_vcpus,
+            hw_deactivations: Vec::new(),
         }
+    }
+
+    /// Takes the hardware-backed SPIs the guest deactivated.
+    pub fn take_hw_deactivations(&mut self) -> Vec<u32> {
+        core::mem::take(&mut self.hw_deactivations)
     }
 
     /// `GICD_TYPER`: `ITLinesNumber` covering the VM's SPIs, 10 INTID bits
@@ -314,8 +323,12 @@ impl Distributor {
             Reg::Ctlr => self.ctlr = value as u32 & (CTLR_ENABLE_GRP0 | CTLR_ENABLE_GRP1),
             Reg::Bits(kind, first) => {
                 let range = self.range(first, 32);
-                // No SPI is hardware-backed, so nothing to deactivate.
-                kind.write(&mut self.spis[range], value as u32);
+                let mut deactivated = kind.write(&mut self.spis[range], value as u32);
+                while deactivated != 0 {
+                    self.hw_deactivations
+                        .push(first + deactivated.trailing_zeros());
+                    deactivated &= deactivated - 1;
+                }
             }
             Reg::Priority(first) => {
                 let range = self.range(first, u32::from(size));
@@ -363,6 +376,7 @@ mod tests {
         let owned = [SpiConfig {
             intid: UART,
             edge: false,
+            hw: false,
         }];
         (Distributor::new(&owned, 2, 0xf8), VgicCounters::new())
     }
@@ -380,6 +394,7 @@ mod tests {
             &[SpiConfig {
                 intid: 100,
                 edge: true,
+                hw: false,
             }],
             1,
             0xf8,
@@ -429,6 +444,25 @@ mod tests {
         assert_eq!(d.read(reg::ICACTIVER + 4, 4, &c), Ok(1 << 1));
         d.write(reg::IGROUPR + 4, 0xffff_ffff, 4, &c).expect("word");
         assert_eq!(d.read(reg::IGROUPR + 4, 4, &c), Ok(1 << 1));
+    }
+
+    #[test]
+    fn a_hw_spi_is_not_guest_pendable_nor_reconfigurable_and_its_deactivation_is_passed_on() {
+        let owned = [SpiConfig {
+            intid: 40,
+            edge: false,
+            hw: true,
+        }];
+        let (mut d, c) = (Distributor::new(&owned, 1, 0xf8), VgicCounters::new());
+        let bit = 1 << (40 - 32);
+        d.write(reg::ISPENDR + 4, bit, 4, &c).expect("word");
+        assert_eq!(d.read(reg::ISPENDR + 4, 4, &c), Ok(0));
+        d.write(reg::ICFGR + 8, 0xffff_ffff, 4, &c).expect("word");
+        assert_eq!(d.read(reg::ICFGR + 8, 4, &c), Ok(0), "stays level");
+        d.spi_mut(40).expect("exists").active = true;
+        d.write(reg::ICACTIVER + 4, u64::MAX, 4, &c).expect("word");
+        assert_eq!(d.take_hw_deactivations(), [40]);
+        assert!(d.take_hw_deactivations().is_empty());
     }
 
     #[test]

@@ -110,10 +110,16 @@
 //! 2. Read `ICH_VTR_EL2` and build the [`Vgic`] with it
 //!    ([`Vgic::new`]); set `VMPIDR_EL2` of vCPU i to [`Vgic::mpidr`]`(i)`
 //!    (the redistributor affinities match it; Linux pairs them by it).
-//! 3. In the physical redistributor of this CPU: enable PPI 27 (the
-//!    virtual timer) and PPI 25 (the maintenance interrupt) as group 1, so
-//!    they reach EL2. Leave every other interrupt as the hypervisor needs
-//!    it; the guest can no longer change any.
+//! 3. The physical GIC is now the hypervisor's to initialise (a Linux
+//!    guest used to do it): `GICD_CTLR` = `ARE_NS | EnableGrp1NS` (wait for
+//!    `RWP`), this CPU's `GICR_WAKER` handshake (clear `ProcessorSleep`,
+//!    wait for `ChildrenAsleep` to clear), then in its `SGI_base` frame
+//!    PPI 27 (the virtual timer) and PPI 25 (the maintenance interrupt)
+//!    group 1 (`IGROUPR0`), enabled (`ISENABLER0`), so they reach EL2.
+//!    Hardware-backed SPIs ([`SpiConfig::hw`]: a passed-through device)
+//!    are enabled and routed (`IROUTER`) by the hypervisor to the physical
+//!    CPU running their target vCPU; the guest's writes change only the
+//!    virtual state.
 //! 4. Stage 2: do not map `GICD` (0x0800_0000, 64 KiB) and `GICR`
 //!    (0x080a_0000, 128 KiB per vCPU): the translation faults on them go to
 //!    [`Vgic::gicd`] / [`Vgic::gicr`] through `mmio::emulate_or_abort`,
@@ -122,9 +128,17 @@
 //!    one that wrote, whose deliverable interrupts may have changed and
 //!    that are running must be sent a physical IPI to exit.
 //! 5. `HCR_EL2`: set `IMO` and `FMO` (physical IRQs/FIQs go to EL2,
-//!    virtual ones to the guest; SGI writes trap). Device tree: the GIC
-//!    node's `reg` covers `GICR` for all vCPUs (128 KiB each); the PL011
-//!    node gets `interrupts = <0 1 4>` (SPI 1, level high) when emulated.
+//!    virtual ones to the guest, and the guest's `ICC_*` accesses go to the
+//!    virtual interface; SGI writes trap). Device tree: the GIC node's
+//!    `reg` covers `GICR` for all vCPUs ([`Vgic::gicr_size`]); the PL011
+//!    node already has `interrupts = <0 1 4>` (SPI 1, level high).
+//! 6. The PL011's interrupt: [`VgicConfig::qemu_virt`] gives the VM SPI 33
+//!    as a software, level-sensitive interrupt for the emulated PL011,
+//!    whose model must then drive it (`set_spi_level` with its
+//!    `RIS & IMSC`; today's model is transmit-only and has no interrupt
+//!    state). A Linux guest with the PL011 passed through instead needs
+//!    SPI 33 with `hw: true` and the hypervisor taking it at EL2
+//!    ([`Vgic::inject_hw_spi`]).
 //!
 //! On every guest entry, with interrupts masked at EL2, after all exit
 //! handling: [`Vgic::enter`] (writes every `ICH_LR<n>_EL2`, then
@@ -151,7 +165,11 @@
 //! - After any MMIO emulation of the guest's own devices (the PL011's
 //!   interrupt line): [`Vgic::set_spi_level`].
 //! - [`Vgic::take_hw_deactivations`] of the vCPU: `ICC_DIR_EL1` for each
-//!   PPI set in it.
+//!   PPI set in it; [`Vgic::take_hw_spi_deactivations`]: likewise for
+//!   SPIs.
+//!
+//! [`Vgic::enter`] and [`Vgic::exit`] must pair: an entry's list
+//! registers are folded back by the next exit of the same vCPU.
 //!
 //! Limits: an interrupt the guest makes active through `ISACTIVER` while
 //! more interrupts are active than there are list registers cannot be
@@ -226,8 +244,14 @@ counter_set! {
 pub struct SpiConfig {
     /// Its INTID (32..=1019).
     pub intid: u32,
-    /// Edge-triggered at reset (the guest may change it through `ICFGR`).
+    /// Edge-triggered at reset (the guest may change it through `ICFGR`
+    /// unless `hw`).
     pub edge: bool,
+    /// Backed by the physical SPI of the same INTID (a passed-through
+    /// device): delivered with `ICH_LR.HW`. The hypervisor keeps the
+    /// physical SPI routed to the physical CPU that runs its target vCPU;
+    /// the guest's `IROUTER` only chooses that vCPU.
+    pub hw: bool,
 }
 
 /// What a VM is given.
@@ -253,6 +277,7 @@ impl VgicConfig {
             spis: vec![SpiConfig {
                 intid: qemu_virt::UART_SPI,
                 edge: false,
+                hw: false,
             }],
             private: PrivateConfig {
                 ppis: 1 << qemu_virt::VTIMER_PPI,
@@ -421,9 +446,24 @@ impl Vgic {
         }
     }
 
+    /// The physical SPI `intid` (hardware-backed: a passed-through
+    /// device's) was taken at EL2 and left active: make it pending for the
+    /// guest. Returns the vCPU to kick.
+    pub fn inject_hw_spi(&mut self, intid: u32) -> Option<usize> {
+        let irq = self.dist.spi_mut(intid).filter(|i| i.owned && i.hw)?;
+        irq.assert();
+        self.spi_target(intid)
+    }
+
+    /// Takes the hardware-backed SPIs the guest deactivated through
+    /// `GICD_ICACTIVER`: the caller deactivates them physically.
+    pub fn take_hw_spi_deactivations(&mut self) -> Vec<u32> {
+        self.dist.take_hw_deactivations()
+    }
+
     /// Latches an edge on an SPI of the VM. Returns the vCPU to kick.
     pub fn inject_spi(&mut self, intid: u32) -> Option<usize> {
-        let irq = self.dist.spi_mut(intid).filter(|i| i.owned)?;
+        let irq = self.dist.spi_mut(intid).filter(|i| i.owned && !i.hw)?;
         irq.assert();
         self.spi_target(intid)
     }
@@ -431,7 +471,7 @@ impl Vgic {
     /// Sets the input line of a level-sensitive SPI of the VM (an emulated
     /// device's). Returns the vCPU to kick when the line rises.
     pub fn set_spi_level(&mut self, intid: u32, level: bool) -> Option<usize> {
-        let irq = self.dist.spi_mut(intid).filter(|i| i.owned)?;
+        let irq = self.dist.spi_mut(intid).filter(|i| i.owned && !i.hw)?;
         let rose = level && !irq.line_level;
         irq.line_level = level;
         if rose { self.spi_target(intid) } else { None }
