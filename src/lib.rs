@@ -5,7 +5,8 @@
 //! - portable code, built and unit-tested on the host: the mm core
 //!   ([`mm`]), boot argument parsing ([`bootargs`]), the memory layout
 //!   ([`layout`]), guest image loading ([`loader`]), exception syndrome
-//!   decoding ([`esr`]) and trap handling ([`vcpu`]);
+//!   decoding ([`esr`]), trap handling ([`vcpu`]), MMIO emulation
+//!   ([`mmio`]) and the virtual GICv3 ([`vgic`]);
 //! - [`arch`]: everything that only exists on AArch64 at EL2 (boot, vectors,
 //!   system registers, the console), compiled only for the
 //!   bare-metal target.
@@ -26,6 +27,7 @@ pub mod mm;
 pub mod mmio;
 pub mod sysreg_emul;
 pub mod vcpu;
+pub mod vgic;
 pub mod workloads;
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]

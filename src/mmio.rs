@@ -76,12 +76,48 @@ fn size_mask(size: u8) -> u64 {
     }
 }
 
+/// Why an access to an emulated device was refused: the caller answers it
+/// with a synchronous external abort to the guest (as a bus would answer an
+/// access the device cannot take).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum MmioError {
+    /// The syndrome does not describe the access (`ISV` = 0), so it cannot
+    /// be emulated.
+    NoSyndrome,
+    /// An access size the register does not support, or a misaligned one.
+    BadAccess,
+}
+
 /// A device whose registers the hypervisor emulates.
 pub trait MmioDevice {
     /// Reads `size` bytes at `offset` into the device.
     fn read(&mut self, offset: u64, size: u8) -> u64;
     /// Writes `value` (`size` bytes) at `offset`.
     fn write(&mut self, offset: u64, value: u64, size: u8);
+
+    /// Reads, or refuses an access the device does not take (a size the
+    /// register does not support). Devices that take every access (the
+    /// PL011) keep this default.
+    ///
+    /// # Errors
+    ///
+    /// [`MmioError::BadAccess`] for an access the caller must answer with
+    /// an external abort.
+    fn try_read(&mut self, offset: u64, size: u8) -> Result<u64, MmioError> {
+        Ok(self.read(offset, size))
+    }
+
+    /// Writes, or refuses an access the device does not take; see
+    /// [`MmioDevice::try_read`].
+    ///
+    /// # Errors
+    ///
+    /// [`MmioError::BadAccess`] for an access the caller must answer with
+    /// an external abort.
+    fn try_write(&mut self, offset: u64, value: u64, size: u8) -> Result<(), MmioError> {
+        self.write(offset, value, size);
+        Ok(())
+    }
 }
 
 /// An emulated PL011: transmit only. Writes to the data register go to
@@ -168,6 +204,31 @@ pub fn emulate(device: &mut dyn MmioDevice, esr: Esr, offset: u64, regs: &mut Gu
     // A 32-bit instruction (IL = 1) the guest is past.
     regs.elr = regs.elr.wrapping_add(if esr.il() { 4 } else { 2 });
     true
+}
+
+/// Like [`emulate`], for devices that refuse some accesses (the virtual
+/// GIC): emulates the access or says why not, in which case nothing changed
+/// and the caller injects a synchronous external abort.
+///
+/// # Errors
+///
+/// [`MmioError::NoSyndrome`] when the syndrome does not describe the access,
+/// [`MmioError::BadAccess`] when the device refuses it.
+pub fn emulate_or_abort(
+    device: &mut dyn MmioDevice,
+    esr: Esr,
+    offset: u64,
+    regs: &mut GuestRegs,
+) -> Result<(), MmioError> {
+    let access = MmioAccess::decode(esr).ok_or(MmioError::NoSyndrome)?;
+    if access.write {
+        device.try_write(offset, access.store_value(regs), access.size)?;
+    } else {
+        let v = device.try_read(offset, access.size)?;
+        access.complete_load(regs, v);
+    }
+    regs.elr = regs.elr.wrapping_add(if esr.il() { 4 } else { 2 });
+    Ok(())
 }
 
 #[cfg(test)]
