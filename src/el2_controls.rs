@@ -166,6 +166,14 @@ pub mod hcr {
     pub const SWIO: u64 = 1 << 1;
     /// Protected table walk.
     pub const PTW: u64 = 1 << 2;
+    /// Physical FIQs to EL2; virtual FIQs to the guest.
+    pub const FMO: u64 = 1 << 3;
+    /// Physical IRQs to EL2; virtual IRQs to the guest.
+    pub const IMO: u64 = 1 << 4;
+    /// Physical SErrors to EL2; virtual SErrors to the guest.
+    pub const AMO: u64 = 1 << 5;
+    /// A virtual SError is pending for the guest.
+    pub const VSE: u64 = 1 << 8;
     /// Broadcast the guest's TLBIs and I-cache invalidations.
     pub const FB: u64 = 1 << 9;
     /// Barrier shareability upgrade: inner shareable.
@@ -201,6 +209,12 @@ pub mod hcr {
 /// - `SWIO`: a set/way *invalidate* by the guest cleans too (never throws
 ///   away dirty lines of memory the hypervisor shares); with `TSW` the ops
 ///   trap anyway, this covers the window on CPUs that honour it first.
+/// - `FMO`, `IMO`: physical FIQs and IRQs go to EL2 (the hypervisor owns
+///   the GIC), virtual ones (list registers) to the guest, and the guest's
+///   `ICC_*` accesses reach the virtual CPU interface; SGI generation by
+///   the guest traps (emulated by the virtual GIC).
+/// - `AMO`: physical SErrors go to EL2, which reports them and hands the
+///   guest a virtual SError (`VSE`) instead of dying.
 /// - `PTW`: a guest stage-1 table walk that lands in Device memory at stage 2
 ///   is a permission fault (as KVM): no speculative walks into devices.
 /// - `FB`: the guest's TLBIs and I-cache invalidations are broadcast in the
@@ -226,9 +240,6 @@ pub mod hcr {
 /// - `TID5` (FEAT_MTE2): `GMID_EL1` traps (UNDEFINED; MTE is hidden).
 ///
 /// Left clear, with the reason:
-/// - `IMO`, `FMO`, `AMO`: physical interrupts and SErrors go to the guest's
-///   EL1 (the GIC is passed through to a Linux guest; a virtual GIC is
-///   tracked as a separate piece of work).
 /// - `TWI`, `TWE`: one vCPU per physical CPU: WFI/WFE idle that CPU directly.
 /// - `TID0`, `TID1`, `TID2`: the AArch32 `JIDR`, `AIDR`/`REVIDR`, and the
 ///   cache geometry (`CTR_EL0`, `CLIDR`, `CCSIDR`) carry no state and expose
@@ -409,6 +420,7 @@ mod tests {
         let v = hcr_el2(&cpu);
         for (bit, name) in [
             (hcr::VM, "VM"),
+            (hcr::IMO | hcr::FMO | hcr::AMO, "IMO/FMO/AMO"),
             (hcr::TSC, "TSC"),
             (hcr::TID3, "TID3"),
             (hcr::TSW, "TSW"),

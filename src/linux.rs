@@ -99,7 +99,7 @@ pub struct GuestTree<'a> {
     pub bootargs: &'a str,
     /// GICv3 distributor (IPA, size).
     pub gicd: (u64, u64),
-    /// GICv3 redistributor region for one CPU (IPA, size).
+    /// GICv3 redistributor region for all vCPUs (IPA, size: 128 KiB each).
     pub gicr: (u64, u64),
     /// PL011 (IPA).
     pub uart: u64,
@@ -180,6 +180,9 @@ fn build(t: &GuestTree<'_>) -> Result<Vec<u8>, vm_fdt::Error> {
     fdt.property_null("interrupt-controller")?;
     fdt.property_array_u64("reg", &[t.gicd.0, t.gicd.1, t.gicr.0, t.gicr.1])?;
     fdt.property_u32("#redistributor-regions", 1)?;
+    // The maintenance interrupt: PPI 9 (INTID 25), level high. The
+    // hypervisor uses it; the guest's GIC driver only needs to know it.
+    fdt.property_array_u32("interrupts", &[1, 9, 4])?;
     fdt.property_phandle(GIC_PHANDLE)?;
     fdt.end_node(gic)?;
 

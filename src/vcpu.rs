@@ -148,6 +148,11 @@ counter_set! {
         /// The most bytes the hypervisor's heap has had allocated at once
         /// (a high-water mark, not a count).
         heap_peak_bytes,
+        /// Physical SErrors taken while the guest ran (reported, and handed
+        /// to the guest as a virtual SError).
+        serrors,
+        /// Physical interrupts acknowledged at EL2.
+        irqs_taken,
     }
 }
 

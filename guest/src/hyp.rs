@@ -175,6 +175,8 @@ pub const COUNTERS: &[&str] = &[
     "undef_injected",
     "abort_injected",
     "heap_peak_bytes",
+    "serrors",
+    "irqs_taken",
 ];
 
 /// Reads one counter through `HYP_STATS`.

@@ -9,6 +9,7 @@
 //! | device tree, guest payload | read-only, execute-never |
 //! | heap, page-table pool, guest RAM backing | read-write, execute-never |
 //! | PL011 | device-nGnRE, execute-never |
+//! | GIC distributor, redistributors (8 CPUs) | device-nGnRE, execute-never |
 
 use aarch64_paging::descriptor::El23Attributes;
 use aarch64_paging::idmap::IdMap;
@@ -18,6 +19,7 @@ use core::ops::Range;
 use crate::mm::{PAGE_SIZE, PhysAddr};
 
 use super::console::PL011_BASE;
+use super::gic::{GICD_BASE, GICD_SIZE, GICR_BASE, GICR_MAPPED};
 
 /// MAIR_EL2 attribute index of Device-nGnRE.
 const MAIR_IDX_DEVICE: El23Attributes = El23Attributes::ATTRIBUTE_INDEX_0;
@@ -151,6 +153,9 @@ pub fn build(image: &ImageLayout, regions: &El2Regions) -> IdMap<El2> {
         map_region(r, DATA);
     }
     map_region(&(PL011_BASE..PL011_BASE + PAGE_SIZE), DEVICE);
+    // The physical GIC is the hypervisor's alone (never in a stage 2).
+    map_region(&(GICD_BASE..GICD_BASE + GICD_SIZE), DEVICE);
+    map_region(&(GICR_BASE..GICR_BASE + GICR_MAPPED), DEVICE);
     map
 }
 

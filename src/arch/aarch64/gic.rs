@@ -93,7 +93,7 @@ fn write64(addr: usize, value: u64) {
 
 /// Bounded spin on a GIC condition: a GIC that never settles is a setup
 /// error, not a hang.
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Result<(), GicError> {
+fn wait_until(what: &'static str, mut done: impl FnMut() -> bool) -> Result<(), GicError> {
     for _ in 0..1_000_000 {
         if done() {
             return Ok(());
@@ -135,7 +135,7 @@ pub struct Gic {
 /// `Aff3.Aff2.Aff1.Aff0` of this CPU, as `GICR_TYPER[63:32]` holds it.
 fn my_affinity() -> u64 {
     let mpidr = read_sysreg!("mpidr_el1");
-    ((mpidr >> 8) & 0xff_0000) | (mpidr & 0xff_ffff)
+    ((mpidr >> 8) & 0xff00_0000) | (mpidr & 0xff_ffff)
 }
 
 impl Gic {

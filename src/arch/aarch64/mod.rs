@@ -13,10 +13,12 @@
 pub mod cache;
 pub mod console;
 pub mod el2map;
+pub mod gic;
 pub mod mm_hw;
 mod services;
 pub mod sysreg;
 pub mod vectors;
+pub mod vgic_hw;
 pub mod vm;
 
 use aarch64_paging::idmap::IdMap;
@@ -40,6 +42,8 @@ use crate::mm::pool::{El2PageMap, PagePool};
 use crate::mm::stage2::{S2Attrs, Stage2};
 use crate::mm::{PAGE_SIZE, PhysAddr, align_up};
 use crate::sysreg_emul::SysregAction;
+use crate::vgic::{CpuInterface, SysregTrap, Vgic, VgicConfig, qemu_virt};
+use vgic_hw::HwCpuInterface;
 use crate::vcpu::{Exit, ExitCounters, GuestRegs, Injection, Stop, Trap, TrapReport, Vcpu};
 use console::{PL011_BASE, println};
 use mm_hw::HwMmArch;
@@ -162,7 +166,16 @@ struct Vm {
     /// The emulated PL011 (`None` with `guest.uart=passthrough`).
     uart: Option<crate::mmio::Pl011<fn(u8)>>,
     vcpu: Vcpu,
+    /// The virtual GIC: the guest's distributor and redistributor are
+    /// emulated here, its interrupts delivered through list registers.
+    vgic: Vgic,
+    /// The real PL011 is the guest's (`guest.uart=passthrough`): its SPI is
+    /// delivered hardware-backed.
+    uart_hw_irq: bool,
 }
+
+/// The one vCPU's index in the virtual GIC.
+const VCPU0: usize = 0;
 
 /// The hypervisor's main function, called by aarch64-rt's entry on the boot
 /// stack with the boot map active.
@@ -209,7 +222,8 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
     log::debug!("CPU ID registers: {cpu:#x?}");
     // SAFETY: the stage-2 tables live in a static forever and map only guest
     // RAM backing and the PL011; vtcr describes them.
-    unsafe { vm::configure(vttbr, vtcr, cpu) };
+    unsafe { vm::configure(vttbr, vtcr, cpu, Vgic::mpidr(VCPU0)) };
+    init_gic(boot.args.uart_passthrough || boot.args.linux);
 
     let mut regs = GuestRegs::default();
     // Linux: the device tree's IPA (x1..x3 zero, as the boot protocol
@@ -222,6 +236,7 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
     regs.elr = entry;
     regs.spsr = SPSR_EL1H_MASKED;
     log::info!("entering guest at {entry:#x}");
+    vgic_enter();
     debug_assert!(
         MM.get().is_none_or(MmCtx::nothing_pending),
         "entering the guest with mm work pending"
@@ -399,14 +414,7 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
             .unwrap_or_else(|e| setup_error(format_args!("mapping guest RAM: {e:?}")));
         mm.leave();
     }
-    if args.linux {
-        // The GIC is the guest's (IMO/FMO clear: interrupts go to EL1).
-        for (ipa, size) in [GICD, GICR] {
-            stage2
-                .map(ipa, size as usize, ipa as usize, S2Attrs::DEVICE)
-                .unwrap_or_else(|e| setup_error(format_args!("mapping the GIC: {e:?}")));
-        }
-    }
+    // The GIC frames are not mapped: every access traps to the virtual GIC.
     if args.uart_passthrough || args.linux {
         stage2
             .map(PL011_BASE as u64, PAGE_SIZE, PL011_BASE, S2Attrs::DEVICE)
@@ -430,12 +438,22 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
     let mem = GuestMemory::new(ram, args.fault_around_kib << 10);
     let uart = (!args.uart_passthrough && !args.linux)
         .then(|| crate::mmio::Pl011::new(console::putc as fn(u8)));
+    let uart_hw_irq = args.uart_passthrough || args.linux;
+    let mut config = VgicConfig::qemu_virt(1);
+    for spi in &mut config.spis {
+        if spi.intid == qemu_virt::UART_SPI {
+            spi.hw = uart_hw_irq;
+        }
+    }
+    let vgic = Vgic::new(&config, HwCpuInterface.vtr());
     VM.call_once(|| {
         SpinMutex::new(Vm {
             stage2,
             mem,
             uart,
             vcpu: Vcpu::default(),
+            vgic,
+            uart_hw_irq,
         })
     });
     vttbr
@@ -444,10 +462,6 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
 /// `SPSR_EL2` for entering the guest: EL1h, with D, A, I and F masked.
 const SPSR_EL1H_MASKED: u64 = 0x3c5;
 
-/// QEMU virt's GICv3 distributor and (one CPU's) redistributor frames,
-/// passed through to a Linux guest.
-const GICD: (u64, u64) = (0x0800_0000, 0x1_0000);
-const GICR: (u64, u64) = (0x080a_0000, 0x2_0000);
 
 /// The kernel command line of a Linux guest.
 const LINUX_CMDLINE: &str = "console=ttyAMA0 earlycon=pl011,0x9000000 panic=-1 rdinit=/init";
@@ -486,10 +500,10 @@ fn load_linux(
         ram: GUEST_RAM_IPA..ram_end,
         initrd: (initrd_len > 0).then(|| initrd_ipa..initrd_ipa + boot.args.initrd.1 as u64),
         bootargs: LINUX_CMDLINE,
-        gicd: GICD,
-        gicr: GICR,
+        gicd: (qemu_virt::GICD_BASE, qemu_virt::GICD_SIZE),
+        gicr: (qemu_virt::GICR_BASE, 0x2_0000),
         uart: PL011_BASE as u64,
-        mpidr: read_sysreg!("mpidr_el1") & 0xff_00ff_ffff,
+        mpidr: Vgic::mpidr(VCPU0) & 0xff_00ff_ffff,
     })
     .unwrap_or_else(|e| setup_error(format_args!("{e}")));
     // SAFETY: the backing is ours alone and mapped read-write by the EL2
@@ -555,6 +569,20 @@ fn load_guest(elf: &GuestElf<'_>, backing: &Range<PhysAddr>, guest_ram: usize) -
 
 /// Called from the lower-EL synchronous vector.
 pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
+    vgic_exit();
+    handle_sync(regs);
+    vgic_enter();
+    // Every change the hypervisor made is complete and in effect before the
+    // guest runs again: no lazy section open, no barrier or TLBI owed.
+    debug_assert!(
+        MM.get().is_none_or(MmCtx::nothing_pending),
+        "returning to the guest with mm work pending"
+    );
+}
+
+/// Handles one synchronous exit (the virtual GIC's state already folded
+/// back from the list registers).
+fn handle_sync(regs: &mut GuestRegs) {
     let trap = Trap {
         esr: Esr(read_sysreg!("esr_el2")),
         far: read_sysreg!("far_el2"),
@@ -570,32 +598,18 @@ pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
         Exit::Resume => {}
         Exit::Stop(stop) => finish(stop, regs),
         Exit::MmCall(function) => services::mm_call(function, regs),
-        Exit::Sysreg(trap, access) => match crate::sysreg_emul::classify(&access) {
-            SysregAction::Undefined => inject_undefined(trap, regs),
-            action => {
-                let value = match action {
-                    SysregAction::IdRead { crm, op2 } => Some(crate::sysreg_emul::sanitise_id(
-                        crm,
-                        op2,
-                        sysreg::read_id_reg(crm, op2),
-                    )),
-                    SysregAction::ReadValue(v) => Some(v),
-                    SysregAction::SetWay => {
-                        setway_flush(after_setway);
-                        None
-                    }
-                    SysregAction::WriteIgnored | SysregAction::Undefined => None,
-                };
-                if let Some(v) = value
-                    && access.rt != 31
-                {
-                    regs.x[usize::from(access.rt)] = v;
+        Exit::Sysreg(trap, access) => {
+            // The virtual GIC's SGI registers first (trapped by IMO/FMO).
+            match vm.lock().vgic.handle_sysreg_trap(VCPU0, trap.esr.iss(), regs) {
+                SysregTrap::NotVgic => {}
+                SysregTrap::Undefined => return inject_undefined(trap, regs),
+                SysregTrap::SgiSent(_) => {
+                    crate::mm::counters::inc(&EXITS.sysreg_emulated);
+                    return;
                 }
-                crate::mm::counters::inc(&EXITS.sysreg_emulated);
-                // A trapped MSR/MRS leaves ELR at the instruction.
-                regs.elr = regs.elr.wrapping_add(4);
             }
-        },
+            sysreg(trap, access, regs, after_setway);
+        }
         Exit::Undefined(trap) => inject_undefined(trap, regs),
         Exit::Stage2Abort(trap) => {
             let fsc = trap.esr.fault_status();
@@ -615,6 +629,13 @@ pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
             // An MMIO access: a translation fault by a load or store, not by
             // a stage-1 table walk.
             let mmio = (0x04..=0x07).contains(&fsc) && !trap.esr.s1ptw();
+            if mmio && let Some(result) = vgic_mmio(vm, trap, ipa, regs) {
+                drop(guard);
+                if result.is_err() {
+                    inject_abort(trap, regs, last_vector);
+                }
+                return;
+            }
             if let Some(uart) = vm.uart.as_mut().filter(|_| mmio) {
                 let base = PL011_BASE as u64;
                 if (base..base + PAGE_SIZE as u64).contains(&ipa)
@@ -633,12 +654,41 @@ pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
             }
         }
     }
-    // Every change the hypervisor made is complete and in effect before the
-    // guest runs again: no lazy section open, no barrier or TLBI owed.
-    debug_assert!(
-        MM.get().is_none_or(MmCtx::nothing_pending),
-        "returning to the guest with mm work pending"
-    );
+}
+
+/// A trapped system register access the virtual GIC did not take.
+fn sysreg(
+    trap: Trap,
+    access: crate::sysreg_emul::SysregAccess,
+    regs: &mut GuestRegs,
+    after_setway: bool,
+) {
+    match crate::sysreg_emul::classify(&access) {
+            SysregAction::Undefined => inject_undefined(trap, regs),
+        action => {
+            let value = match action {
+                SysregAction::IdRead { crm, op2 } => Some(crate::sysreg_emul::sanitise_id(
+                    crm,
+                    op2,
+                    sysreg::read_id_reg(crm, op2),
+                )),
+                SysregAction::ReadValue(v) => Some(v),
+                SysregAction::SetWay => {
+                    setway_flush(after_setway);
+                    None
+                }
+                SysregAction::WriteIgnored | SysregAction::Undefined => None,
+            };
+            if let Some(v) = value
+                && access.rt != 31
+            {
+                regs.x[usize::from(access.rt)] = v;
+            }
+            crate::mm::counters::inc(&EXITS.sysreg_emulated);
+            // A trapped MSR/MRS leaves ELR at the instruction.
+            regs.elr = regs.elr.wrapping_add(4);
+        }
+    }
 }
 
 /// Emulates data cache maintenance by set/way (trapped by `HCR_EL2.TSW`).
@@ -726,16 +776,136 @@ fn inject_abort(trap: Trap, regs: &mut GuestRegs, last_vector: u64) {
 /// it did not).
 static LAST_VECTOR: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(u64::MAX);
 
-/// Called from the lower-EL IRQ, FIQ and SError vectors (and AArch32
-/// vectors): none is routed to EL2, so any is a fatal surprise.
+/// Called from the lower-EL IRQ, FIQ and SError vectors (and the AArch32
+/// ones, which a guest with an AArch64 EL1 never reaches).
+///
+/// IRQs and FIQs: with `HCR_EL2.IMO`/`FMO` every physical interrupt comes
+/// here while the guest runs; each pending one is acknowledged and handled
+/// (see [`handle_irq`]). SErrors (`AMO`): reported, counted, and handed to
+/// the guest as a virtual SError, as KVM does for an error it cannot
+/// attribute: the guest's memory access caused it, the guest decides.
 pub(crate) fn handle_guest_async(regs: &mut GuestRegs, kind: vectors::Kind) {
-    crate::mm::counters::inc(&EXITS.exits_irq);
-    console::marker(
-        "PANIC",
-        format_args!("unexpected {kind:?} exception from the guest"),
+    vgic_exit();
+    match kind {
+        vectors::Kind::Irq | vectors::Kind::Fiq => {
+            crate::mm::counters::inc(&EXITS.exits_irq);
+            // Bounded: at most as many as could be pending at once; a
+            // flood of one source cannot keep EL2 here, because each one
+            // handled stays active (or is masked) until the guest is done.
+            for _ in 0..64 {
+                let intid = gic::acknowledge();
+                if intid >= gic::SPURIOUS {
+                    break;
+                }
+                crate::mm::counters::inc(&EXITS.irqs_taken);
+                handle_irq(intid);
+            }
+        }
+        vectors::Kind::SError => {
+            crate::mm::counters::inc(&EXITS.serrors);
+            log::warn!(
+                "SError while the guest ran (ESR {:#x}, guest at {:#x}): virtual SError injected",
+                read_sysreg!("esr_el2"),
+                regs.elr
+            );
+            write_sysreg!(
+                "hcr_el2",
+                read_sysreg!("hcr_el2") | crate::el2_controls::hcr::VSE
+            );
+        }
+        vectors::Kind::Sync => {
+            console::marker("PANIC", format_args!("unexpected {kind:?} exception from the guest"));
+            report_trap("guest (EL1)", regs);
+            exit(exit_code::CRASH, "guest-unexpected-exception");
+        }
+    }
+    vgic_enter();
+}
+
+/// One physical interrupt acknowledged at EL2 (`ICC_CTLR_EL1.EOImode` = 1:
+/// the EOI below drops the priority; deactivation is separate).
+fn handle_irq(intid: u32) {
+    gic::priority_drop(intid);
+    let mut guard = VM.get().expect("interrupts are enabled with the VM").lock();
+    let vm = &mut *guard;
+    match intid {
+        // The virtual timer fired for the guest: deliver it hardware-backed;
+        // the guest's deactivation deactivates the physical PPI, so it
+        // cannot fire again before the guest handled it.
+        qemu_virt::VTIMER_PPI => vm.vgic.inject_hw_ppi(VCPU0, intid),
+        // The real UART's interrupt, for a guest that has the UART.
+        qemu_virt::UART_SPI if vm.uart_hw_irq => {
+            if vm.vgic.inject_hw_spi(intid).is_none() {
+                // Routed to no vCPU: nobody will deactivate it.
+                gic::deactivate(intid);
+            }
+        }
+        // The maintenance interrupt: its purpose, an exit, is served; the
+        // refill is the next entry. Anything else: not ours to keep.
+        _ => gic::deactivate(intid),
+    }
+}
+
+/// Brings up the physical GIC for the guest: the distributor, this CPU's
+/// redistributor and CPU interface, and the interrupts the guest's virtual
+/// GIC is backed by: the maintenance PPI, the virtual timer PPI, and the
+/// UART's SPI when the guest has the real UART.
+fn init_gic(uart_hw_irq: bool) {
+    let gic = gic::Gic::init_distributor()
+        .and_then(gic::Gic::init_cpu)
+        .unwrap_or_else(|e| setup_error(format_args!("{e}")));
+    gic.enable_private(qemu_virt::MAINTENANCE_PPI);
+    gic.enable_private(qemu_virt::VTIMER_PPI);
+    if uart_hw_irq {
+        gic.enable_spi(qemu_virt::UART_SPI);
+    }
+    log::info!(
+        "GIC: physical GICv3 owned at EL2; virtual GIC with {} list registers",
+        (HwCpuInterface.vtr() & 0x1f) + 1
     );
-    report_trap("guest (EL1)", regs);
-    exit(exit_code::CRASH, "guest-unexpected-exception");
+}
+
+/// After every exit, before anything may inject or emulate: fold the list
+/// registers back into the virtual GIC.
+fn vgic_exit() {
+    let Some(vm) = VM.get() else { return };
+    vm.lock().vgic.exit(VCPU0, &mut HwCpuInterface);
+}
+
+/// Before every entry: physically deactivate what the guest deactivated
+/// through the emulated registers, then load the list registers.
+fn vgic_enter() {
+    let Some(vm) = VM.get() else { return };
+    let mut vm = vm.lock();
+    let ppis = vm.vgic.take_hw_deactivations(VCPU0);
+    for intid in (0..32).filter(|i| ppis & (1 << i) != 0) {
+        gic::deactivate(intid);
+    }
+    for intid in vm.vgic.take_hw_spi_deactivations() {
+        gic::deactivate(intid);
+    }
+    vm.vgic.enter(VCPU0, &mut HwCpuInterface);
+}
+
+/// A trapped access to the virtual GIC's frames: `None` if `ipa` is not in
+/// them; `Some(Err)` if it must be answered with an external abort.
+fn vgic_mmio(
+    vm: &mut Vm,
+    trap: Trap,
+    ipa: u64,
+    regs: &mut GuestRegs,
+) -> Option<Result<(), crate::mmio::MmioError>> {
+    let gicd = qemu_virt::GICD_BASE..qemu_virt::GICD_BASE + qemu_virt::GICD_SIZE;
+    let gicr = qemu_virt::GICR_BASE..qemu_virt::GICR_BASE + vm.vgic.gicr_size();
+    let result = if gicd.contains(&ipa) {
+        crate::mmio::emulate_or_abort(&mut vm.vgic.gicd(), trap.esr, ipa - gicd.start, regs)
+    } else if gicr.contains(&ipa) {
+        crate::mmio::emulate_or_abort(&mut vm.vgic.gicr(), trap.esr, ipa - gicr.start, regs)
+    } else {
+        return None;
+    };
+    crate::mm::counters::inc(&EXITS.mmio_emulated);
+    Some(result)
 }
 
 /// Called from the current-EL vectors, on the emergency stack.

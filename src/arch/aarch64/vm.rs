@@ -32,9 +32,12 @@ pub fn vtcr_el2(pa_range: u64) -> Option<u64> {
 /// `SCTLR_EL1` at guest entry: MMU and caches off, RES1 bits set.
 const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
 
-/// `CNTHCTL_EL2`: `EL1PCTEN`, `EL1PCEN`: EL1 may use the physical counter
-/// and timer.
-const CNTHCTL_EL2: u64 = 0b11;
+/// `CNTHCTL_EL2` (E2H = 0): `EL1PCTEN` set (EL1 may read the physical
+/// counter: it carries no state), `EL1PCEN` clear (the EL1 physical timer
+/// traps and is UNDEFINED: the guest gets the virtual timer, whose
+/// interrupt the hypervisor delivers through the virtual GIC; the physical
+/// one stays the hypervisor's).
+const CNTHCTL_EL2: u64 = 0b01;
 
 /// `ICC_SRE_EL2`: `SRE` (system register interface), `DFB`, `DIB`, and
 /// `Enable` (EL1 may use `ICC_SRE_EL1`).
@@ -47,10 +50,12 @@ const ICC_SRE_EL2: u64 = 0b1111;
 ///
 /// `vttbr` must be the value of a stage-2 table that stays alive and maps no
 /// hypervisor memory; `vtcr` must describe it.
-pub unsafe fn configure(vttbr: u64, vtcr: u64, cpu: &CpuIdRegs) {
-    // The guest sees the real CPU's identification (these reset to UNKNOWN).
+pub unsafe fn configure(vttbr: u64, vtcr: u64, cpu: &CpuIdRegs, vmpidr: u64) {
+    // The guest sees the real CPU's identification (these reset to
+    // UNKNOWN), and the vCPU's affinity, which its virtual redistributor
+    // reports too.
     write_sysreg!("vpidr_el2", read_sysreg!("midr_el1"));
-    write_sysreg!("vmpidr_el2", read_sysreg!("mpidr_el1"));
+    write_sysreg!("vmpidr_el2", vmpidr);
     // Each value's bits and reasons: crate::el2_controls.
     write_sysreg!("cptr_el2", el2_controls::cptr_el2(cpu));
     write_sysreg!("mdcr_el2", el2_controls::mdcr_el2(cpu));
