@@ -257,10 +257,11 @@ pub mod hcr {
 #[must_use]
 pub fn hcr_el2(cpu: &CpuIdRegs) -> u64 {
     use hcr::{
-        API, APK, BSU_INNER, FB, PTW, RW, SWIO, TACR, TEA, TERR, TID3, TID5, TIDCP, TLOR, TSC, TSW,
-        VM,
+        AMO, API, APK, BSU_INNER, FB, FMO, IMO, PTW, RW, SWIO, TACR, TEA, TERR, TID3, TID5, TIDCP,
+        TLOR, TSC, TSW, VM,
     };
-    let mut v = VM | SWIO | PTW | FB | BSU_INNER | TID3 | TSC | TIDCP | TACR | TSW | RW;
+    let mut v =
+        VM | SWIO | PTW | FMO | IMO | AMO | FB | BSU_INNER | TID3 | TSC | TIDCP | TACR | TSW | RW;
     if cpu.has_lor() {
         v |= TLOR;
     }
