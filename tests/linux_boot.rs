@@ -32,4 +32,20 @@ fn debian_linux_boots_to_init_end_and_powers_off() {
         "guest RAM was not demand-populated\n{}",
         outcome.output
     );
+    // The hypervisor owns the GIC: the guest's timer interrupts came
+    // through EL2 and the virtual GIC.
+    let irqs: u64 = outcome
+        .stat("exits_irq")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        irqs > 0,
+        "no IRQ exits: is the GIC still the guest's?\n{}",
+        outcome.output
+    );
+    assert!(
+        xtask::linux::interrupt_count(&outcome.output, "arch_timer") > 0,
+        "{}",
+        outcome.output
+    );
 }

@@ -26,6 +26,9 @@ echo LINUX-INIT-START
 /bin/busybox grep MemTotal /proc/meminfo
 /bin/busybox yes lazyhyp | /bin/busybox head -c 67108864 > /tmp/blob
 if /bin/busybox yes lazyhyp | /bin/busybox head -c 67108864 | /bin/busybox cmp - /tmp/blob; then echo LINUX-INIT-END; else echo LINUX-INIT-FAILED; fi
+echo LINUX-INTERRUPTS-START
+/bin/busybox cat /proc/interrupts
+echo LINUX-INTERRUPTS-END
 /bin/busybox poweroff -f
 ";
 
@@ -136,7 +139,18 @@ fn sh(cmd: &mut Command, what: &str) -> Result<String> {
 pub fn fetch() -> Result<(PathBuf, PathBuf)> {
     let dir = target_dir().join("linux");
     let (image, initrd) = (dir.join("Image"), dir.join("initramfs.cpio"));
-    if image.exists() && initrd.exists() {
+    let busybox_copy = dir.join("busybox");
+    let cached_busybox = [
+        busybox_copy.clone(),
+        dir.join("root/bin/busybox"),
+        dir.join("root/usr/bin/busybox"),
+    ]
+    .into_iter()
+    .find(|p| p.exists());
+    if let Some(busybox) = cached_busybox.filter(|_| image.exists()) {
+        // The initramfs is rebuilt every time (cheap), so a changed
+        // `/init` is always the one that runs.
+        std::fs::write(&initrd, initramfs(&std::fs::read(busybox)?))?;
         return Ok((image, initrd));
     }
     std::fs::create_dir_all(&dir)?;
@@ -210,6 +224,7 @@ pub fn fetch() -> Result<(PathBuf, PathBuf)> {
     let busybox = std::fs::read(dir.join("root/bin/busybox"))
         .or_else(|_| std::fs::read(dir.join("root/usr/bin/busybox")))
         .context("no busybox in busybox-static")?;
+    std::fs::write(&busybox_copy, &busybox)?;
     std::fs::write(&initrd, initramfs(&busybox))?;
     Ok((image, initrd))
 }
@@ -320,6 +335,12 @@ pub fn judge(outcome: &RunOutcome) -> Result<(), String> {
             return Err(format!("no `{marker}` in the output"));
         }
     }
+    // The guest's interrupts arrived through the virtual GIC: the arch
+    // timer's count in /proc/interrupts is not zero.
+    let timer_irqs = interrupt_count(&outcome.output, "arch_timer");
+    if timer_irqs == 0 {
+        return Err("no arch_timer interrupts in /proc/interrupts".to_owned());
+    }
     if outcome.exit_code != Some(0) || outcome.exit.as_ref().map(|e| e.code) != Some(0) {
         return Err(format!(
             "no clean power-off (QEMU exit code {:?})",
@@ -329,9 +350,46 @@ pub fn judge(outcome: &RunOutcome) -> Result<(), String> {
     Ok(())
 }
 
+/// The total count, over all CPUs, of the `/proc/interrupts` line the
+/// guest printed whose name contains `name` (0 if none).
+#[must_use]
+pub fn interrupt_count(output: &str, name: &str) -> u64 {
+    let Some(table) = output
+        .split("LINUX-INTERRUPTS-START")
+        .nth(1)
+        .and_then(|s| s.split("LINUX-INTERRUPTS-END").next())
+    else {
+        return 0;
+    };
+    table
+        .lines()
+        .filter(|l| l.contains(name))
+        .map(|l| {
+            // "  11:       1234   GICv3  27 Level     arch_timer": the
+            // numbers after the first colon, up to the first word.
+            l.split_once(':').map_or(0, |(_, rest)| {
+                rest.split_whitespace()
+                    .map_while(|w| w.parse::<u64>().ok())
+                    .sum()
+            })
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interrupt_counts_from_proc_interrupts() {
+        let out = "LINUX-INTERRUPTS-START\n           CPU0       \n 11:       1234      GICv3  27 Level     arch_timer\n \
+                   13:         56      GICv3  33 Level     uart-pl011\nIPI0:  0 Rescheduling interrupts\n\
+                   LINUX-INTERRUPTS-END\n";
+        assert_eq!(interrupt_count(out, "arch_timer"), 1234);
+        assert_eq!(interrupt_count(out, "uart-pl011"), 56);
+        assert_eq!(interrupt_count(out, "virtio"), 0);
+        assert_eq!(interrupt_count("no table", "arch_timer"), 0);
+    }
 
     #[test]
     fn newc_archive_is_well_formed() {
