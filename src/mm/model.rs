@@ -497,6 +497,10 @@ struct State {
     tlbi_since_dsb: bool,
     /// Rule violations seen (see [`Model::violations`]).
     violations: Vec<alloc::string::String>,
+    /// The VMID each CPU's `VTTBR_EL2` holds (the guest it runs, or last
+    /// ran): only those CPUs' walkers may walk (and refill from) that
+    /// VMID's tables.
+    vttbr: [Option<Vmid>; MODEL_CPUS],
 }
 
 /// The model: a cloneable handle (all clones share one state), usable as the
@@ -572,6 +576,7 @@ impl Model {
             cpu: 0,
             tlbi_since_dsb: false,
             violations: Vec::new(),
+            vttbr: [None; MODEL_CPUS],
         };
         let initial = Snapshot {
             pages: state
@@ -666,6 +671,8 @@ impl Model {
     ) -> Result<Access, Fault> {
         assert!(cpu < MODEL_CPUS, "model CPU {cpu} beyond MODEL_CPUS");
         let mut st = self.0.lock();
+        // The guest runs there: its VTTBR is installed.
+        st.vttbr[cpu] = Some(vmid);
         st.stats.guest_accesses += 1;
         let combined = Regime::Combined(vmid);
         let stage2 = Regime::Stage2(vmid);
@@ -879,6 +886,20 @@ impl Model {
     pub fn set_cpu_id(&self, cpu: usize) {
         assert!(cpu < MODEL_CPUS, "model CPU {cpu} beyond MODEL_CPUS");
         self.0.lock().cpu = cpu;
+    }
+
+    /// Sets what CPU `cpu`'s `VTTBR_EL2` holds: `vmid`'s tables, or
+    /// nothing of any guest (`None`: switched away, as `Drop for Stage2`
+    /// requires of every CPU). A guest access on a CPU installs its VMID
+    /// there. Only CPUs with a VMID installed walk its tables (so only they
+    /// refill its entries adversarially); a root installed on a CPU must not
+    /// be freed.
+    ///
+    /// # Panics
+    ///
+    /// If `cpu` is not below [`MODEL_CPUS`].
+    pub fn set_vttbr(&self, cpu: usize, vmid: Option<Vmid>) {
+        self.0.lock().vttbr[cpu] = vmid;
     }
 
     /// Every walk-cache entry of CPU `cpu`: (regime, level, base, next
@@ -1229,6 +1250,11 @@ impl State {
         if self.s2_roots.values().any(|&r| r == pa) || self.el2_root == Some(pa) {
             why.push("it is a registered root (a VTTBR may hold it)".into());
         }
+        for (cpu, vmid) in self.vttbr.iter().enumerate() {
+            if vmid.and_then(|v| self.s2_roots.get(&v)) == Some(&pa) {
+                why.push(alloc::format!("CPU {cpu}'s VTTBR_EL2 holds it"));
+            }
+        }
         if self.reachable_tables(View::Live).contains(&pa) {
             why.push("a live table points at it".into());
         } else if self
@@ -1253,6 +1279,16 @@ impl State {
         if !why.is_empty() {
             let msg = alloc::format!("table page {pa:#x} freed while {}", why.join("; "));
             self.violations.push(msg);
+        }
+    }
+
+    /// Whether CPU `cpu`'s walker may walk `regime`'s tables now (and so
+    /// refill its entries between a TLBI and its completion): EL2 always,
+    /// a VMID's stage 2 only where its VTTBR is installed.
+    fn may_walk(&self, cpu: usize, regime: Regime) -> bool {
+        match regime {
+            Regime::El2 => true,
+            Regime::Stage2(vmid) | Regime::Combined(vmid) => self.vttbr[cpu] == Some(vmid),
         }
     }
 
@@ -1376,6 +1412,9 @@ impl State {
     /// The adversarial refill: for each dropped leaf, what a walk of `view`
     /// at its base yields, re-inserted as an entry of `regime`.
     fn refill_from_view(&mut self, cpu: usize, view: &Snapshot, regime: Regime, dropped: &[Leaf]) {
+        if !self.may_walk(cpu, regime) {
+            return;
+        }
         for old in dropped {
             if let Ok(leaf) = self.walk(View::Snap(view), regime, old.base) {
                 self.insert(cpu, regime, leaf);
@@ -1389,6 +1428,9 @@ impl State {
     fn refill_walks(&mut self, cpu: usize, view: &Snapshot, dropped: &[WalkKey]) {
         for k in dropped {
             let regime = k.regime;
+            if !self.may_walk(cpu, regime) {
+                continue;
+            }
             let Ok((root, _, first)) = self.root_of(regime) else {
                 continue;
             };
@@ -1439,6 +1481,9 @@ impl State {
             }
             TlbiOp::Vmalle1 { vmid } => {
                 let dropped = self.drop_leaves(cpu, Regime::Combined(vmid), None, None);
+                if !self.may_walk(cpu, Regime::Combined(vmid)) {
+                    return;
+                }
                 for old in &dropped {
                     // The guest re-fetches through a stage-2-only entry
                     // still cached, else through a walk.
