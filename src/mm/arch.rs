@@ -17,10 +17,12 @@ pub struct Vmid(pub u16);
 
 /// Barriers and TLB maintenance used by the mm core.
 ///
-/// The stage-2 `tlbi_*` operations act on the VMID passed in. On hardware they
-/// use the VMID held in `VTTBR_EL2`; the hardware implementation checks that
-/// the two agree (this hypervisor keeps the running guest's VTTBR installed
-/// whenever it changes that guest's tables).
+/// The stage-2 `tlbi_*` operations act on the VMID passed in. On hardware
+/// they use the VMID held in `VTTBR_EL2`; the hardware implementation
+/// installs the asked VMID's `VTTBR_EL2` (registered with
+/// [`stage2_root`](MmArch::stage2_root)) around a TLBI for a VMID other than
+/// the installed one, and restores it after, as KVM's
+/// `__tlb_switch_to_guest`/`__tlb_switch_to_host` do.
 pub trait MmArch {
     /// `DSB ISHST`: completes earlier stores (page-table writes) so that the
     /// table walkers of all inner-shareable PEs observe them, and orders them
@@ -35,14 +37,30 @@ pub trait MmArch {
     /// and table updates (context synchronization).
     fn isb(&self);
 
-    /// `TLBI IPAS2E1IS`: drops stage-2-only entries for one 4 KiB IPA granule
-    /// of `vmid`. Does not touch combined stage-1+2 entries.
-    fn tlbi_ipas2e1is(&self, vmid: Vmid, ipa: u64);
+    /// `TLBI IPAS2E1IS`: drops stage-2-only entries of `vmid` used to
+    /// translate `ipa` (a leaf of any size containing it), and the stage-2
+    /// walk-cache entries for it. Does not touch combined stage-1+2 entries.
+    ///
+    /// `ttl` is the FEAT_TTL hint: the level (1..=3) of the leaf entries to
+    /// drop, or `None` for any level. A hint that does not match the cached
+    /// entry's level may leave it cached; pass `None` when unsure (table
+    /// removals always do). Ignored where FEAT_TTL is absent.
+    fn tlbi_ipas2e1is(&self, vmid: Vmid, ipa: u64, ttl: Option<u8>);
 
-    /// `TLBI RIPAS2E1IS` (FEAT_TLBIRANGE): drops stage-2-only entries for
-    /// `pages` 4 KiB granules starting at `ipa`. The caller splits ranges that
-    /// the instruction's encoding cannot express in one go.
-    fn tlbi_ripas2e1is(&self, vmid: Vmid, ipa: u64, pages: u64);
+    /// `TLBI IPAS2LE1IS`: as [`tlbi_ipas2e1is`](Self::tlbi_ipas2e1is) but
+    /// leaf entries only: walk-cache (table) entries stay cached, so it must
+    /// never be used after removing a table entry.
+    fn tlbi_ipas2le1is(&self, vmid: Vmid, ipa: u64, ttl: Option<u8>);
+
+    /// `TLBI RIPAS2E1IS` (FEAT_TLBIRANGE): drops stage-2-only entries (and
+    /// walk-cache entries) for `pages` 4 KiB granules starting at `ipa`.
+    /// The caller splits ranges that the instruction's encoding cannot
+    /// express in one go. `ttl` as for `tlbi_ipas2e1is`.
+    fn tlbi_ripas2e1is(&self, vmid: Vmid, ipa: u64, pages: u64, ttl: Option<u8>);
+
+    /// `TLBI RIPAS2LE1IS`: the leaf-only form of
+    /// [`tlbi_ripas2e1is`](Self::tlbi_ripas2e1is).
+    fn tlbi_ripas2le1is(&self, vmid: Vmid, ipa: u64, pages: u64, ttl: Option<u8>);
 
     /// `TLBI VMALLE1IS`: drops all stage-1 entries of `vmid`, including combined
     /// stage-1+2 entries, which cannot be invalidated by IPA.
@@ -60,6 +78,29 @@ pub trait MmArch {
 
     /// Whether FEAT_TLBIRANGE (`TLBI RIPAS2E1IS`) may be used.
     fn has_tlbi_range(&self) -> bool;
+
+    /// Bits of VMID in effect (8, or 16 with FEAT_VMID16 and
+    /// `VTCR_EL2.VS`). A [`Vmid`] that does not fit is refused.
+    fn vmid_bits(&self) -> u32 {
+        8
+    }
+
+    /// `vmid`'s stage-2 tables now have the root `root` (`Some`), or are
+    /// about to be freed (`None`, after the VMID's invalidation completed).
+    /// Hardware keeps the `VTTBR_EL2` value of each VMID so that a TLBI for
+    /// a VMID other than the installed one can install it for the TLBI; a
+    /// model registers the root for its walkers and checks the root is not
+    /// freed while registered.
+    fn stage2_root(&self, vmid: Vmid, root: Option<usize>) {
+        let _ = (vmid, root);
+    }
+
+    /// Model hook, not an instruction: the page-table page `pa` is about to
+    /// go back to the pool. Hardware needs nothing; a model checks that no
+    /// live table, cached walk or pending TLBI still refers to it.
+    fn table_page_freed(&self, pa: usize) {
+        let _ = pa;
+    }
 
     /// Index of the executing CPU (for per-CPU lazy state), below
     /// [`crate::mm::lazy::MAX_CPUS`].
@@ -87,8 +128,10 @@ impl MmArch for NoopArch {
     fn dsb_ishst(&self) {}
     fn dsb_ish(&self) {}
     fn isb(&self) {}
-    fn tlbi_ipas2e1is(&self, _vmid: Vmid, _ipa: u64) {}
-    fn tlbi_ripas2e1is(&self, _vmid: Vmid, _ipa: u64, _pages: u64) {}
+    fn tlbi_ipas2e1is(&self, _vmid: Vmid, _ipa: u64, _ttl: Option<u8>) {}
+    fn tlbi_ipas2le1is(&self, _vmid: Vmid, _ipa: u64, _ttl: Option<u8>) {}
+    fn tlbi_ripas2e1is(&self, _vmid: Vmid, _ipa: u64, _pages: u64, _ttl: Option<u8>) {}
+    fn tlbi_ripas2le1is(&self, _vmid: Vmid, _ipa: u64, _pages: u64, _ttl: Option<u8>) {}
     fn tlbi_vmalle1is(&self, _vmid: Vmid) {}
     fn tlbi_vmalls12e1is(&self, _vmid: Vmid) {}
     fn tlbi_vae2is(&self, _va: u64) {}

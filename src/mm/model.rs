@@ -294,6 +294,10 @@ pub struct ModelStats {
     pub tlbi_vae2is: u64,
     /// `TLBI ALLE2IS` executed.
     pub tlbi_alle2is: u64,
+    /// Of the by-IPA stage-2 TLBIs, the leaf-only (`...LE1IS`) ones
+    /// (counted in `tlbi_ipas2e1is` / `tlbi_ripas2e1is` too, as the mm
+    /// core's counters do).
+    pub tlbi_leaf_only: u64,
     /// 4 KiB pages covered by by-IPA stage-2 TLBIs (1 per `IPAS2E1IS`,
     /// `pages` per `RIPAS2E1IS`).
     pub tlbi_pages: u64,
@@ -309,6 +313,10 @@ pub struct ModelStats {
     pub el2_walks: u64,
     /// TLB entries re-inserted by the adversarial refill at TLBI completion.
     pub refills: u64,
+    /// Walk-cache entries re-inserted by the adversarial refill (the table
+    /// descriptor was still in the TLBI's view: legitimate when the table
+    /// stays, a bug when it was being removed).
+    pub walk_refills: u64,
 }
 
 impl ModelStats {
@@ -332,6 +340,8 @@ impl ModelStats {
             "el2_accesses" => self.el2_accesses,
             "el2_walks" => self.el2_walks,
             "refills" => self.refills,
+            "tlbi_leaf_only" => self.tlbi_leaf_only,
+            "walk_refills" => self.walk_refills,
             _ => return None,
         })
     }
@@ -393,9 +403,16 @@ struct Pending {
 
 #[derive(Clone, Copy, Debug)]
 enum TlbiOp {
-    /// `IPAS2E1IS` / `RIPAS2E1IS`: stage-2-only entries overlapping
-    /// `[start, end)`.
-    Ipas2 { vmid: Vmid, start: u64, end: u64 },
+    /// `IPAS2E1IS` / `RIPAS2E1IS` (and the leaf-only `...LE1IS` forms):
+    /// stage-2-only entries overlapping `[start, end)`, of level `ttl` if
+    /// hinted; the non-leaf forms also drop the walk-cache entries.
+    Ipas2 {
+        vmid: Vmid,
+        start: u64,
+        end: u64,
+        leaf_only: bool,
+        ttl: Option<u8>,
+    },
     /// `VMALLE1IS`: the VMID's combined entries.
     Vmalle1 { vmid: Vmid },
     /// `VMALLS12E1IS`: all of the VMID's entries.
@@ -435,22 +452,55 @@ impl Cached {
     }
 }
 
+/// CPUs the model has: the one running the mm core and an observer (ready
+/// for SMP: its own TLB, walk cache and context).
+pub const MODEL_CPUS: usize = 2;
+
+/// A walk-cache key: the table descriptor at `level` that translates
+/// `[base, base + size of a level-`level` entry)` in `regime` (stage-2
+/// walks are shared by the stage-2-only and combined regimes).
+#[derive(Clone, Copy, Debug, Eq, PartialEq, Ord, PartialOrd)]
+struct WalkKey {
+    regime: Regime,
+    level: u8,
+    base: u64,
+}
+
+/// One CPU's caches and context.
+#[derive(Debug)]
+struct CpuCaches {
+    /// More than one value under a key only after a break-before-make
+    /// violation (same range, different output or permissions).
+    tlb: BTreeMap<Key, Vec<Cached>>,
+    /// Walk cache: intermediate (table) descriptors, the address of the
+    /// next-level table they point at.
+    walk: BTreeMap<WalkKey, usize>,
+    /// The committed view as of this CPU's last `ISB` (its EL2 accesses).
+    isb_view: Arc<Snapshot>,
+}
+
 #[derive(Debug)]
 struct State {
     regions: Vec<Range<usize>>,
     committed: Arc<Snapshot>,
-    isb_view: Arc<Snapshot>,
     s2_roots: BTreeMap<Vmid, usize>,
     el2_root: Option<usize>,
-    /// More than one value under a key only after a break-before-make
-    /// violation (same range, different output or permissions).
-    tlb: BTreeMap<Key, Vec<Cached>>,
+    cpus: Vec<CpuCaches>,
     pending: Vec<Pending>,
     stats: ModelStats,
     /// What `has_tlbi_range` answers.
     tlbi_range: bool,
-    /// What `cpu_id` answers.
+    /// What `cpu_id` answers: the CPU the mm core runs on.
     cpu: usize,
+    /// Whether a TLBI was issued since the last DSB (the store-buffer check
+    /// at TLBI issue is made for the first one only).
+    tlbi_since_dsb: bool,
+    /// Rule violations seen (see [`Model::violations`]).
+    violations: Vec<alloc::string::String>,
+    /// The VMID each CPU's `VTTBR_EL2` holds (the guest it runs, or last
+    /// ran): only those CPUs' walkers may walk (and refill from) that
+    /// VMID's tables.
+    vttbr: [Option<Vmid>; MODEL_CPUS],
 }
 
 /// The model: a cloneable handle (all clones share one state), usable as the
@@ -467,7 +517,7 @@ impl core::fmt::Debug for Model {
         let st = self.0.lock();
         f.debug_struct("Model")
             .field("regions", &st.regions)
-            .field("tlb_keys", &st.tlb.len())
+            .field("tlb_keys", &st.cpus[0].tlb.len())
             .field("pending_tlbis", &st.pending.len())
             .field("stats", &st.stats)
             .finish_non_exhaustive()
@@ -516,15 +566,17 @@ impl Model {
         }
         let mut state = State {
             committed: Arc::new(Snapshot { pages: Vec::new() }),
-            isb_view: Arc::new(Snapshot { pages: Vec::new() }),
             regions: sorted,
             s2_roots: BTreeMap::new(),
             el2_root: None,
-            tlb: BTreeMap::new(),
+            cpus: Vec::new(),
             pending: Vec::new(),
             stats: ModelStats::default(),
             tlbi_range: true,
             cpu: 0,
+            tlbi_since_dsb: false,
+            violations: Vec::new(),
+            vttbr: [None; MODEL_CPUS],
         };
         let initial = Snapshot {
             pages: state
@@ -539,7 +591,13 @@ impl Model {
                 .collect(),
         };
         state.committed = Arc::new(initial);
-        state.isb_view = Arc::clone(&state.committed);
+        state.cpus = (0..MODEL_CPUS)
+            .map(|_| CpuCaches {
+                tlb: BTreeMap::new(),
+                walk: BTreeMap::new(),
+                isb_view: Arc::clone(&state.committed),
+            })
+            .collect();
         Self(Arc::new(Mutex::new(state)))
     }
 
@@ -588,22 +646,48 @@ impl Model {
     ///
     /// The [`Fault`] the access takes.
     pub fn guest_access_detail(&self, vmid: Vmid, ipa: u64, write: bool) -> Result<Access, Fault> {
+        let cpu = self.0.lock().cpu;
+        self.guest_access_on(cpu, vmid, ipa, write)
+    }
+
+    /// [`guest_access_detail`](Self::guest_access_detail) by the guest
+    /// running on CPU `cpu` (below [`MODEL_CPUS`]): its own TLB and walk
+    /// cache. A walk starts from the deepest walk-cache entry covering the
+    /// address, and caches every table descriptor it reads.
+    ///
+    /// # Errors
+    ///
+    /// The [`Fault`] the access takes.
+    ///
+    /// # Panics
+    ///
+    /// If `cpu` is not below [`MODEL_CPUS`].
+    pub fn guest_access_on(
+        &self,
+        cpu: usize,
+        vmid: Vmid,
+        ipa: u64,
+        write: bool,
+    ) -> Result<Access, Fault> {
+        assert!(cpu < MODEL_CPUS, "model CPU {cpu} beyond MODEL_CPUS");
         let mut st = self.0.lock();
+        // The guest runs there: its VTTBR is installed.
+        st.vttbr[cpu] = Some(vmid);
         st.stats.guest_accesses += 1;
         let combined = Regime::Combined(vmid);
         let stage2 = Regime::Stage2(vmid);
-        if let Some(leaf) = st.lookup(combined, ipa)? {
+        if let Some(leaf) = st.lookup(cpu, combined, ipa)? {
             return check(combined, ipa, write, leaf, Source::CombinedTlb);
         }
-        if let Some(leaf) = st.lookup(stage2, ipa)? {
-            st.insert(combined, leaf);
+        if let Some(leaf) = st.lookup(cpu, stage2, ipa)? {
+            st.insert(cpu, combined, leaf);
             return check(combined, ipa, write, leaf, Source::Stage2Tlb);
         }
         st.stats.guest_walks += 1;
         let committed = Arc::clone(&st.committed);
-        let leaf = st.walk(View::Snap(&committed), stage2, ipa)?;
-        st.insert(stage2, leaf);
-        st.insert(combined, leaf);
+        let leaf = st.walk_cached(cpu, &committed, stage2, ipa, true)?;
+        st.insert(cpu, stage2, leaf);
+        st.insert(cpu, combined, leaf);
         check(combined, ipa, write, leaf, Source::Walk)
     }
 
@@ -630,17 +714,18 @@ impl Model {
     /// The [`Fault`] the access takes.
     pub fn el2_access_detail(&self, va: usize, write: bool) -> Result<Access, Fault> {
         let mut st = self.0.lock();
+        let cpu = st.cpu;
         st.stats.el2_accesses += 1;
         let addr = va as u64;
-        if let Some(leaf) = st.lookup(Regime::El2, addr)? {
+        if let Some(leaf) = st.lookup(cpu, Regime::El2, addr)? {
             return check(Regime::El2, addr, write, leaf, Source::El2Tlb);
         }
         st.stats.el2_walks += 1;
-        let early = Arc::clone(&st.isb_view);
+        let early = Arc::clone(&st.cpus[cpu].isb_view);
         let committed = Arc::clone(&st.committed);
-        let leaf = st.walk(View::Snap(&early), Regime::El2, addr)?;
-        if st.walk(View::Snap(&committed), Regime::El2, addr) == Ok(leaf) {
-            st.insert(Regime::El2, leaf);
+        let leaf = st.walk_cached(cpu, &early, Regime::El2, addr, false)?;
+        if st.walk_cached(cpu, &committed, Regime::El2, addr, true) == Ok(leaf) {
+            st.insert(cpu, Regime::El2, leaf);
         }
         check(Regime::El2, addr, write, leaf, Source::Walk)
     }
@@ -659,11 +744,18 @@ impl Model {
     /// [`touch_all_guest`](Self::touch_all_guest) for one range.
     #[must_use = "the count says whether every page was mapped"]
     pub fn touch_guest(&self, vmid: Vmid, range: Range<u64>) -> u64 {
+        let cpu = self.0.lock().cpu;
+        self.touch_guest_on(cpu, vmid, range)
+    }
+
+    /// [`touch_guest`](Self::touch_guest) by the guest on CPU `cpu`.
+    #[must_use = "the count says whether every page was mapped"]
+    pub fn touch_guest_on(&self, cpu: usize, vmid: Vmid, range: Range<u64>) -> u64 {
         let mut ok = 0;
         let end = range.end.next_multiple_of(PAGE);
         let mut addr = range.start & !(PAGE - 1);
         while addr < end {
-            addr = match self.guest_access_detail(vmid, addr, false) {
+            addr = match self.guest_access_on(cpu, vmid, addr, false) {
                 // Every page of the leaf would hit the entry just used.
                 Ok(a) => {
                     let next = (a.leaf.base + a.leaf.size).min(end);
@@ -691,7 +783,7 @@ impl Model {
     pub fn stale_entries(&self) -> Vec<StaleEntry> {
         let st = self.0.lock();
         let mut out = Vec::new();
-        for (key, values) in &st.tlb {
+        for (key, values) in st.cpus.iter().flat_map(|c| &c.tlb) {
             let live = st.walk(View::Live, key.regime, key.base).ok();
             for cached in values {
                 let leaf = cached.leaf(*key);
@@ -736,7 +828,7 @@ impl Model {
             .pages
             .iter()
             .flatten()
-            .zip(st.isb_view.pages.iter().flatten())
+            .zip(st.cpus[st.cpu].isb_view.pages.iter().flatten())
             .any(|(a, b)| !Arc::ptr_eq(a, b) && a[..] != b[..])
     }
 
@@ -746,12 +838,14 @@ impl Model {
         self.0.lock().pending.len()
     }
 
-    /// Every TLB entry, in (regime, size, base) order.
+    /// Every TLB entry of every CPU, CPU by CPU, in (regime, size, base)
+    /// order.
     #[must_use]
     pub fn tlb_entries(&self) -> Vec<TlbEntry> {
         let st = self.0.lock();
-        st.tlb
+        st.cpus
             .iter()
+            .flat_map(|c| &c.tlb)
             .flat_map(|(key, values)| {
                 values.iter().map(|c| TlbEntry {
                     regime: key.regime,
@@ -779,15 +873,71 @@ impl Model {
         self.0.lock().tlbi_range = available;
     }
 
-    /// Sets what [`MmArch::cpu_id`] answers (default 0). The model has one
-    /// TLB and one store buffer whatever the CPU: it checks the barriers a
-    /// CPU issues, not races between CPUs.
+    /// Sets what [`MmArch::cpu_id`] answers (default 0): the CPU the mm
+    /// core runs on, whose `ISB`s and EL2 accesses these are. Each of the
+    /// [`MODEL_CPUS`] CPUs has its own TLB, walk cache and context; the store
+    /// buffer is one (the writing CPU's), and broadcast TLBIs act on every
+    /// CPU. The model checks the barriers a CPU issues, not races between
+    /// CPUs.
+    ///
+    /// # Panics
+    ///
+    /// If `cpu` is not below [`MODEL_CPUS`].
     pub fn set_cpu_id(&self, cpu: usize) {
+        assert!(cpu < MODEL_CPUS, "model CPU {cpu} beyond MODEL_CPUS");
         self.0.lock().cpu = cpu;
+    }
+
+    /// Sets what CPU `cpu`'s `VTTBR_EL2` holds: `vmid`'s tables, or
+    /// nothing of any guest (`None`: switched away, as `Drop for Stage2`
+    /// requires of every CPU). A guest access on a CPU installs its VMID
+    /// there. Only CPUs with a VMID installed walk its tables (so only they
+    /// refill its entries adversarially); a root installed on a CPU must not
+    /// be freed.
+    ///
+    /// # Panics
+    ///
+    /// If `cpu` is not below [`MODEL_CPUS`].
+    pub fn set_vttbr(&self, cpu: usize, vmid: Option<Vmid>) {
+        self.0.lock().vttbr[cpu] = vmid;
+    }
+
+    /// Every walk-cache entry of CPU `cpu`: (regime, level, base, next
+    /// table).
+    #[must_use]
+    pub fn walk_entries(&self, cpu: usize) -> Vec<(Regime, u8, u64, usize)> {
+        self.0.lock().cpus[cpu]
+            .walk
+            .iter()
+            .map(|(k, &next)| (k.regime, k.level, k.base, next))
+            .collect()
+    }
+
+    /// The rules the model saw broken, in order. Two are checked:
+    /// - a TLBI issued while a descriptor write is not yet visible (no
+    ///   `DSB` since it): the walkers may refetch the old entry between the
+    ///   TLBI and its completion (the project's rule: every flush that
+    ///   issues a TLBI is preceded by `DSB ISHST`);
+    /// - a table page handed back to the pool ([`MmArch::table_page_freed`])
+    ///   while a live or committed table points at it, a registered root is
+    ///   it, a CPU's walk cache points at it, or a TLBI is still pending.
+    #[must_use]
+    pub fn violations(&self) -> Vec<alloc::string::String> {
+        self.0.lock().violations.clone()
     }
 
     fn issue(&self, op: TlbiOp) {
         let mut st = self.0.lock();
+        if !st.tlbi_since_dsb {
+            st.tlbi_since_dsb = true;
+            let unsynced = st.changed_pages().len();
+            if unsynced > 0 {
+                let msg = alloc::format!(
+                    "TLBI {op:?} issued with {unsynced} table page(s) written since the last DSB"
+                );
+                st.violations.push(msg);
+            }
+        }
         let view = Arc::clone(&st.committed);
         st.pending.push(Pending { op, view });
     }
@@ -919,8 +1069,9 @@ impl State {
         }
     }
 
-    /// Walks `regime`'s tables in `view` for `addr`.
-    fn walk(&self, view: View<'_>, regime: Regime, addr: u64) -> Result<Leaf, Fault> {
+    /// The root table and walk parameters of `regime`: (root, input bits,
+    /// first level).
+    fn root_of(&self, regime: Regime) -> Result<(usize, u32, u8), Fault> {
         let root = match regime {
             Regime::Stage2(vmid) | Regime::Combined(vmid) => self.s2_roots.get(&vmid).copied(),
             Regime::El2 => self.el2_root,
@@ -929,14 +1080,32 @@ impl State {
         // Stage 2: 39-bit IPAs, walks from level 1 (as the hypervisor's
         // VTCR_EL2). EL2: 48-bit VAs from level 0, so host addresses (which
         // stand in for physical ones, identity-mapped) fit.
-        let (bits, mut level) = match regime {
-            Regime::El2 => (EL2_INPUT_BITS, 0u8),
-            Regime::Stage2(_) | Regime::Combined(_) => (INPUT_BITS, 1u8),
-        };
+        Ok(match regime {
+            Regime::El2 => (root, EL2_INPUT_BITS, 0),
+            Regime::Stage2(_) | Regime::Combined(_) => (root, INPUT_BITS, 1),
+        })
+    }
+
+    /// Walks `regime`'s tables in `view` for `addr` (no walk cache).
+    fn walk(&self, view: View<'_>, regime: Regime, addr: u64) -> Result<Leaf, Fault> {
+        let (root, bits, level) = self.root_of(regime)?;
         if addr >> bits != 0 {
             return Err(Fault::OutOfRange { regime, addr });
         }
-        let mut table = root;
+        self.walk_from(view, regime, addr, level, root, &mut |_, _| {})
+    }
+
+    /// Walks from the table `table` at `level` for `addr`, calling
+    /// `on_table(level, next_table)` for every table descriptor read.
+    fn walk_from(
+        &self,
+        view: View<'_>,
+        regime: Regime,
+        addr: u64,
+        mut level: u8,
+        mut table: usize,
+        on_table: &mut dyn FnMut(u8, usize),
+    ) -> Result<Leaf, Fault> {
         loop {
             let shift = 12 + 9 * u32::from(3 - level);
             let index = ((addr >> shift) & 511) as usize;
@@ -959,6 +1128,7 @@ impl State {
             let table_or_page = desc & DESC_TABLE_OR_PAGE != 0;
             if level < 3 && table_or_page {
                 table = (desc & DESC_OA_MASK) as usize;
+                on_table(level, table);
                 level += 1;
                 continue;
             }
@@ -989,8 +1159,141 @@ impl State {
         }
     }
 
-    /// Every cached leaf of `regime` covering `addr`.
-    fn matches(&self, regime: Regime, addr: u64) -> Vec<Leaf> {
+    /// A walk by CPU `cpu`'s walker: it starts from the deepest walk-cache
+    /// entry covering `addr` (a stale one included: that is the point), and
+    /// with `fill` caches every table descriptor it reads from `view`.
+    fn walk_cached(
+        &mut self,
+        cpu: usize,
+        view: &Snapshot,
+        regime: Regime,
+        addr: u64,
+        fill: bool,
+    ) -> Result<Leaf, Fault> {
+        let (root, bits, first) = self.root_of(regime)?;
+        if addr >> bits != 0 {
+            return Err(Fault::OutOfRange { regime, addr });
+        }
+        let wregime = walk_regime(regime);
+        let mut start = (first, root);
+        for level in (first..3).rev() {
+            let key = WalkKey {
+                regime: wregime,
+                level,
+                base: addr & !(entry_size(level) - 1),
+            };
+            if let Some(&next) = self.cpus[cpu].walk.get(&key) {
+                start = (level + 1, next);
+                break;
+            }
+        }
+        let mut read = Vec::new();
+        let r = self.walk_from(
+            View::Snap(view),
+            regime,
+            addr,
+            start.0,
+            start.1,
+            &mut |l, t| {
+                read.push((l, t));
+            },
+        );
+        if fill {
+            for (level, next) in read {
+                let key = WalkKey {
+                    regime: wregime,
+                    level,
+                    base: addr & !(entry_size(level) - 1),
+                };
+                self.cpus[cpu].walk.insert(key, next);
+            }
+        }
+        r
+    }
+
+    /// Table pages reachable from the registered roots in `view` (roots
+    /// included).
+    fn reachable_tables(&self, view: View<'_>) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut todo: Vec<(usize, u8)> = self
+            .s2_roots
+            .values()
+            .map(|&r| (r, 1))
+            .chain(self.el2_root.map(|r| (r, 0)))
+            .collect();
+        while let Some((table, level)) = todo.pop() {
+            if out.contains(&table) {
+                continue;
+            }
+            out.push(table);
+            if level >= 3 {
+                continue;
+            }
+            for i in 0..512 {
+                let Some(desc) = self.read_desc(view, table + i * 8) else {
+                    break;
+                };
+                if desc & (DESC_VALID | DESC_TABLE_OR_PAGE) == DESC_VALID | DESC_TABLE_OR_PAGE {
+                    let next = (desc & DESC_OA_MASK) as usize;
+                    if self.locate(next, PAGE_SIZE).is_some() {
+                        todo.push((next, level + 1));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The check of [`MmArch::table_page_freed`].
+    fn check_freed(&mut self, pa: usize) {
+        let mut why = Vec::new();
+        if self.s2_roots.values().any(|&r| r == pa) || self.el2_root == Some(pa) {
+            why.push("it is a registered root (a VTTBR may hold it)".into());
+        }
+        for (cpu, vmid) in self.vttbr.iter().enumerate() {
+            if vmid.and_then(|v| self.s2_roots.get(&v)) == Some(&pa) {
+                why.push(alloc::format!("CPU {cpu}'s VTTBR_EL2 holds it"));
+            }
+        }
+        if self.reachable_tables(View::Live).contains(&pa) {
+            why.push("a live table points at it".into());
+        } else if self
+            .reachable_tables(View::Snap(&self.committed))
+            .contains(&pa)
+        {
+            why.push("the walkers still see a table pointing at it (no DSB since)".into());
+        }
+        for (cpu, c) in self.cpus.iter().enumerate() {
+            if let Some((k, _)) = c.walk.iter().find(|&(_, &next)| next == pa) {
+                why.push(alloc::format!(
+                    "CPU {cpu}'s walk cache points at it ({k:?})"
+                ));
+            }
+        }
+        if !self.pending.is_empty() {
+            why.push(alloc::format!(
+                "{} TLBI(s) still pending (no DSB ISH since)",
+                self.pending.len()
+            ));
+        }
+        if !why.is_empty() {
+            let msg = alloc::format!("table page {pa:#x} freed while {}", why.join("; "));
+            self.violations.push(msg);
+        }
+    }
+
+    /// Whether CPU `cpu`'s walker may walk `regime`'s tables now (and so
+    /// refill its entries between a TLBI and its completion): EL2 always,
+    /// a VMID's stage 2 only where its VTTBR is installed.
+    fn may_walk(&self, cpu: usize, regime: Regime) -> bool {
+        match regime {
+            Regime::El2 => true,
+            Regime::Stage2(vmid) | Regime::Combined(vmid) => self.vttbr[cpu] == Some(vmid),
+        }
+    }
+
+    /// Every cached leaf of `regime` covering `addr` in CPU `cpu`'s TLB.
+    fn matches(&self, cpu: usize, regime: Regime, addr: u64) -> Vec<Leaf> {
         LEAF_SIZES
             .iter()
             .flat_map(|&size| {
@@ -999,7 +1302,8 @@ impl State {
                     size,
                     base: addr & !(size - 1),
                 };
-                self.tlb
+                self.cpus[cpu]
+                    .tlb
                     .get(&key)
                     .into_iter()
                     .flatten()
@@ -1008,9 +1312,9 @@ impl State {
             .collect()
     }
 
-    /// The entry of `regime` covering `addr`, if any.
-    fn lookup(&self, regime: Regime, addr: u64) -> Result<Option<Leaf>, Fault> {
-        let found = self.matches(regime, addr);
+    /// The entry of `regime` covering `addr` in CPU `cpu`'s TLB, if any.
+    fn lookup(&self, cpu: usize, regime: Regime, addr: u64) -> Result<Option<Leaf>, Fault> {
+        let found = self.matches(cpu, regime, addr);
         match found.as_slice() {
             [] => Ok(None),
             [one] => Ok(Some(*one)),
@@ -1022,7 +1326,7 @@ impl State {
         }
     }
 
-    fn insert(&mut self, regime: Regime, leaf: Leaf) {
+    fn insert(&mut self, cpu: usize, regime: Regime, leaf: Leaf) {
         let key = Key {
             regime,
             size: leaf.size,
@@ -1033,129 +1337,221 @@ impl State {
             perm: leaf.perm,
             level: leaf.level,
         };
-        let values = self.tlb.entry(key).or_default();
+        let values = self.cpus[cpu].tlb.entry(key).or_default();
         if !values.contains(&value) {
             values.push(value);
         }
     }
 
-    fn remove_keys(&mut self, keys: Vec<Key>) -> Vec<Leaf> {
+    /// Drops CPU `cpu`'s entries of `regime` overlapping `[start, end)`
+    /// (all of the regime when `None`), of level `ttl` only if hinted.
+    fn drop_leaves(
+        &mut self,
+        cpu: usize,
+        regime: Regime,
+        span: Option<(u64, u64)>,
+        ttl: Option<u8>,
+    ) -> Vec<Leaf> {
         let mut dropped = Vec::new();
+        let tlb = &mut self.cpus[cpu].tlb;
+        let keys: Vec<Key> = tlb
+            .range(
+                Key {
+                    regime,
+                    size: 0,
+                    base: 0,
+                }..=Key {
+                    regime,
+                    size: u64::MAX,
+                    base: u64::MAX,
+                },
+            )
+            .map(|(k, _)| *k)
+            .filter(|k| span.is_none_or(|(s, e)| k.base < e && s < k.base + k.size))
+            .collect();
         for key in keys {
-            for c in self.tlb.remove(&key).unwrap_or_default() {
-                dropped.push(c.leaf(key));
+            let values = tlb.get_mut(&key).expect("key just listed");
+            values.retain(|c| {
+                let hit = ttl.is_none_or(|l| l == c.level);
+                if hit {
+                    dropped.push(c.leaf(key));
+                }
+                !hit
+            });
+            if values.is_empty() {
+                tlb.remove(&key);
             }
         }
         dropped
     }
 
-    /// Drops the entries of `regime` overlapping `[start, end)`.
-    fn drop_overlapping(&mut self, regime: Regime, start: u64, end: u64) -> Vec<Leaf> {
-        if start >= end {
-            return Vec::new();
+    /// Drops CPU `cpu`'s walk-cache entries of `regime` overlapping
+    /// `[start, end)` (all when `None`), at levels above `ttl` only if
+    /// hinted (the walk to a level-`ttl` leaf). Returns the keys dropped.
+    fn drop_walks(
+        &mut self,
+        cpu: usize,
+        regime: Regime,
+        span: Option<(u64, u64)>,
+        ttl: Option<u8>,
+    ) -> Vec<WalkKey> {
+        let walk = &mut self.cpus[cpu].walk;
+        let keys: Vec<WalkKey> = walk
+            .keys()
+            .filter(|k| k.regime == regime)
+            .filter(|k| ttl.is_none_or(|l| k.level < l))
+            .filter(|k| span.is_none_or(|(s, e)| k.base < e && s < k.base + entry_size(k.level)))
+            .copied()
+            .collect();
+        for k in &keys {
+            walk.remove(k);
         }
-        let mut keys = Vec::new();
-        for size in LEAF_SIZES {
-            let lo = Key {
-                regime,
-                size,
-                base: start & !(size - 1),
-            };
-            let hi = Key {
-                regime,
-                size,
-                base: end,
-            };
-            keys.extend(self.tlb.range(lo..hi).map(|(k, _)| *k));
-        }
-        self.remove_keys(keys)
-    }
-
-    /// Drops every entry of `regime`.
-    fn drop_regime(&mut self, regime: Regime) -> Vec<Leaf> {
-        let lo = Key {
-            regime,
-            size: 0,
-            base: 0,
-        };
-        let hi = Key {
-            regime,
-            size: u64::MAX,
-            base: u64::MAX,
-        };
-        let keys = self.tlb.range(lo..=hi).map(|(k, _)| *k).collect();
-        self.remove_keys(keys)
+        keys
     }
 
     /// The adversarial refill: for each dropped leaf, what a walk of `view`
     /// at its base yields, re-inserted as an entry of `regime`.
-    fn refill_from_view(&mut self, view: &Snapshot, regime: Regime, dropped: &[Leaf]) {
+    fn refill_from_view(&mut self, cpu: usize, view: &Snapshot, regime: Regime, dropped: &[Leaf]) {
+        if !self.may_walk(cpu, regime) {
+            return;
+        }
         for old in dropped {
             if let Ok(leaf) = self.walk(View::Snap(view), regime, old.base) {
-                self.insert(regime, leaf);
+                self.insert(cpu, regime, leaf);
                 self.stats.refills += 1;
             }
         }
     }
 
-    /// A DSB ISH's effect on TLB maintenance: completes every pending TLBI,
-    /// in issue order.
-    fn complete_tlbis(&mut self) {
-        for Pending { op, view } in core::mem::take(&mut self.pending) {
-            match op {
-                TlbiOp::Ipas2 { vmid, start, end } => {
-                    let regime = Regime::Stage2(vmid);
-                    let dropped = self.drop_overlapping(regime, start, end);
-                    self.refill_from_view(&view, regime, &dropped);
-                }
-                TlbiOp::Vmalle1 { vmid } => {
-                    let dropped = self.drop_regime(Regime::Combined(vmid));
-                    for old in &dropped {
-                        // The guest re-fetches through a stage-2-only entry
-                        // still cached, else through a walk.
-                        let from_tlb = self
-                            .matches(Regime::Stage2(vmid), old.base)
-                            .first()
-                            .copied();
-                        let leaf = from_tlb.or_else(|| {
-                            self.walk(View::Snap(&view), Regime::Combined(vmid), old.base)
-                                .ok()
-                        });
-                        if let Some(leaf) = leaf {
-                            self.insert(Regime::Combined(vmid), leaf);
-                            self.stats.refills += 1;
-                        }
-                    }
-                }
-                TlbiOp::Vmalls12 { vmid } => {
-                    for regime in [Regime::Stage2(vmid), Regime::Combined(vmid)] {
-                        let dropped = self.drop_regime(regime);
-                        self.refill_from_view(&view, regime, &dropped);
-                    }
-                }
-                TlbiOp::Vae2 { va } => {
-                    let dropped = self.drop_overlapping(Regime::El2, va, va + PAGE);
-                    self.refill_from_view(&view, Regime::El2, &dropped);
-                }
-                TlbiOp::Alle2 => {
-                    let dropped = self.drop_regime(Regime::El2);
-                    self.refill_from_view(&view, Regime::El2, &dropped);
-                }
+    /// The adversarial refill of walk-cache entries: each dropped one whose
+    /// table descriptor `view` still holds is fetched again.
+    fn refill_walks(&mut self, cpu: usize, view: &Snapshot, dropped: &[WalkKey]) {
+        for k in dropped {
+            let regime = k.regime;
+            if !self.may_walk(cpu, regime) {
+                continue;
+            }
+            let Ok((root, _, first)) = self.root_of(regime) else {
+                continue;
+            };
+            let mut path = Vec::new();
+            let _ = self.walk_from(
+                View::Snap(view),
+                regime,
+                k.base,
+                first,
+                root,
+                &mut |l, t| {
+                    path.push((l, t));
+                },
+            );
+            if let Some(&(_, next)) = path.iter().find(|(l, _)| *l == k.level) {
+                self.cpus[cpu].walk.insert(*k, next);
+                self.stats.walk_refills += 1;
             }
         }
     }
+
+    /// A DSB ISH's effect on TLB maintenance: completes every pending TLBI,
+    /// in issue order, on every CPU (they are broadcast).
+    fn complete_tlbis(&mut self) {
+        for Pending { op, view } in core::mem::take(&mut self.pending) {
+            for cpu in 0..self.cpus.len() {
+                self.complete_one(cpu, op, &view);
+            }
+        }
+    }
+
+    fn complete_one(&mut self, cpu: usize, op: TlbiOp, view: &Snapshot) {
+        match op {
+            TlbiOp::Ipas2 {
+                vmid,
+                start,
+                end,
+                leaf_only,
+                ttl,
+            } => {
+                let regime = Regime::Stage2(vmid);
+                let dropped = self.drop_leaves(cpu, regime, Some((start, end)), ttl);
+                if !leaf_only {
+                    let walks = self.drop_walks(cpu, regime, Some((start, end)), ttl);
+                    self.refill_walks(cpu, view, &walks);
+                }
+                self.refill_from_view(cpu, view, regime, &dropped);
+            }
+            TlbiOp::Vmalle1 { vmid } => {
+                let dropped = self.drop_leaves(cpu, Regime::Combined(vmid), None, None);
+                if !self.may_walk(cpu, Regime::Combined(vmid)) {
+                    return;
+                }
+                for old in &dropped {
+                    // The guest re-fetches through a stage-2-only entry
+                    // still cached, else through a walk.
+                    let from_tlb = self
+                        .matches(cpu, Regime::Stage2(vmid), old.base)
+                        .first()
+                        .copied();
+                    let leaf = from_tlb.or_else(|| {
+                        self.walk(View::Snap(view), Regime::Combined(vmid), old.base)
+                            .ok()
+                    });
+                    if let Some(leaf) = leaf {
+                        self.insert(cpu, Regime::Combined(vmid), leaf);
+                        self.stats.refills += 1;
+                    }
+                }
+            }
+            TlbiOp::Vmalls12 { vmid } => {
+                let walks = self.drop_walks(cpu, Regime::Stage2(vmid), None, None);
+                self.refill_walks(cpu, view, &walks);
+                for regime in [Regime::Stage2(vmid), Regime::Combined(vmid)] {
+                    let dropped = self.drop_leaves(cpu, regime, None, None);
+                    self.refill_from_view(cpu, view, regime, &dropped);
+                }
+            }
+            TlbiOp::Vae2 { va } => {
+                let span = Some((va, va + PAGE));
+                let walks = self.drop_walks(cpu, Regime::El2, span, None);
+                self.refill_walks(cpu, view, &walks);
+                let dropped = self.drop_leaves(cpu, Regime::El2, span, None);
+                self.refill_from_view(cpu, view, Regime::El2, &dropped);
+            }
+            TlbiOp::Alle2 => {
+                let walks = self.drop_walks(cpu, Regime::El2, None, None);
+                self.refill_walks(cpu, view, &walks);
+                let dropped = self.drop_leaves(cpu, Regime::El2, None, None);
+                self.refill_from_view(cpu, view, Regime::El2, &dropped);
+            }
+        }
+    }
+}
+
+/// The regime whose walk cache a walk of `regime` uses (stage-2-only and
+/// combined walks go through the same stage-2 tables).
+fn walk_regime(regime: Regime) -> Regime {
+    match regime {
+        Regime::Combined(vmid) => Regime::Stage2(vmid),
+        r => r,
+    }
+}
+
+/// Bytes one entry at `level` covers (4 KiB granule).
+fn entry_size(level: u8) -> u64 {
+    1 << (12 + 9 * u32::from(3 - level))
 }
 
 impl MmArch for Model {
     fn dsb_ishst(&self) {
         let mut st = self.0.lock();
         st.stats.dsb_ishst += 1;
+        st.tlbi_since_dsb = false;
         st.commit();
     }
 
     fn dsb_ish(&self) {
         let mut st = self.0.lock();
         st.stats.dsb_ish += 1;
+        st.tlbi_since_dsb = false;
         st.complete_tlbis();
         st.commit();
     }
@@ -1163,39 +1559,24 @@ impl MmArch for Model {
     fn isb(&self) {
         let mut st = self.0.lock();
         st.stats.isb += 1;
-        st.isb_view = Arc::clone(&st.committed);
+        let cpu = st.cpu;
+        st.cpus[cpu].isb_view = Arc::clone(&st.committed);
     }
 
-    fn tlbi_ipas2e1is(&self, vmid: Vmid, ipa: u64) {
-        {
-            let mut st = self.0.lock();
-            st.stats.tlbi_ipas2e1is += 1;
-            st.stats.tlbi_pages += 1;
-        }
-        let start = ipa & !(PAGE - 1);
-        self.issue(TlbiOp::Ipas2 {
-            vmid,
-            start,
-            end: start.saturating_add(PAGE),
-        });
+    fn tlbi_ipas2e1is(&self, vmid: Vmid, ipa: u64, ttl: Option<u8>) {
+        self.ipas2(vmid, ipa, ttl, false);
     }
 
-    fn tlbi_ripas2e1is(&self, vmid: Vmid, ipa: u64, pages: u64) {
-        {
-            let mut st = self.0.lock();
-            assert!(
-                st.tlbi_range,
-                "TLBI RIPAS2E1IS without FEAT_TLBIRANGE (has_tlbi_range() is false)"
-            );
-            st.stats.tlbi_ripas2e1is += 1;
-            st.stats.tlbi_pages += pages;
-        }
-        let start = ipa & !(PAGE - 1);
-        self.issue(TlbiOp::Ipas2 {
-            vmid,
-            start,
-            end: start.saturating_add(pages.saturating_mul(PAGE)),
-        });
+    fn tlbi_ipas2le1is(&self, vmid: Vmid, ipa: u64, ttl: Option<u8>) {
+        self.ipas2(vmid, ipa, ttl, true);
+    }
+
+    fn tlbi_ripas2e1is(&self, vmid: Vmid, ipa: u64, pages: u64, ttl: Option<u8>) {
+        self.ripas2(vmid, ipa, pages, ttl, false);
+    }
+
+    fn tlbi_ripas2le1is(&self, vmid: Vmid, ipa: u64, pages: u64, ttl: Option<u8>) {
+        self.ripas2(vmid, ipa, pages, ttl, true);
     }
 
     fn tlbi_vmalle1is(&self, vmid: Vmid) {
@@ -1230,6 +1611,66 @@ impl MmArch for Model {
 
     fn el2_access_ok(&self, va: usize, write: bool) -> bool {
         self.el2_access(va, write).is_ok()
+    }
+
+    fn vmid_bits(&self) -> u32 {
+        16
+    }
+
+    fn stage2_root(&self, vmid: Vmid, root: Option<usize>) {
+        match root {
+            Some(root) => self.set_stage2_root(vmid, root),
+            None => {
+                self.0.lock().s2_roots.remove(&vmid);
+            }
+        }
+    }
+
+    fn table_page_freed(&self, pa: usize) {
+        self.0.lock().check_freed(pa);
+    }
+}
+
+impl Model {
+    fn ipas2(&self, vmid: Vmid, ipa: u64, ttl: Option<u8>, leaf_only: bool) {
+        let covers = ttl.map_or(PAGE, entry_size);
+        {
+            let mut st = self.0.lock();
+            st.stats.tlbi_ipas2e1is += 1;
+            st.stats.tlbi_pages += covers / PAGE;
+            st.stats.tlbi_leaf_only += u64::from(leaf_only);
+        }
+        // With a level hint the TLBI drops the entry of that level holding
+        // `ipa`; without, whatever translates the page.
+        let start = ipa & !(covers - 1);
+        self.issue(TlbiOp::Ipas2 {
+            vmid,
+            start,
+            end: start.saturating_add(covers),
+            leaf_only,
+            ttl,
+        });
+    }
+
+    fn ripas2(&self, vmid: Vmid, ipa: u64, pages: u64, ttl: Option<u8>, leaf_only: bool) {
+        {
+            let mut st = self.0.lock();
+            assert!(
+                st.tlbi_range,
+                "TLBI RIPAS2(L)E1IS without FEAT_TLBIRANGE (has_tlbi_range() is false)"
+            );
+            st.stats.tlbi_ripas2e1is += 1;
+            st.stats.tlbi_pages += pages;
+            st.stats.tlbi_leaf_only += u64::from(leaf_only);
+        }
+        let start = ipa & !(PAGE - 1);
+        self.issue(TlbiOp::Ipas2 {
+            vmid,
+            start,
+            end: start.saturating_add(pages.saturating_mul(PAGE)),
+            leaf_only,
+            ttl,
+        });
     }
 }
 
@@ -1369,7 +1810,7 @@ mod tests {
     /// The KVM/Hafnium sequence after a descriptor write.
     fn flush_ipa(m: &Model, ipa: u64) {
         m.dsb_ishst();
-        m.tlbi_ipas2e1is(VMID, ipa);
+        m.tlbi_ipas2e1is(VMID, ipa, None);
         m.dsb_ish();
         m.tlbi_vmalle1is(VMID);
         m.dsb_ish();
@@ -1483,7 +1924,7 @@ mod tests {
         let mut g = Guest::mapped_and_touched(IPA, PAGE_SIZE, PA);
         g.unmap(IPA, PAGE_SIZE);
         g.model.dsb_ishst();
-        g.model.tlbi_ipas2e1is(VMID, IPA);
+        g.model.tlbi_ipas2e1is(VMID, IPA, None);
         g.model.dsb_ish();
         g.model.isb();
         let a = g
@@ -1505,7 +1946,7 @@ mod tests {
     fn tlbi_before_the_store_is_visible_is_refilled_stale() {
         let mut g = Guest::mapped_and_touched(IPA, PAGE_SIZE, PA);
         g.unmap(IPA, PAGE_SIZE);
-        g.model.tlbi_ipas2e1is(VMID, IPA);
+        g.model.tlbi_ipas2e1is(VMID, IPA, None);
         g.model.dsb_ish();
         g.model.tlbi_vmalle1is(VMID);
         g.model.dsb_ish();
@@ -1613,7 +2054,7 @@ mod tests {
         let mut g = Guest::mapped_and_touched(IPA, PAGE_SIZE, PA);
         g.write(IPA, PAGE_SIZE, PA, read_only());
         g.model.dsb_ishst();
-        g.model.tlbi_ipas2e1is(VMID, IPA);
+        g.model.tlbi_ipas2e1is(VMID, IPA, None);
         g.model.dsb_ish();
         g.model.isb();
         assert_eq!(g.model.guest_access(VMID, IPA, true), Ok(PA));
@@ -1639,7 +2080,7 @@ mod tests {
         g.model.dsb_ishst();
         g.model.tlbi_vmalle1is(VMID);
         g.model.dsb_ish();
-        g.model.tlbi_ipas2e1is(VMID, IPA);
+        g.model.tlbi_ipas2e1is(VMID, IPA, None);
         g.model.dsb_ish();
         g.model.isb();
         assert_eq!(g.access(IPA), Ok(PA));
@@ -1651,7 +2092,7 @@ mod tests {
         let mut g = Guest::mapped_and_touched(IPA, PAGE_SIZE, PA);
         g.unmap(IPA, PAGE_SIZE);
         g.model.dsb_ishst();
-        g.model.tlbi_ipas2e1is(VMID, IPA);
+        g.model.tlbi_ipas2e1is(VMID, IPA, None);
         g.model.tlbi_vmalle1is(VMID);
         g.model.dsb_ishst();
         g.model.isb();
@@ -1671,7 +2112,7 @@ mod tests {
         // Unmap pages 2..6; invalidate exactly them by range.
         g.unmap(IPA + 2 * PAGE, 4 * PAGE_SIZE);
         g.model.dsb_ishst();
-        g.model.tlbi_ripas2e1is(VMID, IPA + 2 * PAGE, 4);
+        g.model.tlbi_ripas2e1is(VMID, IPA + 2 * PAGE, 4, None);
         g.model.dsb_ish();
         g.model.tlbi_vmalle1is(VMID);
         g.model.dsb_ish();

@@ -241,6 +241,9 @@ impl<'m, A: MmArch> PagePool<'m, A> {
         if pages.is_empty() {
             return;
         }
+        for &pa in pages {
+            self.mm.arch.table_page_freed(pa);
+        }
         if self.guard.is_some() {
             self.guard_update(pages, false);
             add(&self.mm.counters().guard_unmaps, pages.len() as u64);

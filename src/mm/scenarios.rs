@@ -402,7 +402,7 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>) {
                 .merge(WINDOW.start, (WINDOW.end - WINDOW.start) as usize)
                 .expect("merge");
         }
-        Op::Touch => kit.touch(&WINDOW),
+        Op::Touch => kit.touch_all_cpus(&WINDOW),
         Op::FailNextMap(n) => *fail_next = Some(n),
     }
 }
@@ -567,4 +567,149 @@ fn map_over_a_range_whose_invalidation_is_queued_completes_it_first() {
     kit.mm.leave();
     kit.ref_map(GIB, PAGE_SIZE, 0x9000_0000, S2Perm::RW);
     kit.check(&window).expect("state");
+}
+
+/// Issue 10: `compact` clears table descriptors; the `DSB ISHST` that
+/// makes that visible must come before its TLBIs, and the tables go back to
+/// the pool only once no walker (of either CPU) can reach them. Failed on
+/// the old `compact` + flush (no `note_writes`, so the TLBI went out with
+/// the table entries still buffered: the model saw the TLBI issued with
+/// unsynced writes, the walkers refetched the old table entries and the
+/// freed tables were still in their walk caches).
+#[test]
+fn compact_orders_its_table_writes_before_the_tlbis_and_frees_after() {
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    let window = GIB..GIB + 4 * MIB as u64;
+    // Pages in two 2 MiB regions: two level-3 tables under one level-2.
+    kit.s2
+        .map(
+            GIB + PAGE_SIZE as u64,
+            2 * MIB,
+            0x8000_1000,
+            ram(S2Perm::RW),
+        )
+        .expect("map");
+    kit.touch_all_cpus(&window);
+    let tables = kit.table_pages();
+    // Unmap in halves, so no run covers a whole table: both stay, empty.
+    let half = MIB as u64;
+    kit.s2
+        .unmap(GIB + PAGE_SIZE as u64, MIB)
+        .expect("unmap first half");
+    kit.s2
+        .unmap(GIB + PAGE_SIZE as u64 + half, MIB)
+        .expect("unmap second half");
+    assert_eq!(kit.table_pages(), tables, "empty tables kept by unmap");
+    kit.touch_all_cpus(&window);
+    kit.model.reset_stats();
+    kit.s2.compact();
+    assert!(kit.table_pages() < tables, "compact freed the empty tables");
+    assert_eq!(kit.model.violations(), Vec::<alloc::string::String>::new());
+    kit.check(&window).expect("after compact");
+    assert_eq!(kit.model.stats().tlbi_vmalls12e1is, 1);
+}
+
+/// Issue 10: dropping a stage 2 invalidates its VMID while every table is
+/// still allocated, deregisters the root, and only then frees the tables.
+/// Failed on the old `Drop` (the root went back to the pool while still
+/// registered as the VMID's root, i.e. while a VTTBR could hold it).
+#[test]
+fn drop_invalidates_then_deregisters_the_root_then_frees() {
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    let window = GIB..GIB + 4 * MIB as u64;
+    kit.s2
+        .map(
+            GIB + PAGE_SIZE as u64,
+            3 * MIB,
+            0x8000_1000,
+            ram(S2Perm::RW),
+        )
+        .expect("map");
+    kit.touch_all_cpus(&window);
+    assert!(!kit.model.walk_entries(1).is_empty(), "the observer walked");
+    let Kit {
+        model, s2, pool, ..
+    } = kit;
+    model.reset_stats();
+    // The contract: no CPU has the VMID installed any more.
+    model.set_vttbr(0, None);
+    model.set_vttbr(1, None);
+    drop(s2);
+    assert_eq!(model.violations(), Vec::<alloc::string::String>::new());
+    assert_eq!(pool.free_pages(), pool.total_pages(), "every table back");
+    assert!(model.tlb_entries().is_empty(), "nothing of the VMID cached");
+    let stage2_walks = |cpu| {
+        model
+            .walk_entries(cpu)
+            .iter()
+            .filter(|w| w.0 == super::model::Regime::Stage2(VMID))
+            .count()
+    };
+    assert_eq!((stage2_walks(0), stage2_walks(1)), (0, 0));
+    let s = model.stats();
+    // One whole-VMID invalidation (the guarded pool's EL2 unmapping of the
+    // freed pages pays its own DSB ISHST on top).
+    assert_eq!((s.dsb_ishst, s.tlbi_vmalls12e1is), (2, 1));
+    assert!(
+        model
+            .walk_live(super::model::Regime::Stage2(VMID), GIB)
+            .is_none()
+    );
+}
+
+/// Issue 10: a stage-2 operation between `pause` and `resume` is refused
+/// (debug assertion): its invalidation would go to a batch that the paused
+/// section never pays. Failed on the old code (the map went through).
+#[test]
+fn stage2_operations_inside_a_pause_are_refused() {
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    kit.mm.enter();
+    let paused = kit.mm.pause();
+    let r = std::panic::catch_unwind(core::panic::AssertUnwindSafe(|| {
+        kit.s2.map(GIB, PAGE_SIZE, 0x8000_0000, ram(S2Perm::RW))
+    }));
+    assert!(r.is_err(), "a map inside a pause must be refused");
+    kit.mm.resume(paused);
+    kit.s2
+        .map(GIB, PAGE_SIZE, 0x8000_0000, ram(S2Perm::RW))
+        .expect("map after resume");
+    kit.mm.leave();
+    kit.ref_map(GIB, PAGE_SIZE, 0x8000_0000, S2Perm::RW);
+    kit.check(&(GIB..GIB + 2 * MIB as u64)).expect("state");
+}
+
+/// The model's walk cache sees a table removal: unmapping a whole table's
+/// worth of pages detaches the level-3 table, and the invalidation must be
+/// of the non-leaf kind (a leaf-only TLBI would leave the table entry in
+/// both CPUs' walk caches when the table goes back to the pool).
+#[test]
+fn a_table_removal_drops_the_walk_caches_of_both_cpus() {
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    let window = GIB..GIB + 4 * MIB as u64;
+    kit.s2
+        .map(GIB, 2 * MIB, 0x8000_1000, ram(S2Perm::RW))
+        .expect("map pages");
+    kit.touch_all_cpus(&window);
+    let walks = |kit: &Kit, cpu| {
+        kit.model
+            .walk_entries(cpu)
+            .iter()
+            .filter(|w| w.0 == super::model::Regime::Stage2(VMID))
+            .count()
+    };
+    assert_eq!(
+        (walks(&kit, 0), walks(&kit, 1)),
+        (2, 2),
+        "L1 and L2 entries"
+    );
+    let tables = kit.table_pages();
+    kit.s2.unmap(GIB, 2 * MIB).expect("unmap the table's worth");
+    assert_eq!(kit.table_pages(), tables - 1, "level-3 table detached");
+    kit.check(&window).expect("after the table removal");
+    assert_eq!(kit.model.stats().tlbi_leaf_only, 0, "no leaf-only TLBI");
+    assert_eq!(
+        (walks(&kit, 0), walks(&kit, 1)),
+        (1, 1),
+        "the L2 entry dropped"
+    );
 }

@@ -62,7 +62,7 @@ use spin::mutex::SpinMutex;
 
 use super::arch::{MmArch, Vmid};
 use super::counters::{add, inc, sub};
-use super::lazy::MmCtx;
+use super::lazy::{InvalKind, MmCtx};
 use super::pool::{PagePool, PoolError};
 use super::{BLOCK_1G, BLOCK_2M, Ipa, PAGE_SIZE, PhysAddr};
 
@@ -206,6 +206,9 @@ pub enum Stage2Error {
     NotMapped,
     /// The page pool could not supply the translation tables the change needs.
     OutOfTableMemory(PoolError),
+    /// The VMID does not fit the VMID width in effect
+    /// ([`MmArch::vmid_bits`]).
+    BadVmid,
 }
 
 /// Pages a [`TableReserve`] holds.
@@ -307,22 +310,29 @@ impl<A: MmArch> core::fmt::Debug for Stage2<'_, A> {
 }
 
 impl<'m, A: MmArch> Stage2<'m, A> {
-    /// Creates empty tables for `vmid`, taking the root table from `pool`.
+    /// Creates empty tables for `vmid`, taking the root table from `pool`,
+    /// and registers the root with the arch ([`MmArch::stage2_root`]).
     ///
     /// # Errors
     ///
-    /// [`Stage2Error::OutOfTableMemory`] if the pool has no page for the root.
+    /// [`Stage2Error::BadVmid`] if `vmid` does not fit the VMID width in
+    /// effect; [`Stage2Error::OutOfTableMemory`] if the pool has no page for
+    /// the root.
     pub fn new(
         vmid: Vmid,
         mm: &'m MmCtx<A>,
         pool: &'m PagePool<'m, A>,
     ) -> Result<Self, Stage2Error> {
+        if u32::from(vmid.0) >> mm.arch.vmid_bits().min(16) != 0 {
+            return Err(Stage2Error::BadVmid);
+        }
         let root = pool.alloc_zeroed().map_err(Stage2Error::OutOfTableMemory)?;
         let pages = Arc::new(SpinMutex::new(ReservePages {
             reserve: vec![root],
             detached: Vec::new(),
         }));
         let mapping = Mapping::new(TableReserve(pages.clone()), ROOT_LEVEL, paging::Stage2);
+        mm.arch.stage2_root(vmid, Some(mapping.root_address().0));
         Ok(Self {
             mapping: ManuallyDrop::new(mapping),
             pages,
@@ -369,6 +379,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         pa: PhysAddr,
         attrs: S2Attrs,
     ) -> Result<(), Stage2Error> {
+        self.mm.debug_assert_not_paused();
         let region = checked_region(ipa, size)?;
         check_pa(pa, size)?;
         let piece = Piece {
@@ -466,6 +477,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     ///
     /// Range errors only.
     pub fn merge(&mut self, ipa: Ipa, size: usize) -> Result<usize, Stage2Error> {
+        self.mm.debug_assert_not_paused();
         let region = checked_region(ipa, size)?;
         let first = super::align_up(region.start, BLOCK_2M);
         let mut candidates = Vec::new();
@@ -496,7 +508,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         // Break: each region's table entry made invalid (aarch64-paging
         // detaches the level-3 table); nothing to allocate.
         for p in &candidates {
-            self.unmap_entries(&p.range);
+            self.unmap_entries(&p.range, None);
         }
         self.mm.note_writes(candidates.len() as u64, false);
         self.complete_break();
@@ -514,13 +526,18 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     }
 
     /// Frees every table left with no valid entry (after unmaps of parts of
-    /// it: `unmap` keeps tables it only partly empties). Their invalidation
-    /// (the whole VMID: walk caches may hold any of them) completes before
-    /// they go back to the pool.
+    /// it: `unmap` keeps tables it only partly empties). Each detached table
+    /// cost one descriptor write (its table entry made invalid), which is
+    /// made visible (`DSB ISHST`) before the invalidation (the whole VMID:
+    /// walk caches may hold any of them), which completes before the tables
+    /// go back to the pool.
     pub fn compact(&mut self) {
+        self.mm.debug_assert_not_paused();
         self.mapping.compact_subtables();
-        if !self.reserve_pages().detached.is_empty() {
-            self.mm.queue_stage2_invalidation(self.vmid, 0, IPA_LIMIT);
+        let detached = self.reserve_pages().detached.len();
+        if detached > 0 {
+            self.mm.note_writes(detached as u64, false);
+            self.mm.queue_stage2_invalidation_all(self.vmid);
             self.hand_over_detached();
             self.mm.op_done();
         }
@@ -571,6 +588,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     /// entries, and the changes are made one 2 MiB window at a time (a
     /// guest may ask to unmap a range of 65536 pages).
     fn change(&mut self, ipa: Ipa, size: usize, change: Change) -> Result<(), Stage2Error> {
+        self.mm.debug_assert_not_paused();
         let region = checked_region(ipa, size)?;
         let inside = |l: &Leaf| region.start <= l.entry.start && l.entry.end <= region.end;
         let remap = matches!(change, Change::Remap { .. });
@@ -620,7 +638,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         // Break: straddling blocks, and for a remap every valid entry.
         let mut broken = 0;
         for l in &straddling {
-            self.unmap_entries(&l.entry);
+            self.unmap_entries(&l.entry, Some(l.level));
             broken += 1;
         }
         if remap {
@@ -628,7 +646,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             // detach the table, which the make would then need again.
             self.for_each_window(&region, |s2, leaves| {
                 for l in leaves.iter().filter(|l| l.valid && inside(l)) {
-                    s2.unmap_entries(&l.entry);
+                    s2.unmap_entries(&l.entry, Some(l.level));
                     broken += 1;
                 }
             });
@@ -654,6 +672,13 @@ impl<'m, A: MmArch> Stage2<'m, A> {
                         pa: l.pa,
                         flags: with_perm(l.flags, perm),
                     });
+                    // Changed in place: the old leaf may sit in TLBs.
+                    s2.mm.queue_stage2_invalidation(
+                        s2.vmid,
+                        l.entry.start as u64,
+                        (l.entry.end - l.entry.start) as u64,
+                        InvalKind::Leaf(l.level as u8),
+                    );
                     writes += 1;
                 }
             }),
@@ -679,16 +704,9 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             }
             Change::Protect(_) => {}
         }
-        // Entries changed in place by protect may sit in TLBs (unmapped ones
-        // were queued as they were unmapped; a remap's old entries were
-        // invalidated by its break).
-        if matches!(change, Change::Protect(_)) {
-            self.mm.queue_stage2_invalidation(
-                self.vmid,
-                region.start as u64,
-                (region.end - region.start) as u64,
-            );
-        }
+        // Entries changed in place by protect were queued as they were
+        // changed, unmapped ones as they were unmapped; a remap's old entries
+        // were invalidated by its break.
         self.mm.op_done();
         Ok(())
     }
@@ -700,10 +718,12 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     fn unmap_inside(&mut self, region: &Range<usize>) -> (usize, usize) {
         let inside = |l: &Leaf| region.start <= l.entry.start && l.entry.end <= region.end;
         let (mut writes, mut pages) = (0, 0);
+        let mut runs: Vec<(Range<usize>, usize, usize)> = Vec::new();
         let mut start = region.start;
         while start < region.end {
             let end = ((start & !(BLOCK_2M - 1)) + BLOCK_2M).min(region.end);
-            let mut runs: Vec<Range<usize>> = Vec::new();
+            // Runs of valid entries of one level, and their entry counts.
+            runs.clear();
             self.walk_leaves(&(start..end), |l| {
                 // Entries larger than a window are seen once, in the window
                 // they start in.
@@ -712,13 +732,35 @@ impl<'m, A: MmArch> Stage2<'m, A> {
                 }
                 pages += (l.entry.end - l.entry.start) / PAGE_SIZE;
                 match runs.last_mut() {
-                    Some(r) if r.end == l.entry.start => r.end = l.entry.end,
-                    _ => runs.push(l.entry.clone()),
+                    Some((r, level, n)) if r.end == l.entry.start && *level == l.level => {
+                        r.end = l.entry.end;
+                        *n += 1;
+                    }
+                    _ => runs.push((l.entry.clone(), l.level, 1)),
                 }
             });
-            for r in &runs {
-                self.unmap_entries(r);
-                self.walk_leaves(r, |_| writes += 1);
+            writes += runs.iter().map(|(_, _, n)| n).sum::<usize>();
+            if runs.len() > 1 && runs.iter().all(|(_, level, _)| *level == 3) {
+                // Pages with holes between them (a range with pages given
+                // back): all in one level-3 table, which no run covers whole
+                // (it stays). One pass over the window writes every run's
+                // pages invalid, rather than one table update per run.
+                // One invalidation from the first run to the last: the
+                // holes between them hold invalid entries, which nothing
+                // caches, so covering them is free (one range TLBI per
+                // window with FEAT_TLBIRANGE, rather than one per run).
+                self.clear_pages(&(start..end));
+                let span = runs[0].0.start..runs[runs.len() - 1].0.end;
+                self.mm.queue_stage2_invalidation(
+                    self.vmid,
+                    span.start as u64,
+                    (span.end - span.start) as u64,
+                    InvalKind::Leaf(3),
+                );
+            } else {
+                for (r, level, _) in &runs {
+                    self.unmap_entries(r, Some(*level));
+                }
             }
             start = end;
         }
@@ -765,12 +807,16 @@ impl<'m, A: MmArch> Stage2<'m, A> {
 
     /// Writes invalid entries over `range`, which must be exactly whole
     /// entries (valid leaves, or tables: a table is detached, and freed after
-    /// the invalidation owed for it).
+    /// the invalidation owed for it). `leaf_level`: every entry in the range
+    /// is a leaf of this level (`None`: unknown).
     ///
     /// The range's invalidation is queued here, before the detached tables
     /// join the deferred-free list, so no flush in between can free a table
-    /// whose invalidation was not yet even queued.
-    fn unmap_entries(&mut self, range: &Range<usize>) {
+    /// whose invalidation was not yet even queued. If the write detached a
+    /// table (a run covering a whole table entry replaces that entry), the
+    /// invalidation is of the non-leaf kind, without a level hint: walk
+    /// caches may hold the table entry.
+    fn unmap_entries(&mut self, range: &Range<usize>, leaf_level: Option<usize>) {
         let region = MemoryRegion::new(range.start, range.end);
         // aarch64-paging ignores the output address of invalid entries but
         // still uses its alignment to choose between writing an entry in
@@ -784,12 +830,35 @@ impl<'m, A: MmArch> Stage2<'m, A> {
                 Constraints::NO_CONTIGUOUS_HINT,
             )
             .expect("unmap of whole entries in a checked region");
+        let detached_table = !self.reserve_pages().detached.is_empty();
+        let kind = match leaf_level {
+            _ if detached_table => InvalKind::Table,
+            Some(level) => InvalKind::Leaf(level as u8),
+            None => InvalKind::Table,
+        };
         self.mm.queue_stage2_invalidation(
             self.vmid,
             range.start as u64,
             (range.end - range.start) as u64,
+            kind,
         );
         self.hand_over_detached();
+    }
+
+    /// Writes every valid entry in `window` invalid, in one pass. `window`
+    /// must lie in one level-3 table (so nothing is split or detached).
+    fn clear_pages(&mut self, window: &Range<usize>) {
+        self.mapping
+            .modify_range(&MemoryRegion::new(window.start, window.end), &|_, d| {
+                debug_assert_eq!(d.level(), 3, "clear_pages outside a level-3 table");
+                if d.flags().contains(Stage2Attributes::VALID) {
+                    d.set(PhysicalAddress(0), Stage2Attributes::empty())
+                } else {
+                    Ok(())
+                }
+            })
+            .expect("page clearing in a checked region");
+        debug_assert!(self.reserve_pages().detached.is_empty());
     }
 
     /// Writes `piece` into the tables (allocating from the reserve).
@@ -910,19 +979,36 @@ impl<'m, A: MmArch> Stage2<'m, A> {
 }
 
 impl<A: MmArch> Drop for Stage2<'_, A> {
-    /// Frees every table. The guest must no longer run on them; their VMID's
-    /// translations are invalidated before the pages go back to the pool.
+    /// Frees every table, the root last of all.
+    ///
+    /// Contract: the VMID is installed in no CPU's `VTTBR_EL2` and runs
+    /// nowhere (the caller switched every CPU away from it first); nothing
+    /// else may walk these tables. Drop then:
+    /// 1. invalidates the whole VMID (`DSB ISHST`, `TLBI VMALLS12E1IS`,
+    ///    `DSB ISH`, `TLBI VMALLE1IS`, `DSB ISH`, `ISB`) while every table,
+    ///    the root included, is still allocated and unchanged: a TLBI that
+    ///    hardware issues with this VMID's VTTBR temporarily installed
+    ///    never points `VTTBR_EL2` at a freed root, and the walk caches
+    ///    that may hold any table entry are empty once it completes;
+    /// 2. deregisters the root ([`MmArch::stage2_root`] `None`);
+    /// 3. only then hands the tables (the root among them) back to the
+    ///    pool.
+    ///
+    /// A section open on this CPU is paid by step 1's flush.
     fn drop(&mut self) {
+        self.mm.debug_assert_not_paused();
         let pages = self.mapped_pages(&(0..IPA_LIMIT as usize));
         sub(&self.mm.counters().pages_mapped, pages as u64);
+        self.mm.queue_stage2_invalidation_all(self.vmid);
+        self.mm.flush();
+        self.mm.arch.stage2_root(self.vmid, None);
         // SAFETY: dropped once, here, and never used again.
         unsafe { ManuallyDrop::drop(&mut self.mapping) };
-        self.mm.queue_stage2_invalidation(self.vmid, 0, IPA_LIMIT);
         let detached = core::mem::take(&mut self.reserve_pages().detached);
-        for pa in detached {
-            self.mm.defer_free(pa);
-        }
-        self.mm.flush();
+        // SAFETY: the tables are reachable from nothing (the mapping is
+        // gone, the VMID installed nowhere by the contract above) and the
+        // invalidation of the whole VMID completed in the flush above.
+        unsafe { self.pool.free_many(&detached) };
     }
 }
 
@@ -1320,5 +1406,83 @@ mod tests {
         f.s2.unmap(0x4000_0000, MIB).expect("unmap");
         drop(f.s2);
         assert_eq!(f.pool.free_pages(), total);
+    }
+}
+
+#[cfg(test)]
+mod unmap_cost {
+    use super::*;
+    use crate::mm::arch::NoopArch;
+    use crate::mm::lazy::RangeQueue;
+    use crate::mm::pool::test_support::{host_region, leak};
+    use std::time::{Duration, Instant};
+
+    const MIB: usize = 1 << 20;
+    /// 256 MiB of pages (a PA that is not 2 MiB-aligned: no blocks).
+    const SIZE: usize = 256 * MIB;
+    const IPA: Ipa = 1 << 30;
+    const PA: PhysAddr = 0x8000_1000;
+
+    fn fixture() -> (&'static MmCtx<NoopArch>, Stage2<'static, NoopArch>) {
+        let mm = leak(MmCtx::new(NoopArch));
+        // SAFETY: fresh host memory used only by this pool.
+        let pool = leak(unsafe { PagePool::new(host_region(256), mm, None) });
+        mm.set_free_hook(leak(move |pages: &[PhysAddr]| {
+            // SAFETY: detached tables whose maintenance completed.
+            unsafe { pool.free_many(pages) };
+        }));
+        let mut s2 = Stage2::new(Vmid(1), mm, pool).expect("root");
+        s2.map(IPA, SIZE, PA, S2Attrs::RAM).expect("map");
+        (mm, s2)
+    }
+
+    /// The time of one `unmap` of the whole range inside a section (as
+    /// HYP_UNMAP runs), after `prepare` shaped the mapping; and the queue
+    /// size at its end.
+    fn timed_unmap(prepare: impl Fn(&mut Stage2<'static, NoopArch>)) -> (Duration, usize) {
+        let (mm, mut s2) = fixture();
+        prepare(&mut s2);
+        mm.enter();
+        let t = Instant::now();
+        s2.unmap(IPA, SIZE).expect("unmap");
+        let elapsed = t.elapsed();
+        let queued = mm.queued().stage2(Vmid(1)).map_or(0, RangeQueue::len);
+        mm.leave();
+        (elapsed, queued)
+    }
+
+    /// Issue 9: HYP_UNMAP over a range with every other page given back
+    /// (32768 single-page runs over 256 MiB) costs about twice the unmap of
+    /// the same range wholly page-mapped (measured 2.1x in the debug
+    /// profile; 12x with one table update per run, seconds with the old
+    /// quadratic queue), and the
+    /// invalidation queue stays bounded (the whole VMID once over the
+    /// threshold). Each is measured three times, the best kept; the bound
+    /// asserted is 3x, so a loaded machine does not fail it. Prints the
+    /// numbers (`-- --nocapture`).
+    #[test]
+    fn alternating_unmap_costs_at_most_twice_the_full_unmap() {
+        let best = |prepare: &dyn Fn(&mut Stage2<'static, NoopArch>)| {
+            (0..3)
+                .map(|_| timed_unmap(prepare))
+                .min_by_key(|(t, _)| *t)
+                .expect("three runs")
+        };
+        let (full, full_queue) = best(&|_| {});
+        let (alternating, alt_queue) = best(&|s2| {
+            for page in (0..SIZE).step_by(2 * PAGE_SIZE) {
+                s2.unmap(IPA + page as u64, PAGE_SIZE).expect("give back");
+            }
+        });
+        std::println!(
+            "unmap of 256 MiB: wholly page-mapped {full:?}, every other page given back \
+             {alternating:?} (ratio {:.2}); queued ranges at the end: {full_queue} / {alt_queue}",
+            alternating.as_secs_f64() / full.as_secs_f64()
+        );
+        assert_eq!(alt_queue, 0, "collapsed to the whole VMID");
+        assert!(
+            alternating <= full * 3,
+            "alternating {alternating:?} > 3 x full {full:?}"
+        );
     }
 }

@@ -188,6 +188,14 @@ impl Kit {
         let _pages_touched = self.model.touch_guest(VMID, window.clone());
     }
 
+    /// [`touch`](Self::touch) by the guest on every model CPU (the
+    /// observer's TLB and walk cache filled too).
+    pub fn touch_all_cpus(&self, window: &Range<u64>) {
+        for cpu in 0..super::model::MODEL_CPUS {
+            let _pages_touched = self.model.touch_guest_on(cpu, VMID, window.clone());
+        }
+    }
+
     /// Table pages reachable from the stage-2 root, the root included.
     pub fn table_pages(&self) -> usize {
         fn count(table: usize, level: usize) -> usize {
@@ -214,6 +222,14 @@ impl Kit {
     /// guest with its permissions, and the pool balances.
     pub fn check(&self, window: &Range<u64>) -> Result<(), alloc::string::String> {
         use alloc::format;
+        let violations = self.model.violations();
+        if !violations.is_empty() {
+            return Err(format!(
+                "{} model rule violation(s), first: {}",
+                violations.len(),
+                violations[0]
+            ));
+        }
         if !self.mm.nothing_pending() {
             return Err("mm core still owes barriers or TLBIs".into());
         }

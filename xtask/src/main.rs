@@ -7,6 +7,8 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use xtask::{RunOptions, Verdict};
 
+mod mutants;
+
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Build, boot and test lazyhyp", version)]
 struct Cli {
@@ -54,6 +56,27 @@ enum Cmd {
         /// Skip the host (criterion) benchmark.
         #[arg(long)]
         no_host: bool,
+    },
+    /// Mutation testing of the mm core: the hand-written mutants against
+    /// the host tests (a copy of the tree is mutated, never the tree), or
+    /// with --full cargo-mutants over src/mm/ (docs/mutation.md).
+    Mutants {
+        /// Run cargo-mutants over src/mm/ instead (installed if missing).
+        #[arg(long)]
+        full: bool,
+        /// Only the hand-written mutants with these names (repeatable).
+        #[arg(long = "only", value_name = "NAME", conflicts_with = "full")]
+        only: Vec<String>,
+        /// With --full: only these files (repeatable; default: what
+        /// .cargo/mutants.toml selects).
+        #[arg(long = "file", value_name = "PATH", requires = "full")]
+        files: Vec<String>,
+        /// With --full: seconds before a mutant's test run counts as a hang.
+        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        timeout: u64,
+        /// With --full: mutants built and tested at once (2 cores: 1).
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        jobs: usize,
     },
 }
 
@@ -270,6 +293,20 @@ fn main() -> ExitCode {
         Cmd::Test => test(),
         Cmd::Build { debug } => build(debug),
         Cmd::Bench { json, no_host } => bench(json.as_deref(), no_host),
+        Cmd::Mutants {
+            full,
+            only,
+            files,
+            timeout,
+            jobs,
+        } => {
+            let root = xtask::workspace_root();
+            if full {
+                mutants::run_full(&root, &files, Duration::from_secs(timeout), jobs)
+            } else {
+                mutants::run_hand(&root, &only)
+            }
+        }
         Cmd::Linux {
             kernel,
             initrd,

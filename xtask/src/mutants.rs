@@ -1,0 +1,451 @@
+//! `cargo xtask mutants`: mutation testing of the mm core.
+//!
+//! Without `--full`: a short list of hand-written mutants ([`MUTANTS`]),
+//! each a textual replacement in one file, applied to a copy of the
+//! workspace under `target/mutants/work` (the tree itself is never
+//! modified), each followed by `cargo test -p lazyhyp --lib` in that copy.
+//! Every mutant must be killed (the tests fail), except those listed as
+//! equivalent, which must survive (else their reason is out of date). The
+//! copy builds into `target/mutants/target`, kept between runs, so only the
+//! mutated crate recompiles.
+//!
+//! With `--full`: `cargo mutants` over `src/mm/` (configuration in
+//! `.cargo/mutants.toml`), installed with `cargo install cargo-mutants
+//! --locked` if missing, with a time budget for a 2-core machine; its
+//! report lands in `target/mutants/full`.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// What a mutant is expected to do to the host tests.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum Expect {
+    /// The tests must fail.
+    Killed,
+    /// The tests pass: the mutant is equivalent as far as the host model
+    /// can see (the reason says why).
+    Equivalent(&'static str),
+}
+
+/// One hand-written mutant: `find` (which must occur exactly once in
+/// `file`) replaced by `replace`.
+#[derive(Clone, Copy, Debug)]
+pub struct Mutant {
+    /// Short name.
+    pub name: &'static str,
+    /// File, relative to the workspace root.
+    pub file: &'static str,
+    /// Text replaced.
+    pub find: &'static str,
+    /// Replacement.
+    pub replace: &'static str,
+    /// What it breaks.
+    pub what: &'static str,
+    /// What the tests must do.
+    pub expect: Expect,
+}
+
+/// The hand-written mutants (docs/mutation.md lists them with their
+/// results).
+pub const MUTANTS: &[Mutant] = &[
+    Mutant {
+        name: "free-before-tlbi",
+        file: "src/mm/lazy.rs",
+        find: "        let tlbis = self.issue_tlbis(&owed.batch, counters);\n        if owed.need_isb || tlbis {\n            // This CPU's later instructions (and the return to a guest) see\n            // the completed maintenance and the new entries.\n            self.isb(counters);\n        }\n        if !owed.deferred_free.is_empty() {\n            let hook = *self.free_hook.lock();\n            if let Some(free) = hook {\n                free(&owed.deferred_free);\n            }\n        }",
+        replace: "        if !owed.deferred_free.is_empty() {\n            let hook = *self.free_hook.lock();\n            if let Some(free) = hook {\n                free(&owed.deferred_free);\n            }\n        }\n        let tlbis = self.issue_tlbis(&owed.batch, counters);\n        if owed.need_isb || tlbis {\n            self.isb(counters);\n        }",
+        what: "flush() frees detached tables before issuing the TLBIs that hide them",
+        expect: Expect::Killed,
+    },
+    Mutant {
+        name: "no-dsb-ishst-before-tlbi",
+        file: "src/mm/lazy.rs",
+        find: "if owed.unsynced_writes || !owed.batch.is_empty() {",
+        replace: "if owed.unsynced_writes && owed.batch.is_empty() {",
+        what: "flush() issues TLBIs without the DSB ISHST that makes the writes visible first",
+        expect: Expect::Killed,
+    },
+    Mutant {
+        name: "leaf-only-tlbi-for-tables",
+        file: "src/mm/lazy.rs",
+        find: "let (leaf, ttl) = (kind.leaf_only(), kind.ttl());",
+        replace: "let (leaf, ttl) = (true, kind.ttl());",
+        what: "table removals invalidated with the leaf-only (...LE1IS) forms",
+        expect: Expect::Killed,
+    },
+    Mutant {
+        name: "no-vmalle1is",
+        file: "src/mm/lazy.rs",
+        find: "                self.arch.tlbi_vmalle1is(*vmid);\n",
+        replace: "",
+        what: "combined stage-1+2 entries never invalidated",
+        expect: Expect::Killed,
+    },
+    Mutant {
+        name: "wrong-ttl-level",
+        file: "src/mm/lazy.rs",
+        find: "            Self::Leaf(level) => Some(level),",
+        replace: "            Self::Leaf(_) => Some(3),",
+        what: "every leaf TLBI hinted as level 3 (blocks left cached)",
+        expect: Expect::Killed,
+    },
+    Mutant {
+        name: "threshold-gt",
+        file: "src/mm/lazy.rs",
+        find: "Budget::RangeOps(limit) => self.range_ops >= limit,",
+        replace: "Budget::RangeOps(limit) => self.range_ops > limit,",
+        what: "whole-VMID switch one range TLBI late (issue 10 asks for >=)",
+        expect: Expect::Killed,
+    },
+    Mutant {
+        name: "table-removal-as-leaf",
+        file: "src/mm/stage2.rs",
+        find: "            _ if detached_table => InvalKind::Table,\n",
+        replace: "",
+        what: "an unmap run that detaches a table queues a leaf-kind invalidation",
+        expect: Expect::Killed,
+    },
+    Mutant {
+        name: "pause-unchecked",
+        file: "src/mm/lazy.rs",
+        find: "        if cfg!(debug_assertions) {\n            let paused = self.is_paused();",
+        replace: "        if false {\n            let paused = self.is_paused();",
+        what: "stage-2 operations accepted between pause() and resume()",
+        expect: Expect::Killed,
+    },
+    Mutant {
+        name: "one-dsb-for-both-tlbi-rounds",
+        file: "src/mm/lazy.rs",
+        find: "        // otherwise another PE's walk in between could rebuild a combined\n        // entry from a stage-2 entry not yet gone.\n        self.dsb_ish(counters);\n",
+        replace: "        // otherwise another PE's walk in between could rebuild a combined\n        // entry from a stage-2 entry not yet gone.\n",
+        what: "VMALLE1IS issued before the stage-2 TLBIs completed (one DSB ISH for both)",
+        expect: Expect::Equivalent(
+            "the model completes the TLBIs a DSB ISH completes in issue order, so the combined \
+             entry is dropped after the stage-2 one; a real PE may complete them in any order \
+             (docs/lazy-mmu.md, not modelled)",
+        ),
+    },
+];
+
+/// The outcome of one mutant.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The mutant.
+    pub mutant: Mutant,
+    /// Whether the tests failed.
+    pub killed: bool,
+    /// How long build and tests took.
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    /// Whether the outcome is what the mutant expects.
+    #[must_use]
+    pub fn as_expected(&self) -> bool {
+        match self.mutant.expect {
+            Expect::Killed => self.killed,
+            Expect::Equivalent(_) => !self.killed,
+        }
+    }
+}
+
+/// Applies `m` to `text`.
+///
+/// # Errors
+///
+/// If `m.find` does not occur exactly once (the mutant is out of date).
+pub fn apply(m: &Mutant, text: &str) -> Result<String> {
+    let n = text.matches(m.find).count();
+    if n != 1 {
+        bail!(
+            "mutant {} is out of date: its text occurs {n} times in {} (want once)",
+            m.name,
+            m.file
+        );
+    }
+    Ok(text.replacen(m.find, m.replace, 1))
+}
+
+/// Copies the workspace at `from` to `to` (which is emptied first),
+/// skipping `target`, `.git` and the copy itself.
+fn copy_workspace(from: &Path, to: &Path) -> Result<()> {
+    if to.exists() {
+        fs::remove_dir_all(to).with_context(|| format!("emptying {}", to.display()))?;
+    }
+    copy_dir(from, to, &[from.join("target"), from.join(".git")])
+}
+
+fn copy_dir(from: &Path, to: &Path, skip: &[PathBuf]) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let path = entry.path();
+        if skip.contains(&path) {
+            continue;
+        }
+        let dest = to.join(entry.file_name());
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            copy_dir(&path, &dest, skip)?;
+        } else if kind.is_file() {
+            fs::copy(&path, &dest).with_context(|| format!("copying {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `cargo test -p lazyhyp --lib` in `work`, building into `target`.
+/// Returns whether it passed.
+fn host_tests(work: &Path, target: &Path, log: &Path) -> Result<bool> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = fs::File::create(log)?;
+    let status = Command::new(cargo)
+        .args(["test", "-p", "lazyhyp", "--lib", "--quiet"])
+        .current_dir(work)
+        .env("CARGO_TARGET_DIR", target)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .status()
+        .context("running cargo test")?;
+    Ok(status.success())
+}
+
+/// Runs the hand-written mutants; returns whether every one did what it
+/// expects. `only` restricts the run to the mutants with those names.
+///
+/// # Errors
+///
+/// If the copy cannot be made, cargo cannot be run, the unmutated tests
+/// fail, or a mutant is out of date.
+pub fn run_hand(root: &Path, only: &[String]) -> Result<bool> {
+    let base = root.join("target").join("mutants");
+    let work = base.join("work");
+    let target = base.join("target");
+    let logs = base.join("logs");
+    copy_workspace(root, &work)?;
+    fs::create_dir_all(&logs)?;
+    let selected: Vec<&Mutant> = MUTANTS
+        .iter()
+        .filter(|m| only.is_empty() || only.iter().any(|n| n == m.name))
+        .collect();
+    if selected.is_empty() {
+        bail!("no mutant named {only:?}");
+    }
+    // Every mutant applies to the tree as it is (before spending time).
+    for m in &selected {
+        apply(m, &fs::read_to_string(work.join(m.file))?)?;
+    }
+    let t = Instant::now();
+    println!(
+        "xtask mutants: baseline (unmutated) host tests in {}",
+        work.display()
+    );
+    if !host_tests(&work, &target, &logs.join("baseline.log"))? {
+        bail!(
+            "the unmutated host tests fail (log: {}): fix them first",
+            logs.join("baseline.log").display()
+        );
+    }
+    println!(
+        "xtask mutants: baseline passed ({:.0} s)",
+        t.elapsed().as_secs_f64()
+    );
+    let mut outcomes = Vec::new();
+    for m in selected {
+        let path = work.join(m.file);
+        let original = fs::read_to_string(&path)?;
+        fs::write(&path, apply(m, &original)?)?;
+        let t = Instant::now();
+        let passed = host_tests(&work, &target, &logs.join(format!("{}.log", m.name)));
+        // Put the file back whatever happened.
+        fs::write(&path, &original)?;
+        let o = Outcome {
+            mutant: *m,
+            killed: !passed?,
+            elapsed: t.elapsed(),
+        };
+        println!(
+            "xtask mutants: {:<30} {:<8} {:>4.0} s  {}",
+            m.name,
+            if o.killed { "killed" } else { "SURVIVED" },
+            o.elapsed.as_secs_f64(),
+            if o.as_expected() {
+                "as expected"
+            } else {
+                "NOT AS EXPECTED"
+            }
+        );
+        outcomes.push(o);
+    }
+    let report = report(&outcomes);
+    fs::write(base.join("hand.md"), &report)?;
+    print!("{report}");
+    println!(
+        "xtask mutants: report in {}; total {:.0} s",
+        base.join("hand.md").display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(outcomes.iter().all(Outcome::as_expected))
+}
+
+/// A Markdown table of `outcomes` and the closing count line.
+#[must_use]
+pub fn report(outcomes: &[Outcome]) -> String {
+    let mut s = String::from(
+        "| mutant | file | what it breaks | expected | result |\n|---|---|---|---|---|\n",
+    );
+    for o in outcomes {
+        let expected = match o.mutant.expect {
+            Expect::Killed => "killed",
+            Expect::Equivalent(_) => "equivalent (survives)",
+        };
+        let result = if o.killed { "killed" } else { "survived" };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {expected} | {result} |",
+            o.mutant.name, o.mutant.file, o.mutant.what
+        );
+    }
+    let as_expected = outcomes.iter().filter(|o| o.as_expected()).count();
+    let _ = writeln!(
+        s,
+        "mutants: {} passed, {} failed",
+        as_expected,
+        outcomes.len() - as_expected
+    );
+    s
+}
+
+/// `cargo mutants` over `src/mm/` (`.cargo/mutants.toml`), in the
+/// workspace, with `budget` per mutant as timeout and `jobs` parallel
+/// builds. Installs cargo-mutants if missing.
+///
+/// # Errors
+///
+/// If cargo-mutants cannot be installed or run.
+pub fn run_full(root: &Path, files: &[String], budget: Duration, jobs: usize) -> Result<bool> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let have = Command::new(&cargo)
+        .args(["mutants", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        println!("xtask mutants: installing cargo-mutants (cargo install cargo-mutants --locked)");
+        let ok = Command::new(&cargo)
+            .args(["install", "cargo-mutants", "--locked"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            bail!("could not install cargo-mutants; run: cargo install cargo-mutants --locked");
+        }
+    }
+    let out = root.join("target").join("mutants").join("full");
+    fs::create_dir_all(&out)?;
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(root).args([
+        "mutants",
+        "--output",
+        &out.display().to_string(),
+        "--timeout",
+        &budget.as_secs().to_string(),
+        "--jobs",
+        &jobs.to_string(),
+    ]);
+    for f in files {
+        cmd.args(["--file", f]);
+    }
+    println!("xtask mutants: {cmd:?}");
+    let status = cmd.status().context("running cargo mutants")?;
+    println!(
+        "xtask mutants: report in {} (outcomes.json, caught.txt, missed.txt)",
+        out.join("mutants.out").display()
+    );
+    // cargo-mutants exits 2 when some mutants survived: a report, not an
+    // error of the command.
+    Ok(matches!(status.code(), Some(0 | 2)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_mutant_applies_exactly_once_to_the_tree() {
+        let root = xtask::workspace_root();
+        for m in MUTANTS {
+            let text = fs::read_to_string(root.join(m.file)).expect("source file");
+            let mutated = apply(m, &text).unwrap_or_else(|e| panic!("{e}"));
+            assert_ne!(mutated, text, "{} changes nothing", m.name);
+        }
+    }
+
+    #[test]
+    fn names_are_unique() {
+        for (i, m) in MUTANTS.iter().enumerate() {
+            assert!(
+                MUTANTS[i + 1..].iter().all(|o| o.name != m.name),
+                "{} twice",
+                m.name
+            );
+        }
+    }
+
+    #[test]
+    fn a_stale_mutant_is_an_error() {
+        let m = Mutant {
+            name: "x",
+            file: "f",
+            find: "a",
+            replace: "b",
+            what: "",
+            expect: Expect::Killed,
+        };
+        assert!(apply(&m, "aa").is_err());
+        assert!(apply(&m, "c").is_err());
+        assert_eq!(apply(&m, "cac").expect("applies"), "cbc");
+    }
+
+    #[test]
+    fn the_report_counts_expected_outcomes() {
+        let o = |expect, killed| Outcome {
+            mutant: Mutant {
+                name: "m",
+                file: "f",
+                find: "",
+                replace: "",
+                what: "",
+                expect,
+            },
+            killed,
+            elapsed: Duration::ZERO,
+        };
+        let r = report(&[
+            o(Expect::Killed, true),
+            o(Expect::Killed, false),
+            o(Expect::Equivalent("why"), false),
+        ]);
+        assert!(r.ends_with("mutants: 2 passed, 1 failed\n"), "{r}");
+    }
+
+    #[test]
+    fn the_copy_leaves_out_target_and_git() {
+        let tmp = std::env::temp_dir().join(format!("xtask-mutants-{}", std::process::id()));
+        let src = tmp.join("src");
+        fs::create_dir_all(src.join("target/x")).expect("mkdir");
+        fs::create_dir_all(src.join(".git")).expect("mkdir");
+        fs::create_dir_all(src.join("a/b")).expect("mkdir");
+        fs::write(src.join("a/b/f.rs"), "x").expect("write");
+        let dst = tmp.join("dst");
+        copy_workspace(&src, &dst).expect("copy");
+        assert!(dst.join("a/b/f.rs").is_file());
+        assert!(!dst.join("target").exists() && !dst.join(".git").exists());
+        fs::remove_dir_all(&tmp).expect("cleanup");
+    }
+}
