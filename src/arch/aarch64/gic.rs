@@ -147,7 +147,9 @@ impl Gic {
     pub fn init_distributor() -> Result<u32, GicError> {
         let d = GICD_BASE;
         write32(d + gicd::CTLR, 0);
-        wait_until("GICD_CTLR.RWP", || read32(d + gicd::CTLR) & gicd::CTLR_RWP == 0)?;
+        wait_until("GICD_CTLR.RWP", || {
+            read32(d + gicd::CTLR) & gicd::CTLR_RWP == 0
+        })?;
         let lines = ((read32(d + gicd::TYPER) & 0x1f) + 1) * 32;
         // SPIs: disabled, not pending or active, group 1, level, priority.
         for n in (32..lines).step_by(32) {
@@ -166,9 +168,13 @@ impl Gic {
                 u32::from_ne_bytes([PRIORITY; 4]),
             );
         }
-        wait_until("GICD_CTLR.RWP", || read32(d + gicd::CTLR) & gicd::CTLR_RWP == 0)?;
+        wait_until("GICD_CTLR.RWP", || {
+            read32(d + gicd::CTLR) & gicd::CTLR_RWP == 0
+        })?;
         write32(d + gicd::CTLR, gicd::CTLR_ARE | gicd::CTLR_ENABLE_GRP1);
-        wait_until("GICD_CTLR.RWP", || read32(d + gicd::CTLR) & gicd::CTLR_RWP == 0)?;
+        wait_until("GICD_CTLR.RWP", || {
+            read32(d + gicd::CTLR) & gicd::CTLR_RWP == 0
+        })?;
         Ok(lines)
     }
 
@@ -233,7 +239,10 @@ impl Gic {
         if !(32..self.lines).contains(&intid) {
             return;
         }
-        write64(GICD_BASE + gicd::IROUTER + intid as usize * 8, my_affinity());
+        write64(
+            GICD_BASE + gicd::IROUTER + intid as usize * 8,
+            my_affinity(),
+        );
         write32(
             GICD_BASE + gicd::ISENABLER + (intid / 32) as usize * 4,
             1 << (intid % 32),

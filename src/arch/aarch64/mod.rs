@@ -42,12 +42,12 @@ use crate::mm::pool::{El2PageMap, PagePool};
 use crate::mm::stage2::{S2Attrs, Stage2};
 use crate::mm::{PAGE_SIZE, PhysAddr, align_up};
 use crate::sysreg_emul::SysregAction;
-use crate::vgic::{CpuInterface, SysregTrap, Vgic, VgicConfig, qemu_virt};
-use vgic_hw::HwCpuInterface;
 use crate::vcpu::{Exit, ExitCounters, GuestRegs, Injection, Stop, Trap, TrapReport, Vcpu};
+use crate::vgic::{CpuInterface, SysregTrap, Vgic, VgicConfig, qemu_virt};
 use console::{PL011_BASE, println};
 use mm_hw::HwMmArch;
 use sysreg::{read_sysreg, write_sysreg};
+use vgic_hw::HwCpuInterface;
 
 /// IPA at which guest RAM starts (as RAM does on QEMU `virt`).
 pub const GUEST_RAM_IPA: u64 = 0x4000_0000;
@@ -462,7 +462,6 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
 /// `SPSR_EL2` for entering the guest: EL1h, with D, A, I and F masked.
 const SPSR_EL1H_MASKED: u64 = 0x3c5;
 
-
 /// The kernel command line of a Linux guest.
 const LINUX_CMDLINE: &str = "console=ttyAMA0 earlycon=pl011,0x9000000 panic=-1 rdinit=/init";
 
@@ -600,7 +599,11 @@ fn handle_sync(regs: &mut GuestRegs) {
         Exit::MmCall(function) => services::mm_call(function, regs),
         Exit::Sysreg(trap, access) => {
             // The virtual GIC's SGI registers first (trapped by IMO/FMO).
-            match vm.lock().vgic.handle_sysreg_trap(VCPU0, trap.esr.iss(), regs) {
+            match vm
+                .lock()
+                .vgic
+                .handle_sysreg_trap(VCPU0, trap.esr.iss(), regs)
+            {
                 SysregTrap::NotVgic => {}
                 SysregTrap::Undefined => return inject_undefined(trap, regs),
                 SysregTrap::SgiSent(_) => {
@@ -664,7 +667,7 @@ fn sysreg(
     after_setway: bool,
 ) {
     match crate::sysreg_emul::classify(&access) {
-            SysregAction::Undefined => inject_undefined(trap, regs),
+        SysregAction::Undefined => inject_undefined(trap, regs),
         action => {
             let value = match action {
                 SysregAction::IdRead { crm, op2 } => Some(crate::sysreg_emul::sanitise_id(
@@ -814,7 +817,10 @@ pub(crate) fn handle_guest_async(regs: &mut GuestRegs, kind: vectors::Kind) {
             );
         }
         vectors::Kind::Sync => {
-            console::marker("PANIC", format_args!("unexpected {kind:?} exception from the guest"));
+            console::marker(
+                "PANIC",
+                format_args!("unexpected {kind:?} exception from the guest"),
+            );
             report_trap("guest (EL1)", regs);
             exit(exit_code::CRASH, "guest-unexpected-exception");
         }
