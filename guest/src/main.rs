@@ -13,6 +13,8 @@ mod bench;
 #[cfg(target_os = "none")]
 mod console;
 #[cfg(target_os = "none")]
+mod gic_tests;
+#[cfg(target_os = "none")]
 mod hostile;
 #[cfg(target_os = "none")]
 mod hyp;

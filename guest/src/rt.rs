@@ -30,8 +30,9 @@ const fn pagetable() -> InitialPagetable {
 initial_pagetable!(pagetable());
 
 /// Exceptions: a synchronous one at a probe's access resumes the probe
-/// (see `probe`); anything else is unexpected, panics, and the panic
-/// handler reports a failure.
+/// (see `probe` and `gic_tests`); an IRQ goes to the GIC tests' handler;
+/// anything else is unexpected, panics, and the panic handler reports a
+/// failure.
 struct Exceptions;
 impl ExceptionHandlers for Exceptions {
     extern "C" fn sync_current(mut state: RegisterStateRef) {
@@ -57,6 +58,13 @@ impl ExceptionHandlers for Exceptions {
             unsafe { state.get_mut().elr += 4 };
             return;
         }
+        if let Some(resume) = crate::gic_tests::fixup(state.elr, esr, far) {
+            // SAFETY: a GIC test's probe access faulted, as the test may
+            // expect: resume at the probes' fault path, which reports the
+            // failure to the probe's caller (its registers are its own).
+            unsafe { state.get_mut().elr = resume };
+            return;
+        }
         if let Some(resume) = crate::probe::fixup(state.elr, esr) {
             // SAFETY: resuming at the probe's fault path, which expects to be
             // entered exactly this way (its registers are its own).
@@ -67,6 +75,19 @@ impl ExceptionHandlers for Exceptions {
             "unexpected synchronous exception: ESR {esr:#x}, FAR {far:#x}, ELR {:#x}",
             state.elr
         );
+    }
+
+    /// An IRQ at EL1: the GIC tests' handler acknowledges, counts and ends
+    /// it (anything unexpected is counted, never a panic). After an
+    /// interrupt storm it asks for IRQs to stay masked in the interrupted
+    /// code, which the tests then report.
+    extern "C" fn irq_current(mut state: RegisterStateRef) {
+        if crate::gic_tests::handle_irq() {
+            // SAFETY: sets only PSTATE.I in the interrupted context's saved
+            // SPSR: it resumes where it was with IRQs masked, which code
+            // that unmasked them must (and the GIC tests do) cope with.
+            unsafe { state.get_mut().spsr |= 1 << 7 };
+        }
     }
 
     extern "C" fn sync_lower(mut state: RegisterStateRef) {

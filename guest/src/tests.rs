@@ -4,7 +4,7 @@ use core::arch::asm;
 
 use crate::console::println;
 use crate::hyp::{self, MmOp, hvc, op, smc};
-use crate::{hostile, iface_tests, probe};
+use crate::{gic_tests, hostile, iface_tests, probe};
 
 type TestResult = Result<(), &'static str>;
 
@@ -83,7 +83,7 @@ pub fn run_all(add_failing: bool) -> (u64, u64) {
             failed += 1;
         }
     };
-    for &(name, f) in tests.iter().chain(hostile::TESTS) {
+    for &(name, f) in tests.iter().chain(gic_tests::TESTS).chain(hostile::TESTS) {
         run(name, f);
     }
     if add_failing {
