@@ -95,6 +95,10 @@ pub mod smccc {
     /// Test builds: forget that `[x1, x1 + x2)` was given back, so that
     /// (unmapped) it is demand-populated again on its next touch.
     pub const HYP_TEST_FORGET: u32 = 0xc600_0f05;
+    /// Test builds: `x1` = a checksum of the hypervisor's text, read-only
+    /// data and a canary page, `x2` = the canary page's physical address
+    /// (a target for a guest trying to make a device write to it).
+    pub const HYP_TEST_CHECKSUM: u32 = 0xc600_0f06;
     /// Test builds: select the lazy-mode nesting policy `x1` (0 Flatten,
     /// 1 FlushInner, 2 Naive, 3 Counted).
     pub const HYP_TEST_SET_POLICY: u32 = 0xc600_0f00;
@@ -775,6 +779,7 @@ mod abi_doc_tests {
             ("HYP_TEST_RUN_WORKLOAD", smccc::HYP_TEST_RUN_WORKLOAD),
             ("HYP_TEST_BENCH_MARK", smccc::HYP_TEST_BENCH_MARK),
             ("HYP_TEST_FORGET", smccc::HYP_TEST_FORGET),
+            ("HYP_TEST_CHECKSUM", smccc::HYP_TEST_CHECKSUM),
         ] {
             // The row that starts with the name.
             let row = DOC.lines().find(|l| l.starts_with(&format!("| `{name}")));

@@ -568,8 +568,10 @@ pub fn alternating_give_back_then_one_big_unmap() -> TestResult {
          every other page given back {} us / {} TLBIs, heap peak +{} bytes",
         r.full_us, r.full_tlbis, r.holes_us, r.holes_tlbis, r.heap_growth
     );
+    // Bounded by the range, not by the holes: at most one range TLBI per
+    // 2 MiB window up to the whole-VMID threshold (64), then one.
     check(
-        r.holes_tlbis <= 4 && r.full_tlbis <= 4,
+        r.holes_tlbis <= 64 + 1 && r.full_tlbis <= 64 + 1,
         "unbounded TLBIs for one HYP_UNMAP",
     )?;
     check(

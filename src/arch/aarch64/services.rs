@@ -71,6 +71,10 @@ pub(super) fn mm_call(function: u32, regs: &mut GuestRegs) {
                 Err(e) => (status(e.code()), 0),
             }
         }
+        smccc::HYP_TEST_CHECKSUM if test => {
+            regs.x[2] = core::ptr::from_ref(&CANARY) as u64;
+            (smccc::SUCCESS, checksum())
+        }
         smccc::HYP_TEST_FREED_PAGE_PROBE if test => {
             if POOL.get().is_some_and(crate::mm::pool::PagePool::guarded) {
                 (smccc::SUCCESS, freed_page_probe())
@@ -83,6 +87,31 @@ pub(super) fn mm_call(function: u32, regs: &mut GuestRegs) {
     };
     regs.x[0] = x0;
     regs.x[1] = x1;
+}
+
+/// A page of the hypervisor's own memory with known contents: a target for
+/// a guest that tries to make a device (the GIC's LPI tables) write to
+/// hypervisor memory; [`checksum`] covers it.
+#[repr(C, align(4096))]
+struct Canary([u8; 4096]);
+static CANARY: Canary = Canary([0xa5; 4096]);
+
+/// `HYP_TEST_CHECKSUM`: FNV-1a over the hypervisor's text and read-only
+/// data (which hold the canary).
+fn checksum() -> u64 {
+    let image = super::el2map::ImageLayout::get();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for range in [image.text, image.rodata] {
+        // SAFETY: the hypervisor's own text and read-only data, mapped
+        // readable in the EL2 map and never written.
+        let bytes = unsafe {
+            core::slice::from_raw_parts(range.start as *const u8, range.end - range.start)
+        };
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
 }
 
 /// Copies one guest-memory slice out of the RAM backing.
