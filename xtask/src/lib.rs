@@ -21,7 +21,7 @@ pub use outcome::{
     parse_exit_marker, parse_guest_summary, parse_result_marker, parse_stats, parse_test_line,
     trusted_marker,
 };
-pub use process::{Captured, run_with_timeout};
+pub use process::{Captured, run_with_input, run_with_timeout};
 pub use qemu::{
     DEFAULT_TIMEOUT, GDB_PORT, PAYLOAD_ADDR, QEMU, RunOptions, ensure_qemu, new_run_token,
     qemu_args, qemu_command, run, run_with_qemu,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Artifacts, RunOptions, RunOutcome, run, run_with_timeout, target_dir};
+use crate::{Artifacts, RunOptions, RunOutcome, run, run_with_input, run_with_timeout, target_dir};
 
 /// Where the initramfs is loaded (physical; must not overlap the kernel at
 /// `PAYLOAD_ADDR`, whose Debian image is about 35 MiB in memory).
@@ -15,6 +15,18 @@ pub const INITRD_ADDR: u64 = 0x4c00_0000;
 
 /// Markers the initramfs prints.
 pub const START_MARKER: &str = "LINUX-INIT-START";
+/// Printed when `/init` waits for a console line.
+pub const RX_READY_MARKER: &str = "LINUX-RX-READY";
+/// The line xtask types then, and what `/init` prints when it read it.
+pub const RX_LINE: &str = "lazyhyp-rx-ok";
+/// The console input of a Linux run: [`RX_LINE`] once `/init` is ready.
+#[must_use]
+pub fn console_input() -> Vec<(String, Vec<u8>)> {
+    vec![(
+        RX_READY_MARKER.to_owned(),
+        format!("{RX_LINE}\n").into_bytes(),
+    )]
+}
 /// Printed after the 64 MiB write and read-back succeeded.
 pub const END_MARKER: &str = "LINUX-INIT-END";
 
@@ -26,6 +38,8 @@ echo LINUX-INIT-START
 /bin/busybox grep MemTotal /proc/meminfo
 /bin/busybox yes lazyhyp | /bin/busybox head -c 67108864 > /tmp/blob
 if /bin/busybox yes lazyhyp | /bin/busybox head -c 67108864 | /bin/busybox cmp - /tmp/blob; then echo LINUX-INIT-END; else echo LINUX-INIT-FAILED; fi
+echo LINUX-RX-READY
+if read -t 60 line; then echo \"LINUX-RX-GOT:$line\"; else echo LINUX-RX-NOTHING; fi
 echo LINUX-INTERRUPTS-START
 /bin/busybox cat /proc/interrupts
 echo LINUX-INTERRUPTS-END
@@ -269,6 +283,7 @@ pub fn boot(
         ],
         echo,
         test_hypercalls: false,
+        console_input: console_input(),
         ..RunOptions::default()
     };
     run(&artifacts, &opts)
@@ -301,7 +316,7 @@ pub fn bare_boot(kernel: &Path, initrd: &Path, timeout: Duration) -> Result<Dura
     .arg("-initrd")
     .arg(initrd)
     .args(["-append", CMDLINE]);
-    let out = run_with_timeout(cmd, Some(timeout), false)?;
+    let out = run_with_input(cmd, Some(timeout), false, &console_input())?;
     if out.timed_out || !out.output.contains(END_MARKER) {
         bail!("bare QEMU run did not reach {END_MARKER}:\n{}", out.output);
     }
@@ -340,6 +355,14 @@ pub fn judge(outcome: &RunOutcome) -> Result<(), String> {
     let timer_irqs = interrupt_count(&outcome.output, "arch_timer");
     if timer_irqs == 0 {
         return Err("no arch_timer interrupts in /proc/interrupts".to_owned());
+    }
+    // The console works both ways: the line xtask typed reached `/init`
+    // through the (emulated) UART's receive path and its interrupt.
+    if !outcome.output.contains(&format!("LINUX-RX-GOT:{RX_LINE}")) {
+        return Err(format!("`/init` did not read the console line `{RX_LINE}`"));
+    }
+    if interrupt_count(&outcome.output, "uart-pl011") == 0 {
+        return Err("no uart-pl011 interrupts in /proc/interrupts".to_owned());
     }
     if outcome.exit_code != Some(0) || outcome.exit.as_ref().map(|e| e.code) != Some(0) {
         return Err(format!(

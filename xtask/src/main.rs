@@ -125,6 +125,7 @@ fn qemu(args: QemuArgs) -> Result<i32> {
         extra_qemu_args: args.extra,
         echo: true,
         test_hypercalls: true,
+        console_input: Vec::new(),
     };
     let outcome = xtask::run(&artifacts, &opts)?;
     println!("{}", outcome.stage2_line());

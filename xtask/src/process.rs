@@ -80,14 +80,30 @@ fn kill(child: &mut Child) -> Result<ExitStatus> {
 ///
 /// # Errors
 /// When the process cannot be spawned or waited for.
-pub fn run_with_timeout(
+pub fn run_with_timeout(cmd: Command, timeout: Option<Duration>, echo: bool) -> Result<Captured> {
+    run_with_input(cmd, timeout, echo, &[])
+}
+
+/// Like [`run_with_timeout`], and when an output line contains the first
+/// string of an `input` pair, writes the second to the process's stdin
+/// (once each, in order; stdin is closed after the last). With no `input`,
+/// stdin is closed from the start.
+///
+/// # Errors
+/// When the process cannot be spawned or waited for.
+pub fn run_with_input(
     mut cmd: Command,
     timeout: Option<Duration>,
     echo: bool,
+    input: &[(String, Vec<u8>)],
 ) -> Result<Captured> {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(if input.is_empty() {
+        Stdio::null()
+    } else {
+        Stdio::piped()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let start = Instant::now();
     let deadline = timeout.map(|t| start + t);
     let mut child = cmd
@@ -103,10 +119,27 @@ pub fn run_with_timeout(
     }
     drop(tx);
 
+    let mut stdin = child.stdin.take();
+    let mut pending = input.iter();
+    let mut next_input = pending.next();
     let mut output = String::new();
     let mut take = |line: String| {
         if echo {
             println!("{line}");
+        }
+        if let Some((trigger, bytes)) = next_input
+            && line.contains(trigger.as_str())
+        {
+            if let Some(pipe) = stdin.as_mut() {
+                // A process that stopped reading is not an error here: the
+                // run's own output says what happened.
+                let _ = std::io::Write::write_all(pipe, bytes);
+                let _ = std::io::Write::flush(pipe);
+            }
+            next_input = pending.next();
+            if next_input.is_none() {
+                stdin = None;
+            }
         }
         output.push_str(&line);
         output.push('\n');

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::artifacts::Artifacts;
 use crate::outcome::RunOutcome;
-use crate::process::run_with_timeout;
+use crate::process::run_with_input;
 
 /// The QEMU binary.
 pub const QEMU: &str = "qemu-system-aarch64";
@@ -46,6 +46,9 @@ pub struct RunOptions {
     /// Add `test.hypercalls=1`: the bundled test guest and the benchmark
     /// need the test-only hypercalls; a Linux guest never gets them.
     pub test_hypercalls: bool,
+    /// Console input: when an output line contains the first string, type
+    /// the second (see [`crate::process::run_with_input`]).
+    pub console_input: Vec<(String, Vec<u8>)>,
 }
 
 impl Default for RunOptions {
@@ -58,6 +61,7 @@ impl Default for RunOptions {
             extra_qemu_args: Vec::new(),
             echo: false,
             test_hypercalls: true,
+            console_input: Vec::new(),
         }
     }
 }
@@ -268,10 +272,11 @@ pub fn run_with_qemu(qemu: &Path, artifacts: &Artifacts, opts: &RunOptions) -> R
         Some(opts.timeout)
     };
     let token = new_run_token();
-    let captured = run_with_timeout(
+    let captured = run_with_input(
         qemu_command(qemu, artifacts, opts, &token),
         timeout,
         opts.echo,
+        &opts.console_input,
     )?;
     Ok(RunOutcome::from_output(
         captured.output,

@@ -131,6 +131,41 @@ pub fn putc(byte: u8) {
     }
 }
 
+/// Turns the real UART's receive interrupt on or off (the hypervisor takes
+/// it at EL2 and forwards the bytes to a guest's emulated UART).
+pub fn set_rx_interrupt(on: bool) {
+    if let Some(console) = CONSOLE.lock().as_mut() {
+        let masks = console.uart.interrupt_masks();
+        let rx = arm_pl011_uart::Interrupts::RXI | arm_pl011_uart::Interrupts::RTI;
+        console
+            .uart
+            .set_interrupt_masks(if on { masks | rx } else { masks - rx });
+    }
+}
+
+/// Hands at most `max` bytes the real UART received to `sink`, oldest
+/// first; what does not fit stays in the UART. Returns how many.
+pub fn drain_rx(max: usize, mut sink: impl FnMut(u8)) -> usize {
+    let mut guard = CONSOLE.lock();
+    let Some(console) = guard.as_mut() else {
+        return 0;
+    };
+    let mut n = 0;
+    // Bounded by `max` and by the UART's FIFO (32 on QEMU) and then some.
+    for _ in 0..max.min(64) {
+        match console.uart.read_word() {
+            Ok(Some(b)) => {
+                sink(b);
+                n += 1;
+            }
+            // An error (framing, overrun, break) loses that byte; go on.
+            Err(_) => {}
+            Ok(None) => break,
+        }
+    }
+    n
+}
+
 /// Like [`print`], for the panic path: if the panicking code held the
 /// console lock, take it anyway. Only one CPU runs, and it is the one that
 /// panicked, so the holder will never run again.

@@ -172,6 +172,9 @@ struct Vm {
     /// The real PL011 is the guest's (`guest.uart=passthrough`): its SPI is
     /// delivered hardware-backed.
     uart_hw_irq: bool,
+    /// The emulated UART's receive FIFO was full: the real UART's receive
+    /// interrupt is off until the guest makes room.
+    rx_paused: bool,
 }
 
 /// The one vCPU's index in the virtual GIC.
@@ -223,7 +226,7 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
     // SAFETY: the stage-2 tables live in a static forever and map only guest
     // RAM backing and the PL011; vtcr describes them.
     unsafe { vm::configure(vttbr, vtcr, cpu, Vgic::mpidr(VCPU0)) };
-    init_gic(boot.args.uart_passthrough || boot.args.linux);
+    init_gic();
 
     let mut regs = GuestRegs::default();
     // Linux: the device tree's IPA (x1..x3 zero, as the boot protocol
@@ -415,7 +418,7 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
         mm.leave();
     }
     // The GIC frames are not mapped: every access traps to the virtual GIC.
-    if args.uart_passthrough || args.linux {
+    if args.uart_passthrough {
         stage2
             .map(PL011_BASE as u64, PAGE_SIZE, PL011_BASE, S2Attrs::DEVICE)
             .unwrap_or_else(|e| setup_error(format_args!("mapping the PL011: {e:?}")));
@@ -436,9 +439,8 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
         backing: layout.guest_backing.start,
     };
     let mem = GuestMemory::new(ram, args.fault_around_kib << 10);
-    let uart = (!args.uart_passthrough && !args.linux)
-        .then(|| crate::mmio::Pl011::new(console::putc as fn(u8)));
-    let uart_hw_irq = args.uart_passthrough || args.linux;
+    let uart = (!args.uart_passthrough).then(|| crate::mmio::Pl011::new(console::putc as fn(u8)));
+    let uart_hw_irq = args.uart_passthrough;
     let mut config = VgicConfig::qemu_virt(1);
     for spi in &mut config.spis {
         if spi.intid == qemu_virt::UART_SPI {
@@ -454,6 +456,7 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
             vcpu: Vcpu::default(),
             vgic,
             uart_hw_irq,
+            rx_paused: false,
         })
     });
     vttbr
@@ -645,6 +648,7 @@ fn handle_sync(regs: &mut GuestRegs) {
                     && crate::mmio::emulate(uart, trap.esr, ipa - base, regs)
                 {
                     crate::mm::counters::inc(&EXITS.mmio_emulated);
+                    uart_accessed(vm);
                     return;
                 }
             }
@@ -846,24 +850,67 @@ fn handle_irq(intid: u32) {
                 gic::deactivate(intid);
             }
         }
+        // Bytes from the host for the guest's emulated UART.
+        qemu_virt::UART_SPI => {
+            gic::deactivate(intid);
+            forward_rx(vm);
+        }
         // The maintenance interrupt: its purpose, an exit, is served; the
         // refill is the next entry. Anything else: not ours to keep.
         _ => gic::deactivate(intid),
     }
 }
 
+/// Moves what the real UART received into the guest's emulated UART, as
+/// much as its receive FIFO takes, and updates the guest's interrupt line.
+/// While the emulated FIFO is full the real UART's receive interrupt is off
+/// (the bytes wait in the real UART, and the level-triggered interrupt
+/// cannot keep firing); a guest read that makes room turns it back on
+/// ([`uart_accessed`]).
+fn forward_rx(vm: &mut Vm) {
+    let Some(uart) = vm.uart.as_mut() else {
+        return;
+    };
+    console::drain_rx(uart.rx_space(), |b| {
+        uart.push_rx(b);
+    });
+    if uart.rx_space() == 0 {
+        console::set_rx_interrupt(false);
+        vm.rx_paused = true;
+    }
+    vm.vgic.set_spi_level(qemu_virt::UART_SPI, uart.irq_line());
+}
+
+/// After the guest accessed its emulated UART: its interrupt line follows
+/// the UART's state, and reception resumes if it had paused.
+fn uart_accessed(vm: &mut Vm) {
+    let Some(uart) = vm.uart.as_ref() else {
+        return;
+    };
+    let line = uart.irq_line();
+    let room = uart.rx_space() > 0;
+    vm.vgic.set_spi_level(qemu_virt::UART_SPI, line);
+    if vm.rx_paused && room {
+        vm.rx_paused = false;
+        console::set_rx_interrupt(true);
+    }
+}
+
 /// Brings up the physical GIC for the guest: the distributor, this CPU's
 /// redistributor and CPU interface, and the interrupts the guest's virtual
 /// GIC is backed by: the maintenance PPI, the virtual timer PPI, and the
-/// UART's SPI when the guest has the real UART.
-fn init_gic(uart_hw_irq: bool) {
+/// UART's SPI (delivered hardware-backed to a guest that has the real UART;
+/// otherwise the hypervisor's, which forwards received bytes to the guest's
+/// emulated UART).
+fn init_gic() {
     let gic = gic::Gic::init_distributor()
         .and_then(gic::Gic::init_cpu)
         .unwrap_or_else(|e| setup_error(format_args!("{e}")));
     gic.enable_private(qemu_virt::MAINTENANCE_PPI);
     gic.enable_private(qemu_virt::VTIMER_PPI);
-    if uart_hw_irq {
-        gic.enable_spi(qemu_virt::UART_SPI);
+    gic.enable_spi(qemu_virt::UART_SPI);
+    if VM.get().is_some_and(|vm| !vm.lock().uart_hw_irq) {
+        console::set_rx_interrupt(true);
     }
     log::info!(
         "GIC: physical GICv3 owned at EL2; virtual GIC with {} list registers",
