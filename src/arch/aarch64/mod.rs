@@ -948,12 +948,14 @@ fn vgic_mmio(
     ipa: u64,
     regs: &mut GuestRegs,
 ) -> Option<Result<(), crate::mmio::MmioError>> {
-    let gicd = qemu_virt::GICD_BASE..qemu_virt::GICD_BASE + qemu_virt::GICD_SIZE;
-    let gicr = qemu_virt::GICR_BASE..qemu_virt::GICR_BASE + vm.vgic.gicr_size();
-    let result = if gicd.contains(&ipa) {
-        crate::mmio::emulate_or_abort(&mut vm.vgic.gicd(), trap.esr, ipa - gicd.start, regs)
-    } else if gicr.contains(&ipa) {
-        crate::mmio::emulate_or_abort(&mut vm.vgic.gicr(), trap.esr, ipa - gicr.start, regs)
+    let distributor = qemu_virt::GICD_BASE..qemu_virt::GICD_BASE + qemu_virt::GICD_SIZE;
+    let redistributors = qemu_virt::GICR_BASE..qemu_virt::GICR_BASE + vm.vgic.gicr_size();
+    let result = if distributor.contains(&ipa) {
+        let offset = ipa - distributor.start;
+        crate::mmio::emulate_or_abort(&mut vm.vgic.gicd(), trap.esr, offset, regs)
+    } else if redistributors.contains(&ipa) {
+        let offset = ipa - redistributors.start;
+        crate::mmio::emulate_or_abort(&mut vm.vgic.gicr(), trap.esr, offset, regs)
     } else {
         return None;
     };
