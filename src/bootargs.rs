@@ -143,7 +143,7 @@ impl core::fmt::Display for BootArgsError<'_> {
             Self::NotKeyValue(w) => write!(f, "boot argument `{w}` is not key=value"),
             Self::UnknownKey(k) => write!(
                 f,
-                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.kind, linux.initrd, linux.initrd_size, guest.fail, guest.bench, guest.unmap_bench_mib, run.token, test.hypercalls)"
+                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.kind, linux.initrd, linux.initrd_size, guest.fail, guest.bench, guest.unmap_bench_mib, linux.append, run.token, test.hypercalls)"
             ),
             Self::BadValue { key, value } => write!(f, "bad value `{value}` for `{key}`"),
         }
@@ -206,6 +206,12 @@ impl BootArgs {
                 "guest.unmap_bench_mib" => {
                     args.unmap_bench_mib = parse_number(value).ok_or(bad)?;
                 }
+                // Kept as text (see `linux_append`); checked here.
+                "linux.append" => {
+                    if !is_percent_encoded(value) {
+                        return Err(bad);
+                    }
+                }
                 "run.token" => args.run_token = RunToken::parse(value).ok_or(bad)?,
                 "test.hypercalls" => args.test_hypercalls = parse_bool(value).ok_or(bad)?,
                 "guest.fail" => match value {
@@ -226,6 +232,65 @@ impl BootArgs {
         }
         Ok(args)
     }
+}
+
+/// The value of `linux.append=` in `cmdline`, still percent-encoded: extra
+/// kernel command-line words for a Linux guest (a space is `%20`, a `%` is
+/// `%25`; bootargs are split at spaces). The last one wins.
+#[must_use]
+pub fn linux_append(cmdline: &str) -> Option<&str> {
+    cmdline
+        .split_ascii_whitespace()
+        .rev()
+        .find_map(|w| w.strip_prefix("linux.append="))
+}
+
+/// Whether `s` is printable ASCII without spaces whose every `%` starts a
+/// two-hex-digit escape.
+fn is_percent_encoded(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let escape = b.get(i + 1..i + 3);
+                if !escape.is_some_and(|e| e.iter().all(u8::is_ascii_hexdigit)) {
+                    return false;
+                }
+                i += 3;
+            }
+            b'!'..=b'~' => i += 1,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Decodes a percent-encoded value (see [`linux_append`]); `None` if it is
+/// not one, or decodes to something other than printable ASCII.
+#[must_use]
+pub fn percent_decode(s: &str) -> Option<alloc::string::String> {
+    if !is_percent_encoded(s) {
+        return None;
+    }
+    let b = s.as_bytes();
+    let mut out = alloc::string::String::with_capacity(s.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = core::str::from_utf8(&b[i + 1..i + 3]).ok()?;
+            let c = u8::from_str_radix(hex, 16).ok()?;
+            if !(b' '..=b'~').contains(&c) {
+                return None;
+            }
+            out.push(char::from(c));
+            i += 3;
+        } else {
+            out.push(char::from(b[i]));
+            i += 1;
+        }
+    }
+    Some(out)
 }
 
 fn parse_bool(s: &str) -> Option<bool> {
@@ -324,6 +389,25 @@ mod tests {
         assert!(BootArgs::parse("run.token=xyz").is_err());
         assert!(BootArgs::parse(&format!("run.token={}", "a".repeat(33))).is_err());
         assert!(BootArgs::parse("test.hypercalls=yes").is_err());
+    }
+
+    #[test]
+    fn linux_append_is_percent_encoded() {
+        let line = "log=info linux.append=quiet%20loglevel=3%20x%25y guest.kind=linux";
+        assert!(BootArgs::parse(line).is_ok());
+        let raw = linux_append(line).expect("present");
+        assert_eq!(raw, "quiet%20loglevel=3%20x%25y");
+        assert_eq!(percent_decode(raw).as_deref(), Some("quiet loglevel=3 x%y"));
+        for bad in ["a%2", "a%zz", "a%", "%0a"] {
+            assert!(
+                BootArgs::parse(&format!("linux.append={bad}")).is_err()
+                    || percent_decode(bad).is_none(),
+                "{bad}"
+            );
+        }
+        assert_eq!(percent_decode("%0a"), None, "no control characters");
+        assert!(BootArgs::parse("linux.append=a%2").is_err());
+        assert_eq!(linux_append("log=info"), None);
     }
 
     #[test]

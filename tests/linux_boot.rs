@@ -5,8 +5,6 @@
 //! Debian/Ubuntu as root (as CI is); elsewhere the test fails with the
 //! command to run.
 
-use std::time::Duration;
-
 #[test]
 fn debian_linux_boots_to_init_end_and_powers_off() {
     xtask::ensure_qemu().unwrap_or_else(|e| panic!("{e:#}"));
@@ -16,8 +14,9 @@ fn debian_linux_boots_to_init_end_and_powers_off() {
         &artifacts.hypervisor,
         &kernel,
         &initrd,
-        Duration::from_mins(4),
+        xtask::linux::DEFAULT_TIMEOUT,
         false,
+        "",
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
     if let Err(why) = xtask::linux::judge(&outcome) {

@@ -250,7 +250,31 @@ fn version_key(name: &str) -> Vec<u64> {
         .collect()
 }
 
-/// Boots `kernel` with `initrd` under the hypervisor.
+/// The default time limit of a Linux run: generous enough for a loaded
+/// 2-core CI machine (TCG's time for the 64 MiB write-and-compare alone
+/// varies from 15 s to 75 s there).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_mins(10);
+
+/// Percent-encodes extra kernel command-line words for the hypervisor's
+/// `linux.append=` bootarg (bootargs are split at spaces).
+#[must_use]
+pub fn encode_append(words: &str) -> String {
+    let mut out = String::new();
+    for c in words.trim().chars() {
+        match c {
+            ' ' => out.push_str("%20"),
+            '%' => out.push_str("%25"),
+            c if c.is_ascii_graphic() => out.push(c),
+            // Anything else (tabs, newlines, non-ASCII) would not survive
+            // the bootargs: drop it, visibly.
+            _ => out.push_str("%3F"),
+        }
+    }
+    out
+}
+
+/// Boots `kernel` with `initrd` under the hypervisor; `append` adds kernel
+/// command-line words after the hypervisor's own (empty: none).
 ///
 /// # Errors
 ///
@@ -261,6 +285,7 @@ pub fn boot(
     initrd: &Path,
     timeout: Duration,
     echo: bool,
+    append: &str,
 ) -> Result<RunOutcome> {
     let size = std::fs::metadata(initrd)?.len();
     let artifacts = Artifacts {
@@ -269,11 +294,17 @@ pub fn boot(
     };
     let opts = RunOptions {
         timeout,
-        bootargs: vec![
-            "guest.kind=linux".to_owned(),
-            format!("linux.initrd={INITRD_ADDR:#x}"),
-            format!("linux.initrd_size={size}"),
-        ],
+        bootargs: {
+            let mut b = vec![
+                "guest.kind=linux".to_owned(),
+                format!("linux.initrd={INITRD_ADDR:#x}"),
+                format!("linux.initrd_size={size}"),
+            ];
+            if !append.trim().is_empty() {
+                b.push(format!("linux.append={}", encode_append(append)));
+            }
+            b
+        },
         extra_qemu_args: vec![
             "-device".to_owned(),
             format!(
@@ -292,15 +323,29 @@ pub fn boot(
 /// The kernel command line (as the hypervisor gives it, for the bare run).
 pub const CMDLINE: &str = "console=ttyAMA0 earlycon=pl011,0x9000000 panic=-1 rdinit=/init";
 
+/// Wall and CPU time of one run to power-off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sample {
+    /// Wall time.
+    pub wall: Duration,
+    /// QEMU's CPU time (user + system).
+    pub cpu: Duration,
+}
+
 /// Boots `kernel` with `initrd` on bare QEMU (no hypervisor), with the same
-/// CPU options and as much RAM as the hypervisor gives the guest. Returns
-/// the wall time to power-off, if the run reached the end marker.
+/// CPU options, as much RAM as the hypervisor gives the guest, the same
+/// command line (ours, then `append`) and the same console input.
 ///
 /// # Errors
 ///
 /// If QEMU cannot run, or the run does not reach the end marker.
-pub fn bare_boot(kernel: &Path, initrd: &Path, timeout: Duration) -> Result<Duration> {
+pub fn bare_boot(kernel: &Path, initrd: &Path, timeout: Duration, append: &str) -> Result<Sample> {
     let mut cmd = Command::new(crate::QEMU);
+    let cmdline = if append.trim().is_empty() {
+        CMDLINE.to_owned()
+    } else {
+        format!("{CMDLINE} {}", append.trim())
+    };
     cmd.args([
         "-M",
         "virt,gic-version=3",
@@ -315,12 +360,16 @@ pub fn bare_boot(kernel: &Path, initrd: &Path, timeout: Duration) -> Result<Dura
     .arg(kernel)
     .arg("-initrd")
     .arg(initrd)
-    .args(["-append", CMDLINE]);
+    .arg("-append")
+    .arg(cmdline);
     let out = run_with_input(cmd, Some(timeout), false, &console_input())?;
     if out.timed_out || !out.output.contains(END_MARKER) {
         bail!("bare QEMU run did not reach {END_MARKER}:\n{}", out.output);
     }
-    Ok(out.elapsed)
+    Ok(Sample {
+        wall: out.elapsed,
+        cpu: out.cpu,
+    })
 }
 
 /// Median of a few durations.
@@ -328,6 +377,39 @@ pub fn bare_boot(kernel: &Path, initrd: &Path, timeout: Duration) -> Result<Dura
 pub fn median(mut d: Vec<Duration>) -> Duration {
     d.sort();
     d.get(d.len() / 2).copied().unwrap_or_default()
+}
+
+/// Median, minimum and maximum of a few durations, in seconds.
+#[must_use]
+pub fn spread(d: &[Duration]) -> (f64, f64, f64) {
+    let secs: Vec<f64> = d.iter().map(Duration::as_secs_f64).collect();
+    let min = secs.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = secs.iter().copied().fold(0.0, f64::max);
+    (median(d.to_vec()).as_secs_f64(), min, max)
+}
+
+/// Where a Linux run was when it stopped printing: the last phase marker.
+#[must_use]
+pub fn phase(output: &str) -> &'static str {
+    let last = |m: &str| output.rfind(m);
+    let phases = [
+        (START_MARKER, "init: the 64 MiB tmpfs write and compare"),
+        (END_MARKER, "init: waiting for the console line"),
+        (RX_READY_MARKER, "init: waiting for the console line"),
+        (
+            "LINUX-RX-GOT",
+            "init: printing /proc/interrupts and powering off",
+        ),
+        ("LINUX-INTERRUPTS-END", "power-off"),
+    ];
+    phases
+        .iter()
+        .filter_map(|(m, what)| last(m).map(|at| (at, *what)))
+        .max_by_key(|(at, _)| *at)
+        .map_or(
+            "kernel boot (before /init printed anything)",
+            |(_, what)| what,
+        )
 }
 
 /// Whether a Linux run reached the init's end marker and powered off cleanly.
@@ -338,8 +420,9 @@ pub fn median(mut d: Vec<Duration>) -> Duration {
 pub fn judge(outcome: &RunOutcome) -> Result<(), String> {
     if outcome.timed_out {
         return Err(format!(
-            "timed out after {:.0} s",
-            outcome.elapsed.as_secs_f64()
+            "timed out after {:.0} s, in phase: {} (raise --timeout on a slow machine)",
+            outcome.elapsed.as_secs_f64(),
+            phase(&outcome.output)
         ));
     }
     if let Some(p) = &outcome.panic {
@@ -402,6 +485,25 @@ pub fn interrupt_count(output: &str, name: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn append_is_percent_encoded_and_phases_are_named() {
+        assert_eq!(
+            encode_append(" quiet  loglevel=3%\t"),
+            "quiet%20%20loglevel=3%25"
+        );
+        assert!(phase("booting...").starts_with("kernel boot"));
+        assert!(phase("LINUX-INIT-START\n").contains("64 MiB"));
+        assert!(
+            phase("LINUX-INIT-START\nLINUX-INIT-END\nLINUX-RX-READY\n").contains("console line")
+        );
+        let (m, lo, hi) = spread(&[
+            Duration::from_secs(3),
+            Duration::from_secs(1),
+            Duration::from_secs(2),
+        ]);
+        assert_eq!((m, lo, hi), (2.0, 1.0, 3.0));
+    }
 
     #[test]
     fn interrupt_counts_from_proc_interrupts() {

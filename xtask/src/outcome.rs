@@ -202,6 +202,8 @@ pub struct RunOutcome {
     pub timed_out: bool,
     /// Wall time of the run.
     pub elapsed: Duration,
+    /// QEMU's CPU time (user + system), where the run measured it.
+    pub cpu: Duration,
     /// The last guest closing line `guest: N passed, M failed`.
     pub summary: Option<GuestSummary>,
     /// The last `LAZYHYP-RESULT` marker.
@@ -237,6 +239,7 @@ impl RunOutcome {
             exit_code,
             timed_out,
             elapsed,
+            cpu: Duration::ZERO,
             summary: None,
             result: None,
             exit: None,

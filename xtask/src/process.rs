@@ -21,6 +21,28 @@ pub struct Captured {
     pub timed_out: bool,
     /// Wall time from spawn until the process was reaped.
     pub elapsed: Duration,
+    /// CPU time (user + system) of the process and of the children it
+    /// waited for, as the kernel accounted them when it was reaped.
+    pub cpu: Duration,
+}
+
+/// The CPU time (user + system) of every child this process has reaped so
+/// far (`getrusage(RUSAGE_CHILDREN)`); zero where it cannot be read.
+#[must_use]
+pub fn reaped_children_cpu() -> Duration {
+    // SAFETY: `getrusage` writes one `rusage` into the zeroed value we own.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_CHILDREN, &raw mut usage) != 0 {
+            return Duration::ZERO;
+        }
+        usage
+    };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// How long to keep collecting lines that were already read when the process
@@ -104,6 +126,9 @@ pub fn run_with_input(
     })
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
+    // Children are reaped one at a time here, so the growth of the reaped
+    // children's CPU time over this call is this process's.
+    let cpu_before = reaped_children_cpu();
     let start = Instant::now();
     let deadline = timeout.map(|t| start + t);
     let mut child = cmd
@@ -188,6 +213,7 @@ pub fn run_with_input(
         status,
         timed_out,
         elapsed,
+        cpu: reaped_children_cpu().saturating_sub(cpu_before),
     })
 }
 

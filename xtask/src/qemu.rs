@@ -278,13 +278,15 @@ pub fn run_with_qemu(qemu: &Path, artifacts: &Artifacts, opts: &RunOptions) -> R
         opts.echo,
         &opts.console_input,
     )?;
-    Ok(RunOutcome::from_output(
+    let mut outcome = RunOutcome::from_output(
         captured.output,
         captured.status.code(),
         captured.timed_out,
         captured.elapsed,
         &token,
-    ))
+    );
+    outcome.cpu = captured.cpu;
+    Ok(outcome)
 }
 
 #[cfg(test)]

@@ -270,6 +270,8 @@ struct BootInfo {
     initrd: Range<PhysAddr>,
     kind: Payload,
     guest_ram: usize,
+    /// `linux.append=`, still percent-encoded (empty: none).
+    linux_append: &'static str,
 }
 
 /// Reads the device tree (RAM, bootargs) and parses the guest payload.
@@ -279,8 +281,9 @@ fn read_boot_info() -> BootInfo {
     // writes it.
     let fdt = unsafe { fdt::Fdt::from_ptr(DTB_ADDR as *const u8) }
         .unwrap_or_else(|e| setup_error(format_args!("no device tree at {DTB_ADDR:#x}: {e:?}")));
-    let args = BootArgs::parse(fdt.chosen().bootargs().unwrap_or(""))
-        .unwrap_or_else(|e| setup_error(format_args!("{e}")));
+    let cmdline = fdt.chosen().bootargs().unwrap_or("");
+    let args = BootArgs::parse(cmdline).unwrap_or_else(|e| setup_error(format_args!("{e}")));
+    let linux_append = crate::bootargs::linux_append(cmdline).unwrap_or("");
     log::set_max_level(args.log);
     console::set_token(args.run_token);
     TEST_HYPERCALLS.store(args.test_hypercalls, Ordering::Relaxed);
@@ -352,6 +355,7 @@ fn read_boot_info() -> BootInfo {
         ))
     };
     BootInfo {
+        linux_append,
         guest_ram: args.guest_ram_mib << 20,
         args,
         ram,
@@ -498,10 +502,19 @@ fn load_linux(
     if initrd_len > (62 << 20) {
         setup_error(format_args!("initramfs larger than 62 MiB"));
     }
+    // The user's words (`cargo xtask linux --append`) after ours.
+    let mut cmdline = alloc::string::String::from(LINUX_CMDLINE);
+    if !boot.linux_append.is_empty() {
+        let extra = crate::bootargs::percent_decode(boot.linux_append)
+            .unwrap_or_else(|| setup_error(format_args!("linux.append is not percent-encoded")));
+        cmdline.push(' ');
+        cmdline.push_str(&extra);
+    }
+    log::info!("Linux command line: {cmdline}");
     let tree = crate::linux::build_tree(&crate::linux::GuestTree {
         ram: GUEST_RAM_IPA..ram_end,
         initrd: (initrd_len > 0).then(|| initrd_ipa..initrd_ipa + boot.args.initrd.1 as u64),
-        bootargs: LINUX_CMDLINE,
+        bootargs: &cmdline,
         gicd: (qemu_virt::GICD_BASE, qemu_virt::GICD_SIZE),
         gicr: (qemu_virt::GICR_BASE, 0x2_0000),
         uart: PL011_BASE as u64,
