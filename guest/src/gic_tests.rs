@@ -43,6 +43,10 @@ pub const TESTS: &[Test] = &[
         "gic_bad_accesses_are_contained",
         gic_bad_accesses_are_contained,
     ),
+    (
+        "interrupt_floods_do_not_stall_the_hypervisor",
+        interrupt_floods_do_not_stall_the_hypervisor,
+    ),
 ];
 
 fn check(cond: bool, reason: &'static str) -> TestResult {
@@ -1069,4 +1073,57 @@ fn gic_bad_accesses_are_contained() -> TestResult {
         (rd32(GICD + gicd::PIDR2)? >> 4) & 0xf == 3,
         "the GIC no longer answers after the bad accesses",
     )
+}
+
+/// A guest that floods interrupts cannot keep the hypervisor busy: a
+/// virtual timer that fires at once and is never acknowledged (IRQs masked
+/// at EL1) costs EL2 one exit, because the physical PPI stays active until
+/// the guest deactivates the virtual one behind the hardware-backed list
+/// register; a thousand self-SGIs cost one trapped write each and are
+/// delivered once (SGIs latch). After unmasking, each source is delivered
+/// exactly once.
+fn interrupt_floods_do_not_stall_the_hypervisor() -> TestResult {
+    const FLOOD_SGI: u32 = 5;
+    let irq_exits = || crate::hyp::stat("exits_irq").unwrap_or(u64::MAX);
+    with_gic(1 << VTIMER_PPI | 1 << FLOOD_SGI, || {
+        // The timer "at 0": expired at once, and left expired while masked.
+        TIMER_WANTED.store(1, Ordering::SeqCst);
+        let before = irq_exits();
+        msr!("cntv_tval_el0", 0);
+        msr!("cntv_ctl_el0", CNTV_ENABLE);
+        delay(20_000);
+        let timer_exits = irq_exits().saturating_sub(before);
+        // A thousand self-SGIs while masked.
+        for _ in 0..1000 {
+            send_sgi(sgi1r_to_self(FLOOD_SGI));
+        }
+        let after_sgis = irq_exits();
+        let sgi_irq_exits = after_sgis.saturating_sub(before + timer_exits);
+        with_irqs_unmasked(|| {
+            wait_until(100_000, || {
+                TIMER_TICKS.load(Ordering::SeqCst) >= 1
+                    && SGIS[FLOOD_SGI as usize].load(Ordering::SeqCst) >= 1
+            });
+            delay(5_000);
+        });
+        msr!("cntv_ctl_el0", 0);
+        TIMER_WANTED.store(0, Ordering::SeqCst);
+        println!(
+            "  timer at 0 for 20 ms masked: {timer_exits} IRQ exits; 1000 self-SGIs: {sgi_irq_exits} IRQ exits"
+        );
+        check(
+            timer_exits <= 2,
+            "an unacknowledged timer kept exiting to EL2",
+        )?;
+        check(sgi_irq_exits <= 1, "self-SGIs caused physical interrupts")?;
+        check(
+            TIMER_TICKS.load(Ordering::SeqCst) == 1,
+            "the flooding timer was not delivered exactly once",
+        )?;
+        check(
+            SGIS[FLOOD_SGI as usize].load(Ordering::SeqCst) == 1,
+            "a thousand latched self-SGIs were not delivered exactly once",
+        )?;
+        no_surprises(1)
+    })
 }
