@@ -388,6 +388,21 @@ pub fn spread(d: &[Duration]) -> (f64, f64, f64) {
     (median(d.to_vec()).as_secs_f64(), min, max)
 }
 
+/// The run's guest exits per second of wall time, by kind (the `exits_*`
+/// counters and the emulated accesses), as one line.
+#[must_use]
+pub fn exit_rates(outcome: &RunOutcome) -> String {
+    let secs = outcome.elapsed.as_secs_f64().max(f64::EPSILON);
+    let mut line = String::from("exits per second:");
+    for (k, v) in outcome.stats.iter().flatten() {
+        if k.starts_with("exits_") || k == "mmio_emulated" || k == "sysreg_emulated" {
+            let n: f64 = v.parse().unwrap_or(0.0);
+            let _ = std::fmt::Write::write_fmt(&mut line, format_args!(" {k}={:.0}", n / secs));
+        }
+    }
+    line
+}
+
 /// Where a Linux run was when it stopped printing: the last phase marker.
 #[must_use]
 pub fn phase(output: &str) -> &'static str {

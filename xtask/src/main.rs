@@ -205,6 +205,7 @@ fn linux(
         outcome.elapsed.as_secs_f64(),
         outcome.cpu.as_secs_f64()
     );
+    println!("xtask linux: {}", xtask::linux::exit_rates(&outcome));
     let Some(n) = compare else {
         return Ok(true);
     };
