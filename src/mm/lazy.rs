@@ -361,6 +361,14 @@ impl RangeQueue {
         }
     }
 
+    /// Turns the queue into one invalidation of everything, and says that
+    /// every address has it pending (not only the hull of what was
+    /// queued).
+    pub fn collapse_all(&mut self) {
+        self.collapse();
+        self.whole = Some(0..u64::MAX);
+    }
+
     /// Turns the queue into one whole-space invalidation.
     pub fn collapse(&mut self) {
         if self.whole.is_some() {
@@ -431,7 +439,7 @@ impl TlbBatch {
 
     /// Queues the invalidation of everything of `vmid`.
     pub fn add_stage2_all(&mut self, vmid: Vmid) {
-        self.vmid_queue(vmid).collapse();
+        self.vmid_queue(vmid).collapse_all();
     }
 
     /// Queues the EL2-map pages `[va, va + size)`.
@@ -1388,6 +1396,23 @@ mod tests {
                 "ripas2le1is 1 0x800000 1024 Some(2)"
             ]
         );
+    }
+
+    /// An invalidation of the whole VMID (compact, drop) is pending for
+    /// every IPA, so a map anywhere completes it first; a queue that
+    /// collapsed from ranges keeps their hull.
+    #[test]
+    fn whole_vmid_invalidation_is_pending_everywhere() {
+        let mm = MmCtx::new(NoopArch);
+        mm.enter();
+        mm.queue_stage2_invalidation(Vmid(1), 0x1000, PAGE, T);
+        mm.queue_stage2_invalidation_all(Vmid(1));
+        assert!(mm.stage2_invalidation_pending(Vmid(1), 1 << 38, PAGE));
+        assert!(!mm.stage2_invalidation_pending(Vmid(2), 0x1000, PAGE));
+        mm.leave();
+        let mut q = RangeQueue::default();
+        q.insert(0x1000, 0x2000, T, Budget::RangeOps(1));
+        assert!(q.is_whole() && q.overlaps(0x1000, 0x1001) && !q.overlaps(0x2000, 0x3000));
     }
 
     /// Issue 10: a flush that owes TLBIs issues `DSB ISHST` before them even
