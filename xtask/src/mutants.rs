@@ -28,7 +28,9 @@ pub enum Expect {
     /// The tests must fail.
     Killed,
     /// The tests pass: the mutant is equivalent as far as the host model
-    /// can see (the reason says why).
+    /// can see (the reason says why). None of the current list is; a new
+    /// mutant the model cannot see is listed so, with its reason.
+    #[allow(dead_code, reason = "for mutants the model cannot see; none now")]
     Equivalent(&'static str),
 }
 
@@ -120,14 +122,12 @@ pub const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "one-dsb-for-both-tlbi-rounds",
         file: "src/mm/lazy.rs",
-        find: "        // otherwise another PE's walk in between could rebuild a combined\n        // entry from a stage-2 entry not yet gone.\n        self.dsb_ish(counters);\n",
-        replace: "        // otherwise another PE's walk in between could rebuild a combined\n        // entry from a stage-2 entry not yet gone.\n",
-        what: "VMALLE1IS issued before the stage-2 TLBIs completed (one DSB ISH for both)",
-        expect: Expect::Equivalent(
-            "the model completes the TLBIs a DSB ISH completes in issue order, so the combined \
-             entry is dropped after the stage-2 one; a real PE may complete them in any order \
-             (docs/lazy-mmu.md, not modelled)",
-        ),
+        find: "        // entry from a stage-2 entry not yet gone.\n        self.dsb_ish(counters);\n",
+        replace: "        // entry from a stage-2 entry not yet gone.\n        if !any_vmid {\n            self.dsb_ish(counters);\n        }\n",
+        what: "VMALLE1IS issued before the stage-2 TLBIs completed (one DSB ISH for both rounds)",
+        // The model completes the TLBIs one DSB ISH completes in issue
+        // order, so it does not see this; the barrier-count tests do.
+        expect: Expect::Killed,
     },
 ];
 
