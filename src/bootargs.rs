@@ -60,6 +60,10 @@ pub struct BootArgs {
     /// `test.hypercalls=0|1`: the test-only hypercalls (nesting policy,
     /// benchmarks, ...) are answered (default: off, `NOT_SUPPORTED`).
     pub test_hypercalls: bool,
+    /// `mm.fwb=0|1`: use FEAT_S2FWB (forced write-back at stage 2) when
+    /// the CPU has it (default), or keep guest memory coherent with
+    /// explicit cache maintenance (`crate::coherency`).
+    pub fwb: bool,
     /// `guest.unmap_bench_mib=<MiB>`: the test guest runs only the unmap
     /// benchmark (page-map this much guest RAM from IPA 0x4400_0000, give
     /// back every other page, unmap it in one call) and reports it (0: no).
@@ -116,6 +120,7 @@ impl Default for BootArgs {
             initrd: (0, 0),
             run_token: RunToken::default(),
             test_hypercalls: false,
+            fwb: true,
             unmap_bench_mib: 0,
         }
     }
@@ -143,7 +148,7 @@ impl core::fmt::Display for BootArgsError<'_> {
             Self::NotKeyValue(w) => write!(f, "boot argument `{w}` is not key=value"),
             Self::UnknownKey(k) => write!(
                 f,
-                "unknown boot argument `{k}` (known: log, payload, mm.guard, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.kind, linux.initrd, linux.initrd_size, guest.fail, guest.bench, guest.unmap_bench_mib, linux.append, run.token, test.hypercalls)"
+                "unknown boot argument `{k}` (known: log, payload, mm.guard, mm.fwb, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.kind, linux.initrd, linux.initrd_size, guest.fail, guest.bench, guest.unmap_bench_mib, linux.append, run.token, test.hypercalls)"
             ),
             Self::BadValue { key, value } => write!(f, "bad value `{value}` for `{key}`"),
         }
@@ -170,6 +175,7 @@ impl BootArgs {
                     args.guest_ram_mib = parse_number(value).filter(|&m| m > 0).ok_or(bad)?;
                 }
                 "mm.guard" => args.guard = parse_bool(value).ok_or(bad)?,
+                "mm.fwb" => args.fwb = parse_bool(value).ok_or(bad)?,
                 "guest.populate" => {
                     args.populate_at_boot = match value {
                         "boot" => true,
@@ -232,6 +238,18 @@ impl BootArgs {
         }
         Ok(args)
     }
+}
+
+/// The run token in `cmdline`, if a valid one is there, found without
+/// parsing the rest (so that a bootargs error can still be reported with
+/// it).
+#[must_use]
+pub fn run_token(cmdline: &str) -> Option<RunToken> {
+    cmdline
+        .split_ascii_whitespace()
+        .rev()
+        .find_map(|w| w.strip_prefix("run.token="))
+        .and_then(RunToken::parse)
 }
 
 /// The value of `linux.append=` in `cmdline`, still percent-encoded: extra
@@ -419,6 +437,11 @@ mod tests {
         let shown = alloc::format!("{a:?}");
         assert!(!shown.contains("0123456789"), "{shown}");
         assert!(shown.contains("<hidden>"), "{shown}");
+        assert_eq!(
+            run_token("bad=key run.token=abc").map(|t| t.as_str().to_owned()),
+            Some("abc".into())
+        );
+        assert_eq!(run_token("run.token=xyz"), None);
         let d = BootArgs::default();
         assert!(!d.test_hypercalls);
         assert_eq!(d.run_token.as_str(), "");

@@ -34,6 +34,8 @@ pub struct CpuIdRegs {
     pub mmfr0: u64,
     /// `ID_AA64MMFR1_EL1`.
     pub mmfr1: u64,
+    /// `ID_AA64MMFR2_EL1`.
+    pub mmfr2: u64,
     /// `PMCR_EL0.N` (bits \[15:11\]): the number of event counters, if a
     /// PMU exists (0 otherwise).
     pub pmu_counters: u64,
@@ -87,6 +89,19 @@ impl CpuIdRegs {
     #[must_use]
     pub const fn has_pauth(&self) -> bool {
         self.isar1 & 0xff00_0ff0 != 0 || self.isar2 & 0xff00 != 0
+    }
+
+    /// FEAT_S2FWB: `ID_AA64MMFR2_EL1.FWB` \[43:40\].
+    #[must_use]
+    pub const fn has_fwb(&self) -> bool {
+        field(self.mmfr2, 40) != 0
+    }
+
+    /// FEAT_MPAM: `ID_AA64PFR0_EL1.MPAM` \[43:40\] or
+    /// `ID_AA64PFR1_EL1.MPAM_frac` \[19:16\].
+    #[must_use]
+    pub const fn has_mpam(&self) -> bool {
+        field(self.pfr0, 40) != 0 || field(self.pfr1, 16) != 0
     }
 
     /// FEAT_LOR: `ID_AA64MMFR1_EL1.LO` \[19:16\].
@@ -200,6 +215,9 @@ pub mod hcr {
     pub const APK: u64 = 1 << 40;
     /// Do not trap pointer-authentication instructions.
     pub const API: u64 = 1 << 41;
+    /// Forced write-back: stage 2 can force Normal write-back cacheable
+    /// (FEAT_S2FWB; the stage-2 MemAttr encoding changes with it).
+    pub const FWB: u64 = 1 << 46;
     /// Trap `GMID_EL1` (ID group 5).
     pub const TID5: u64 = 1 << 58;
 }
@@ -400,8 +418,8 @@ mod tests {
     use super::*;
 
     /// QEMU 7.2 `-cpu max` as the hypervisor read it at EL2 (`--log
-    /// debug` prints it): SVE, SME, RAS, PAuth, LOR, HCX, PMUv3p5 with 6
-    /// counters; no FGT, AMU, SPE, TRBE, TRF or MTE.
+    /// debug` prints it): SVE, SME, RAS, PAuth, LOR, HCX, S2FWB, TTL,
+    /// PMUv3p5 with 6 counters; no FGT, AMU, SPE, TRBE, TRF, MPAM or MTE.
     fn qemu_max() -> CpuIdRegs {
         CpuIdRegs {
             pfr0: 0x1201_0011_2111_0222,
@@ -411,6 +429,7 @@ mod tests {
             isar2: 0,
             mmfr0: 0x0000_0323_1020_1126,
             mmfr1: 0x0000_0110_1021_1122,
+            mmfr2: 0x1021_0110_1001_1011,
             pmu_counters: 6,
         }
     }
@@ -505,6 +524,7 @@ mod tests {
         assert!(cpu.has_sve() && cpu.has_sme() && cpu.has_ras() && cpu.has_pauth());
         assert!(cpu.has_lor() && cpu.has_hcx() && !cpu.has_fgt() && !cpu.has_amu());
         assert!(cpu.has_pmuv3p5() && !cpu.has_spe() && !cpu.has_trbe());
+        assert!(cpu.has_fwb() && !cpu.has_mpam());
         let imp_def_pmu = CpuIdRegs {
             dfr0: 0xf << 8,
             ..CpuIdRegs::default()

@@ -37,6 +37,29 @@ pub mod ec {
     pub const BRK64: u8 = 0x3c;
 }
 
+/// Whether an SError taken to EL2 with syndrome `esr` must end the run:
+/// with FEAT_RAS, an IMPLEMENTATION DEFINED syndrome (`IDS`) or an
+/// architected one whose error type (`AET`, with `DFSC` = 0x11) is
+/// Uncontainable or Unrecoverable; the machine's state, the hypervisor's
+/// included, cannot be trusted then (as KVM's `arm64_is_fatal_ras_serror`).
+/// Restartable, recoverable and corrected errors, and every SError of a CPU
+/// without FEAT_RAS (no syndrome to judge by), go to the guest as a virtual
+/// SError.
+#[must_use]
+pub const fn serror_is_fatal(esr: u64, has_ras: bool) -> bool {
+    const IDS: u64 = 1 << 24;
+    const AET_UC: u64 = 0b000;
+    const AET_UEU: u64 = 0b001;
+    if !has_ras {
+        return false;
+    }
+    if esr & IDS != 0 {
+        return true;
+    }
+    let aet = (esr >> 10) & 0b111;
+    esr & 0x3f == 0x11 && (aet == AET_UC || aet == AET_UEU)
+}
+
 /// A raw `ESR_EL2` value with accessors for its fields.
 #[derive(Clone, Copy, Eq, PartialEq)]
 pub struct Esr(pub u64);
@@ -179,6 +202,20 @@ pub const fn fault_ipa(hpfar: u64, far: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serror_severity() {
+        let serror = (u64::from(ec::SERROR) << 26) | (1 << 25);
+        let aet = |a: u64| serror | (a << 10) | 0x11;
+        assert!(serror_is_fatal(aet(0b000), true), "UC");
+        assert!(serror_is_fatal(aet(0b001), true), "UEU");
+        assert!(!serror_is_fatal(aet(0b010), true), "UEO");
+        assert!(!serror_is_fatal(aet(0b011), true), "UER");
+        assert!(!serror_is_fatal(aet(0b110), true), "CE");
+        assert!(serror_is_fatal(serror | (1 << 24), true), "IDS");
+        assert!(!serror_is_fatal(aet(0b000), false), "no RAS: no syndrome");
+        assert!(!serror_is_fatal(serror, true), "DFSC is not an SError's");
+    }
     use alloc::format;
 
     #[test]

@@ -107,9 +107,21 @@ pub struct GuestRam {
     pub ipa: Range<Ipa>,
     /// Physical address backing its first byte.
     pub backing: PhysAddr,
+    /// The stage-2 memory type it is mapped with: `Normal`, or
+    /// `NormalForcedWriteBack` under FEAT_S2FWB (`crate::coherency`).
+    pub mem: MemType,
 }
 
 impl GuestRam {
+    /// RWX guest RAM of this memory type.
+    #[must_use]
+    pub fn attrs(&self) -> S2Attrs {
+        S2Attrs {
+            perm: S2Perm::RWX,
+            mem: self.mem,
+        }
+    }
+
     /// The physical range backing all of guest RAM.
     #[must_use]
     pub fn backing_range(&self) -> Range<PhysAddr> {
@@ -179,10 +191,7 @@ fn stage2_error(e: Stage2Error) -> BatchError {
 /// Runs one (validated) operation.
 fn run_op<A: MmArch>(s2: &mut Stage2<'_, A>, ram: &GuestRam, op: &MmOp) -> Result<(), BatchError> {
     let size = op.size as usize;
-    let ram_attrs = S2Attrs {
-        perm: S2Perm::RWX,
-        mem: MemType::Normal,
-    };
+    let ram_attrs = ram.attrs();
     match op.kind {
         kind::POPULATE => {
             // Map each unmapped run to its own backing, one 2 MiB window at
@@ -329,6 +338,15 @@ impl GuestMemory {
         result
     }
 
+    /// The aligned window a fault at `ipa` populates (within guest RAM).
+    #[must_use]
+    pub fn fault_window(&self, ipa: Ipa) -> Range<Ipa> {
+        let fa = self.fault_around as u64;
+        let start = (ipa & !(fa - 1)).max(self.ram.ipa.start);
+        let end = ((ipa & !(fa - 1)) + fa).min(self.ram.ipa.end);
+        start..end
+    }
+
     /// Serves a stage-2 abort at `ipa` with fault status `fsc`: a
     /// translation fault on guest RAM that was never given back is populated
     /// with fault-around (the aligned window around it, unmapped and not
@@ -346,9 +364,7 @@ impl GuestMemory {
         if !translation || !self.ram.ipa.contains(&ipa) || self.is_given_back(ipa) {
             return FaultAction::Inject;
         }
-        let fa = self.fault_around as u64;
-        let start = (ipa & !(fa - 1)).max(self.ram.ipa.start);
-        let end = ((ipa & !(fa - 1)) + fa).min(self.ram.ipa.end);
+        let Range { start, end } = self.fault_window(ipa);
         // Runs of pages to map: not mapped (one walk of the window), and
         // not given back (split further at given-back pages).
         let mut runs: alloc::vec::Vec<Range<Ipa>> = alloc::vec::Vec::new();
@@ -364,10 +380,7 @@ impl GuestMemory {
                 page += PAGE_SIZE as u64;
             }
         }
-        let ram_attrs = S2Attrs {
-            perm: S2Perm::RWX,
-            mem: MemType::Normal,
-        };
+        let ram_attrs = self.ram.attrs();
         mm.enter();
         let mut pages = 0;
         for r in &runs {
@@ -529,6 +542,7 @@ mod tests {
         let ram_ = GuestRam {
             ipa: GIB..GIB + (16 << 20),
             backing: 0x8000_0000,
+            mem: MemType::Normal,
         };
         kit.s2
             .map(GIB, 16 << 20, 0x8000_0000, ram(S2Perm::RWX))
@@ -770,6 +784,7 @@ mod fault_tests {
         let ram = GuestRam {
             ipa: GIB..GIB + 64 * MIB,
             backing: 0x8000_0000,
+            mem: MemType::Normal,
         };
         (kit, GuestMemory::new(ram, fault_around))
     }

@@ -17,6 +17,7 @@
 extern crate alloc;
 
 pub mod bootargs;
+pub mod coherency;
 pub mod el2_controls;
 pub mod esr;
 pub mod guest_mm;

@@ -74,6 +74,10 @@ pub enum SysregAction {
 /// implemented), unlocked.
 pub const OSLSR_EL1_VALUE: u64 = 0b1000;
 
+/// `ICC_SRE_EL1` as read by the guest: `SRE`, `DFB`, `DIB` set (system
+/// register interface, FIQ and IRQ bypass disabled), as KVM emulates it.
+pub const ICC_SRE_EL1_VALUE: u64 = 0b111;
+
 /// Decides what a trapped access does.
 ///
 /// - The ID space (op0 3, op1 0, CRn 0, CRm 1..=7), trapped by
@@ -103,6 +107,15 @@ pub fn classify(a: &SysregAccess) -> SysregAction {
         }
         // OSLSR_EL1.
         (2, 0, 1, 1, 4) if a.read => SysregAction::ReadValue(OSLSR_EL1_VALUE),
+        // ICC_SRE_EL1 (ICC_SRE_EL2.Enable is clear): the system register
+        // interface is on and stays on.
+        (3, 0, 12, 12, 5) => {
+            if a.read {
+                SysregAction::ReadValue(ICC_SRE_EL1_VALUE)
+            } else {
+                SysregAction::WriteIgnored
+            }
+        }
         // Debug (op1 0) and the debug communications channel (op1 3).
         (2, 0 | 3, _, _, _) => {
             if a.read {
@@ -274,6 +287,12 @@ mod tests {
             action(2, 0, 1, 1, 4, true),
             SysregAction::ReadValue(OSLSR_EL1_VALUE)
         );
+        // ICC_SRE_EL1 = S3_0_C12_C12_5: reads "on", writes ignored.
+        assert_eq!(
+            action(3, 0, 12, 12, 5, true),
+            SysregAction::ReadValue(ICC_SRE_EL1_VALUE)
+        );
+        assert_eq!(action(3, 0, 12, 12, 5, false), SysregAction::WriteIgnored);
         // Trace (op1 1) is not debug: UNDEFINED.
         assert_eq!(action(2, 1, 0, 0, 0, true), SysregAction::Undefined);
     }

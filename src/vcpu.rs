@@ -157,6 +157,11 @@ counter_set! {
         serrors,
         /// Physical interrupts acknowledged at EL2.
         irqs_taken,
+        /// Data cache lines cleaned and invalidated to the point of
+        /// coherency for guest memory (`DC CIVAC`; 0 under FEAT_S2FWB).
+        cmo_lines,
+        /// Instruction cache invalidations (`IC IALLUIS`).
+        icache_invalidations,
     }
 }
 

@@ -177,6 +177,8 @@ pub const COUNTERS: &[&str] = &[
     "heap_peak_bytes",
     "serrors",
     "irqs_taken",
+    "cmo_lines",
+    "icache_invalidations",
 ];
 
 /// Reads one counter through `HYP_STATS`.

@@ -114,7 +114,15 @@ pub enum MemType {
     Normal,
     /// Device-nGnRE memory (never executable).
     Device,
+    /// Normal write-back memory, forced whatever the guest's stage 1 says:
+    /// the FEAT_S2FWB encoding (MemAttr 0b0110), valid only while
+    /// `HCR_EL2.FWB` is set (see `crate::coherency`).
+    NormalForcedWriteBack,
 }
+
+/// The stage-2 MemAttr field \[5:2\] of "forced write-back" with
+/// `HCR_EL2.FWB` set.
+const MEMATTR_FWB_NORMAL_WB: usize = 0b0110 << 2;
 
 /// The attributes of a stage-2 mapping.
 #[derive(Clone, Copy, Debug, Eq, PartialEq, Hash)]
@@ -146,6 +154,10 @@ impl S2Attrs {
                     | Stage2Attributes::SH_INNER
             }
             MemType::Device => Stage2Attributes::MEMATTR_DEVICE_nGnRE,
+            MemType::NormalForcedWriteBack => {
+                Stage2Attributes::from_bits_retain(MEMATTR_FWB_NORMAL_WB)
+                    | Stage2Attributes::SH_INNER
+            }
         };
         flags |= match (self.perm.read, self.perm.write) {
             (true, true) => Stage2Attributes::S2AP_ACCESS_RW,
@@ -161,11 +173,7 @@ impl S2Attrs {
 
     fn from_descriptor_flags(flags: Stage2Attributes) -> Self {
         let ap = flags & Stage2Attributes::S2AP_ACCESS_RW;
-        let mem = if (flags & Stage2Attributes::MEMATTR_NORMAL_OUTER_WB).is_empty() {
-            MemType::Device
-        } else {
-            MemType::Normal
-        };
+        let mem = mem_type(flags);
         Self {
             perm: S2Perm {
                 read: ap.contains(Stage2Attributes::S2AP_ACCESS_RO),
@@ -1052,13 +1060,21 @@ fn make_pieces(region: &Range<usize>, straddling: &[Leaf], change: Change) -> Ve
     pieces
 }
 
-/// `flags` with the permission bits of `perm`.
-fn with_perm(flags: Stage2Attributes, perm: S2Perm) -> Stage2Attributes {
-    let mem = if (flags & Stage2Attributes::MEMATTR_NORMAL_OUTER_WB).is_empty() {
+/// The memory type a descriptor's MemAttr field \[5:2\] encodes.
+fn mem_type(flags: Stage2Attributes) -> MemType {
+    let memattr = flags.bits() & (0b1111 << 2);
+    if memattr == MEMATTR_FWB_NORMAL_WB {
+        MemType::NormalForcedWriteBack
+    } else if (flags & Stage2Attributes::MEMATTR_NORMAL_OUTER_WB).is_empty() {
         MemType::Device
     } else {
         MemType::Normal
-    };
+    }
+}
+
+/// `flags` with the permission bits of `perm`.
+fn with_perm(flags: Stage2Attributes, perm: S2Perm) -> Stage2Attributes {
+    let mem = mem_type(flags);
     let keep = flags & !(Stage2Attributes::S2AP_ACCESS_RW | Stage2Attributes::XN);
     keep | (S2Attrs { perm, mem }.descriptor_flags()
         & (Stage2Attributes::S2AP_ACCESS_RW | Stage2Attributes::XN))
@@ -1232,6 +1248,40 @@ mod tests {
         );
         assert_eq!(f.mm.total("blocks_mapped"), 2);
         assert_eq!(f.mm.total("pages_mapped"), (4 * MIB / 4096 + 8) as u64);
+    }
+
+    #[test]
+    fn forced_write_back_is_encoded_kept_and_read_back() {
+        let mut f = setup(64);
+        let fwb = S2Attrs {
+            perm: S2Perm::RWX,
+            mem: MemType::NormalForcedWriteBack,
+        };
+        assert_eq!(
+            fwb.descriptor_flags().bits() & (0b1111 << 2),
+            0b0110 << 2,
+            "MemAttr 0b0110: forced write-back under HCR_EL2.FWB"
+        );
+        assert_eq!(
+            S2Attrs::RAM.descriptor_flags().bits() & (0b1111 << 2),
+            0b1111 << 2,
+            "MemAttr 0b1111: inner and outer write-back without FWB"
+        );
+        f.s2.map(0x4000_0000, 4 * MIB, 0x8000_0000, fwb)
+            .expect("map");
+        f.s2.map(0x4040_0000, 8 << 12, 0x9000_0000, fwb)
+            .expect("map");
+        assert_eq!(level_at(&f.s2, 0x4012_3456), Some((0x8012_3456, 2, fwb)));
+        // Protecting keeps the memory type.
+        f.s2.protect(0x4040_0000, 4096, S2Perm::RO)
+            .expect("protect");
+        assert_eq!(
+            level_at(&f.s2, 0x4040_0008).map(|(_, _, a)| a),
+            Some(S2Attrs {
+                perm: S2Perm::RO,
+                mem: MemType::NormalForcedWriteBack
+            })
+        );
     }
 
     #[test]

@@ -129,6 +129,22 @@ pub const MUTANTS: &[Mutant] = &[
         // order, so it does not see this; the barrier-count tests do.
         expect: Expect::Killed,
     },
+    Mutant {
+        name: "no-clean-before-guest-map",
+        file: "src/coherency.rs",
+        find: "    pub fn before_guest_map(self, ops: &dyn CacheOps, pa: PhysAddr, len: usize) {\n        self.after_hyp_write(ops, pa, len);",
+        replace: "    pub fn before_guest_map(self, ops: &dyn CacheOps, pa: PhysAddr, len: usize) {\n        let _ = (ops, pa, len);",
+        what: "memory given to a guest without the clean to the point of coherency (no FWB)",
+        expect: Expect::Killed,
+    },
+    Mutant {
+        name: "no-clean-after-hyp-write",
+        file: "src/coherency.rs",
+        find: "        if self == Self::Maintenance {\n            ops.clean_invalidate_to_poc(pa, len);\n        }\n        ops.invalidate_icache();",
+        replace: "        ops.invalidate_icache();",
+        what: "a hypercall's result left in the cache, unseen by a guest with its caches off",
+        expect: Expect::Killed,
+    },
 ];
 
 /// The outcome of one mutant.

@@ -213,11 +213,8 @@ impl Gic {
                 u32::from_ne_bytes([PRIORITY; 4]),
             );
         }
-        // The CPU interface at EL2: system registers (and EL1 may use its
-        // own, which the virtual interface serves once IMO/FMO are set).
-        write_sysreg!("icc_sre_el2", 0b1111);
-        // SAFETY: the SRE write takes effect before the ICC accesses below.
-        unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
+        // The CPU interface at EL2: system registers.
+        enable_sysregs();
         write_sysreg!("icc_pmr_el1", 0xff);
         write_sysreg!("icc_bpr1_el1", 0);
         // EOImode = 1: EOIR drops priority only; DIR deactivates.
@@ -239,9 +236,11 @@ impl Gic {
         if !(32..self.lines).contains(&intid) {
             return;
         }
+        // GICD_IROUTER: Aff3 in [39:32], Aff2.Aff1.Aff0 in [23:0] (the
+        // MPIDR layout, not GICR_TYPER's); IRM (bit 31) clear.
         write64(
             GICD_BASE + gicd::IROUTER + intid as usize * 8,
-            my_affinity(),
+            read_sysreg!("mpidr_el1") & 0xff_00ff_ffff,
         );
         write32(
             GICD_BASE + gicd::ISENABLER + (intid / 32) as usize * 4,
@@ -260,9 +259,32 @@ pub fn acknowledge() -> u32 {
 /// Drops the running priority of `intid` (without deactivating it).
 pub fn priority_drop(intid: u32) {
     write_sysreg!("icc_eoir1_el1", u64::from(intid));
+    // The next acknowledge sees the dropped running priority (as Linux's
+    // gic_write_eoir): without it an IAR read may still see the old
+    // priority and return spurious.
+    isb();
 }
 
 /// Deactivates `intid`.
 pub fn deactivate(intid: u32) {
     write_sysreg!("icc_dir_el1", u64::from(intid));
+    // The deactivation takes effect before anything that depends on it
+    // (as Linux's gic_write_dir).
+    isb();
+}
+
+/// Turns the system register interface on at EL2 (`ICC_SRE_EL2.SRE`, and
+/// `DFB`, `DIB`) before any `ICC_*`/`ICH_*` access: on a GIC that also has
+/// the memory-mapped interface those are UNDEFINED until it is set (Linux's
+/// `init_el2_state` does it first too). `Enable` stays clear: the guest's
+/// `ICC_SRE_EL1` accesses trap and read as "system registers on" (it may
+/// not switch its interface to a memory-mapped one nobody maps).
+pub fn enable_sysregs() {
+    write_sysreg!("icc_sre_el2", 0b0111);
+    isb();
+}
+
+fn isb() {
+    // SAFETY: a context synchronization barrier.
+    unsafe { core::arch::asm!("isb", options(nostack, preserves_flags)) };
 }

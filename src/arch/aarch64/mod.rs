@@ -32,6 +32,7 @@ use spin::Once;
 use spin::mutex::SpinMutex;
 
 use crate::bootargs::BootArgs;
+use crate::coherency::{CacheOps, Coherency};
 use crate::esr::Esr;
 use crate::guest_mm::{FaultAction, GuestMemory};
 use crate::layout::{Layout, LayoutInput};
@@ -147,6 +148,14 @@ static EXITS: ExitCounters = ExitCounters::new();
 static VM: Once<SpinMutex<Vm>> = Once::new();
 /// The CPU's ID registers, read once at boot.
 static CPU_ID: Once<crate::el2_controls::CpuIdRegs> = Once::new();
+/// How guest memory is kept coherent (FEAT_S2FWB or maintenance), chosen
+/// once at boot.
+static COHERENCY: Once<Coherency> = Once::new();
+
+/// The coherency policy in force.
+fn coherency() -> Coherency {
+    COHERENCY.get().copied().unwrap_or_default()
+}
 
 /// Frees table pages whose TLB maintenance has completed (the mm core's
 /// deferred frees).
@@ -213,19 +222,41 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
     );
     let pa_range = sysreg::pa_range();
     switch_to_el2_map(&image, &boot, &layout, pa_range);
+    let cpu = CPU_ID.call_once(sysreg::cpu_id_regs);
+    log::debug!("CPU ID registers: {cpu:#x?}");
+    let coherency = *COHERENCY.call_once(|| Coherency::choose(cpu.has_fwb(), boot.args.fwb));
+    log::info!(
+        "guest memory coherency: {} (FEAT_S2FWB {}, mm.fwb={})",
+        coherency.name(),
+        if cpu.has_fwb() { "present" } else { "absent" },
+        u8::from(boot.args.fwb)
+    );
 
     let (entry, x0) = match &boot.kind {
         Payload::Elf(elf) => (load_guest(elf, &layout.guest_backing, boot.guest_ram), 0),
         Payload::Linux { header, image } => load_linux(header, image, &boot, &layout),
     };
+    if !sysreg::has_gic_sysregs() {
+        setup_error(format_args!(
+            "the CPU has no GICv3 system register interface"
+        ));
+    }
+    // Before any ICC_*/ICH_* access (build_stage2 reads ICH_VTR_EL2).
+    gic::enable_sysregs();
     let vttbr = build_stage2(&layout, boot.guest_ram, &boot.args);
     let vtcr = vm::vtcr_el2(pa_range)
         .unwrap_or_else(|| setup_error(format_args!("PARange {pa_range} is below 40 bits")));
-    let cpu = CPU_ID.call_once(sysreg::cpu_id_regs);
-    log::debug!("CPU ID registers: {cpu:#x?}");
     // SAFETY: the stage-2 tables live in a static forever and map only guest
     // RAM backing and the PL011; vtcr describes them.
-    unsafe { vm::configure(vttbr, vtcr, cpu, Vgic::mpidr(VCPU0)) };
+    unsafe {
+        vm::configure(
+            vttbr,
+            vtcr,
+            cpu,
+            Vgic::mpidr(VCPU0),
+            coherency == Coherency::ForcedWriteBack,
+        );
+    }
     init_gic();
 
     let mut regs = GuestRegs::default();
@@ -282,10 +313,14 @@ fn read_boot_info() -> BootInfo {
     let fdt = unsafe { fdt::Fdt::from_ptr(DTB_ADDR as *const u8) }
         .unwrap_or_else(|e| setup_error(format_args!("no device tree at {DTB_ADDR:#x}: {e:?}")));
     let cmdline = fdt.chosen().bootargs().unwrap_or("");
+    // The token first, so that even a bootargs error reaches xtask as this
+    // run's marker.
+    if let Some(token) = crate::bootargs::run_token(cmdline) {
+        console::set_token(token);
+    }
     let args = BootArgs::parse(cmdline).unwrap_or_else(|e| setup_error(format_args!("{e}")));
     let linux_append = crate::bootargs::linux_append(cmdline).unwrap_or("");
     log::set_max_level(args.log);
-    console::set_token(args.run_token);
     TEST_HYPERCALLS.store(args.test_hypercalls, Ordering::Relaxed);
     log::info!(
         "lazyhyp {} at EL2, bootargs {args:?}",
@@ -408,6 +443,15 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
     mm.set_free_hook(&FREE_TABLES);
     let mut stage2 = Stage2::new(GUEST_VMID, mm, pool)
         .unwrap_or_else(|e| setup_error(format_args!("stage-2 root table: {e:?}")));
+    let ram = crate::guest_mm::GuestRam {
+        ipa: GUEST_RAM_IPA..GUEST_RAM_IPA + guest_ram as u64,
+        backing: layout.guest_backing.start,
+        mem: if coherency() == Coherency::ForcedWriteBack {
+            crate::mm::stage2::MemType::NormalForcedWriteBack
+        } else {
+            crate::mm::stage2::MemType::Normal
+        },
+    };
     if args.populate_at_boot {
         // All of guest RAM in one lazy section (blocks where aligned).
         mm.enter();
@@ -416,7 +460,7 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
                 GUEST_RAM_IPA,
                 guest_ram,
                 layout.guest_backing.start,
-                S2Attrs::RAM,
+                ram.attrs(),
             )
             .unwrap_or_else(|e| setup_error(format_args!("mapping guest RAM: {e:?}")));
         mm.leave();
@@ -438,10 +482,6 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
         }
     );
     let vttbr = stage2.vttbr();
-    let ram = crate::guest_mm::GuestRam {
-        ipa: GUEST_RAM_IPA..GUEST_RAM_IPA + guest_ram as u64,
-        backing: layout.guest_backing.start,
-    };
     let mem = GuestMemory::new(ram, args.fault_around_kib << 10);
     let uart = (!args.uart_passthrough).then(|| crate::mmio::Pl011::new(console::putc as fn(u8)));
     let uart_hw_irq = args.uart_passthrough;
@@ -535,7 +575,9 @@ fn load_linux(
         );
         core::ptr::copy_nonoverlapping(tree.as_ptr(), to_pa(dtb_ipa) as *mut u8, tree.len());
     }
-    cache::clean_invalidate_to_poc_and_sync_icache(backing.start, boot.guest_ram);
+    // The image, initramfs and tree reach a guest that starts with its
+    // caches off.
+    coherency().after_hyp_write(&cache::HwCacheOps, backing.start, boot.guest_ram);
     log::info!(
         "Linux: kernel at IPA {kernel:#x}, initramfs {initrd_ipa:#x} ({initrd_len:#x} bytes), tree {dtb_ipa:#x}"
     );
@@ -578,7 +620,7 @@ fn load_guest(elf: &GuestElf<'_>, backing: &Range<PhysAddr>, guest_ram: usize) -
             },
         )
         .unwrap_or_else(|e| setup_error(format_args!("loading the guest: {e}")));
-    cache::clean_invalidate_to_poc_and_sync_icache(backing.start, guest_ram);
+    coherency().after_hyp_write(&cache::HwCacheOps, backing.start, guest_ram);
     image.entry
 }
 
@@ -603,10 +645,10 @@ fn handle_sync(regs: &mut GuestRegs) {
         far: read_sysreg!("far_el2"),
         hpfar: read_sysreg!("hpfar_el2"),
     };
-    // What the previous exit did, forgotten now: the livelock check and the
-    // set/way rate limit look only at the exit right before this one.
+    // Where the previous exit sent the guest with an injected abort,
+    // forgotten now: the livelock check looks only at the exit right
+    // before this one.
     let last_vector = LAST_VECTOR.swap(u64::MAX, Ordering::Relaxed);
-    let after_setway = AFTER_SETWAY.swap(false, Ordering::Relaxed);
     let vm = VM.get().expect("guest traps only after the VM exists");
     let exit = vm.lock().vcpu.handle_sync(regs, trap, &EXITS);
     match exit {
@@ -627,7 +669,7 @@ fn handle_sync(regs: &mut GuestRegs) {
                     return;
                 }
             }
-            sysreg(trap, access, regs, after_setway);
+            sysreg(trap, access, regs);
         }
         Exit::Undefined(trap) => inject_undefined(trap, regs),
         Exit::Stage2Abort(trap) => {
@@ -638,7 +680,7 @@ fn handle_sync(regs: &mut GuestRegs) {
             // abort routed here by HCR_EL2.TEA, alignment, a TLB conflict)
             // is the guest's: it gets the abort.
             if !(0x04..=0x0f).contains(&fsc) {
-                log::warn!("guest abort with FSC {fsc:#x} at {:#x}: injected", regs.elr);
+                log::debug!("guest abort with FSC {fsc:#x} at {:#x}: injected", regs.elr);
                 inject_abort(trap, regs, last_vector);
                 return;
             }
@@ -668,6 +710,15 @@ fn handle_sync(regs: &mut GuestRegs) {
             let action =
                 vm.mem
                     .stage2_fault(&mut vm.stage2, MM.get().expect("mm exists"), ipa, fsc);
+            if let FaultAction::Populated(_) = action {
+                // The window just became the guest's: no line of the
+                // hypervisor's alias may outlive into its use (bounded by
+                // the fault-around window).
+                let window = vm.mem.fault_window(ipa);
+                let pa = vm.mem.ram.backing_of(window.start);
+                let len = (window.end - window.start) as usize;
+                coherency().before_guest_map(&cache::HwCacheOps, pa, len);
+            }
             drop(guard);
             if action == FaultAction::Inject {
                 inject_abort(trap, regs, last_vector);
@@ -677,12 +728,7 @@ fn handle_sync(regs: &mut GuestRegs) {
 }
 
 /// A trapped system register access the virtual GIC did not take.
-fn sysreg(
-    trap: Trap,
-    access: crate::sysreg_emul::SysregAccess,
-    regs: &mut GuestRegs,
-    after_setway: bool,
-) {
+fn sysreg(trap: Trap, access: crate::sysreg_emul::SysregAccess, regs: &mut GuestRegs) {
     match crate::sysreg_emul::classify(&access) {
         SysregAction::Undefined => inject_undefined(trap, regs),
         action => {
@@ -694,7 +740,7 @@ fn sysreg(
                 )),
                 SysregAction::ReadValue(v) => Some(v),
                 SysregAction::SetWay => {
-                    setway_flush(after_setway);
+                    setway_flush();
                     None
                 }
                 SysregAction::WriteIgnored | SysregAction::Undefined => None,
@@ -715,16 +761,23 @@ fn sysreg(
 ///
 /// Set/way operations act on the physical CPU's caches, which hold the
 /// hypervisor's lines too, so they are not passed through. What a guest
-/// wants from them is its memory at the point of coherency (typically
-/// around turning its caches off), so the emulation cleans and invalidates
-/// all of its RAM by address. A guest walks every set and way in a loop of
-/// consecutive trapped operations; only the first of such a run cleans
-/// (as KVM, which flushes on the first one and not again until the guest's
-/// caches change state), so the cost is one pass over guest RAM per run:
-/// bounded by the guest's RAM size, documented in docs/hypercalls.md.
-fn setway_flush(previous_exit_was_setway: bool) {
-    AFTER_SETWAY.store(true, Ordering::Relaxed);
-    if previous_exit_was_setway {
+/// wants from them is its memory at the point of coherency, around turning
+/// its caches on or off. Under FEAT_S2FWB its memory is always coherent:
+/// nothing to do (as KVM's `stage2_flush_vm` with FWB). Otherwise, as KVM
+/// does, the whole of its RAM is cleaned and invalidated by address once,
+/// and again only after its `SCTLR_EL1.{M, C}` changed (KVM notices the
+/// change by trapping the write; here it is sampled at the next set/way
+/// operation, which is when it matters). The cost: one pass over guest RAM
+/// per change of the guest's cache state, documented in docs/hypercalls.md;
+/// a guest that repeats set/way operations (with any exits between them)
+/// without changing its caches costs nothing more.
+fn setway_flush() {
+    if coherency() == Coherency::ForcedWriteBack {
+        return;
+    }
+    // SCTLR_EL1.M (bit 0) and C (bit 2), plus a "cleaned once" marker.
+    let state = (read_sysreg!("sctlr_el1") & 0b101) | 0b1000;
+    if SETWAY_STATE.swap(state, Ordering::Relaxed) == state {
         return;
     }
     let backing = VM
@@ -734,12 +787,12 @@ fn setway_flush(previous_exit_was_setway: bool) {
         .mem
         .ram
         .backing_range();
-    cache::clean_invalidate_to_poc_and_sync_icache(backing.start, backing.end - backing.start);
+    cache::HwCacheOps.clean_invalidate_to_poc(backing.start, backing.end - backing.start);
     crate::mm::counters::inc(&EXITS.setway_flushes);
 }
 
-/// Set when the last exit was an emulated set/way operation.
-static AFTER_SETWAY: AtomicBool = AtomicBool::new(false);
+/// The guest's `SCTLR_EL1.{M, C}` at the last set/way clean (0: none yet).
+static SETWAY_STATE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// Writes an [`Injection`] into the guest's EL1 state and points the guest
 /// at its vector.
@@ -822,12 +875,29 @@ pub(crate) fn handle_guest_async(regs: &mut GuestRegs, kind: vectors::Kind) {
             }
         }
         vectors::Kind::SError => {
-            crate::mm::counters::inc(&EXITS.serrors);
-            log::warn!(
-                "SError while the guest ran (ESR {:#x}, guest at {:#x}): virtual SError injected",
-                read_sysreg!("esr_el2"),
-                regs.elr
-            );
+            let esr = read_sysreg!("esr_el2");
+            let n = EXITS.serrors.fetch_add(1, Ordering::Relaxed);
+            if crate::esr::serror_is_fatal(
+                esr,
+                CPU_ID
+                    .get()
+                    .is_some_and(crate::el2_controls::CpuIdRegs::has_ras),
+            ) {
+                // An uncontainable or unrecoverable error: the machine's
+                // state cannot be trusted, the hypervisor's included (as
+                // KVM panics for these).
+                console::marker("PANIC", format_args!("uncontainable SError, ESR {esr:#x}"));
+                report_trap("guest (EL1)", regs);
+                exit(exit_code::CRASH, "fatal-serror");
+            }
+            // The first few are logged; a guest that provokes them in a
+            // loop gets them counted, not a console flood.
+            if n < 8 {
+                log::warn!(
+                    "SError while the guest ran (ESR {esr:#x}, guest at {:#x}): virtual SError injected",
+                    regs.elr
+                );
+            }
             write_sysreg!(
                 "hcr_el2",
                 read_sysreg!("hcr_el2") | crate::el2_controls::hcr::VSE
@@ -858,10 +928,11 @@ fn handle_irq(intid: u32) {
         qemu_virt::VTIMER_PPI => vm.vgic.inject_hw_ppi(VCPU0, intid),
         // The real UART's interrupt, for a guest that has the UART.
         qemu_virt::UART_SPI if vm.uart_hw_irq => {
-            if vm.vgic.inject_hw_spi(intid).is_none() {
-                // Routed to no vCPU: nobody will deactivate it.
-                gic::deactivate(intid);
-            }
+            // Routed to no vCPU (the guest's IROUTER): it stays active, so a
+            // line the guest holds high cannot fire again and keep EL2
+            // busy; the guest's UART interrupts stop until it handles them
+            // (as KVM and Xen leave a hardware-mapped interrupt).
+            let _ = vm.vgic.inject_hw_spi(intid);
         }
         // Bytes from the host for the guest's emulated UART.
         qemu_virt::UART_SPI => {
@@ -919,6 +990,11 @@ fn init_gic() {
     let gic = gic::Gic::init_distributor()
         .and_then(gic::Gic::init_cpu)
         .unwrap_or_else(|e| setup_error(format_args!("{e}")));
+    if let Some(vm) = VM.get() {
+        // The virtual CPU interface starts from the vCPU's state, not from
+        // what reset left in ICH_VMCR_EL2 and the active-priority registers.
+        vm.lock().vgic.vcpu_load(VCPU0, &mut HwCpuInterface);
+    }
     gic.enable_private(qemu_virt::MAINTENANCE_PPI);
     gic.enable_private(qemu_virt::VTIMER_PPI);
     gic.enable_spi(qemu_virt::UART_SPI);
@@ -1039,7 +1115,10 @@ fn finish(stop: Stop, regs: &GuestRegs) -> ! {
             }
         }
         Stop::UnhandledTrap(trap) => {
-            console::marker("PANIC", format_args!("unhandled trap from the guest"));
+            // The guest's own failure (its vector faults at once, so it can
+            // take no exception): not a hypervisor crash. Reported, and the
+            // run ends without the guest's report.
+            println!("lazyhyp: the guest cannot take exceptions (its vector faults); stopping it");
             let report = TrapReport {
                 origin: "guest (EL1)",
                 trap,
@@ -1048,7 +1127,7 @@ fn finish(stop: Stop, regs: &GuestRegs) -> ! {
             };
             println!("{report}");
             print_registers(regs);
-            exit(exit_code::CRASH, "guest-unhandled-trap")
+            exit(exit_code::NO_REPORT, "guest-vector-faults")
         }
     }
 }

@@ -114,18 +114,22 @@ fn checksum() -> u64 {
     h
 }
 
-/// Copies one guest-memory slice out of the RAM backing.
+/// Copies one guest-memory slice out of the RAM backing (after making what
+/// a guest with its caches off wrote visible to the cacheable read).
 fn read_backing(pa: usize, buf: &mut [u8]) {
+    super::coherency().before_hyp_read(&super::cache::HwCacheOps, pa, buf.len());
     // SAFETY: `guest_mm` hands out only addresses inside the guest RAM
     // backing, which the EL2 map maps read-write; the guest does not run
     // while we copy.
     unsafe { core::ptr::copy_nonoverlapping(pa as *const u8, buf.as_mut_ptr(), buf.len()) };
 }
 
-/// Copies one slice into the guest RAM backing.
+/// Copies one slice into the guest RAM backing (and makes it what a guest
+/// with its caches off reads).
 fn write_backing(pa: usize, bytes: &[u8]) {
     // SAFETY: as for `read_backing`, for writes.
     unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), pa as *mut u8, bytes.len()) };
+    super::coherency().after_hyp_write(&super::cache::HwCacheOps, pa, bytes.len());
 }
 
 /// `HYP_MM_BATCH(list_ipa, count)`: `x0` = 0 or an error code, `x1` = the
@@ -157,7 +161,25 @@ fn run(ops: &[MmOp]) -> (u64, u64) {
     let mm = MM.get().expect("mm exists while the guest runs");
     let mut guard = VM.get().expect("guest exists").lock();
     let vm = &mut *guard;
-    match vm.mem.run_batch(&mut vm.stage2, mm, ops) {
+    let result = vm.mem.run_batch(&mut vm.stage2, mm, ops);
+    // Memory that became the guest's, and executable content that moved
+    // (also after a failure: the operations before it took effect).
+    let done = match result {
+        Ok(()) => ops.len(),
+        Err((i, _)) => i,
+    };
+    let coherency = super::coherency();
+    for op in &ops[..done.min(ops.len())] {
+        match op.kind {
+            kind::POPULATE => {
+                let pa = vm.mem.ram.backing_of(op.ipa);
+                coherency.before_guest_map(&super::cache::HwCacheOps, pa, op.size as usize);
+            }
+            kind::REMAP_ALIAS => coherency.after_exec_remap(&super::cache::HwCacheOps),
+            _ => {}
+        }
+    }
+    match result {
         Ok(()) => (smccc::SUCCESS, 0),
         Err((i, e)) => (status(e.code()), i as u64),
     }

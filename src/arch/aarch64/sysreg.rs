@@ -75,6 +75,7 @@ pub fn cpu_id_regs() -> crate::el2_controls::CpuIdRegs {
         isar2: read_sysreg!("id_aa64isar2_el1"),
         mmfr0: read_sysreg!("id_aa64mmfr0_el1"),
         mmfr1: read_sysreg!("id_aa64mmfr1_el1"),
+        mmfr2: read_sysreg!("id_aa64mmfr2_el1"),
         pmu_counters: 0,
     };
     if regs.has_pmuv3() {

@@ -4,7 +4,7 @@ use crate::mm::stage2::IPA_BITS;
 
 use crate::el2_controls::{self, CpuIdRegs};
 
-use super::sysreg::{has_gic_sysregs, read_sysreg, write_sysreg};
+use super::sysreg::{read_sysreg, write_sysreg};
 
 /// `VTCR_EL2` for this hypervisor's IPA space: T0SZ = 64 - `IPA_BITS`
 /// (25), SL0 = 1 (walks start at level 1 with a 4 KiB granule), inner and
@@ -39,18 +39,16 @@ const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
 /// one stays the hypervisor's).
 const CNTHCTL_EL2: u64 = 0b01;
 
-/// `ICC_SRE_EL2`: `SRE` (system register interface), `DFB`, `DIB`, and
-/// `Enable` (EL1 may use `ICC_SRE_EL1`).
-const ICC_SRE_EL2: u64 = 0b1111;
-
 /// Programs the EL2 controls for the guest, installs its stage 2 and
 /// drops any stale translation for its VMID on this CPU.
 ///
 /// # Safety
 ///
 /// `vttbr` must be the value of a stage-2 table that stays alive and maps no
-/// hypervisor memory; `vtcr` must describe it.
-pub unsafe fn configure(vttbr: u64, vtcr: u64, cpu: &CpuIdRegs, vmpidr: u64) {
+/// hypervisor memory; `vtcr` must describe it; `fwb` must be set exactly
+/// when its normal memory uses the FEAT_S2FWB encoding (and the CPU has
+/// FEAT_S2FWB).
+pub unsafe fn configure(vttbr: u64, vtcr: u64, cpu: &CpuIdRegs, vmpidr: u64, fwb: bool) {
     // The guest sees the real CPU's identification (these reset to
     // UNKNOWN), and the vCPU's affinity, which its virtual redistributor
     // reports too.
@@ -84,15 +82,31 @@ pub unsafe fn configure(vttbr: u64, vtcr: u64, cpu: &CpuIdRegs, vmpidr: u64) {
         write_sysreg!("S3_4_C3_C1_7", el2_controls::FGT_EL2);
     }
     write_sysreg!("cnthctl_el2", CNTHCTL_EL2);
+    reset_debug(cpu);
+    // HSTR_EL2: no AArch32 EL0 CP15 access traps (reset leaves it UNKNOWN;
+    // a set bit would make a 32-bit process's CP15 accesses UNDEFINED).
+    write_sysreg!("hstr_el2", 0);
+    if cpu.has_ras() {
+        // VSESR_EL2: the syndrome of a virtual SError the hypervisor hands
+        // the guest (HCR_EL2.VSE): 0, "uncategorized".
+        write_sysreg!("S3_4_C5_C2_3", 0);
+    }
+    if cpu.has_mpam() {
+        // MPAM2_EL2 (S3_4_C10_C5_0): EL1 and EL0 MPAM register accesses
+        // trap (TRAPMPAM1EL1, TRAPMPAM0EL1; UNDEFINED: MPAM is hidden);
+        // MPAMHCR_EL2 (S3_4_C10_C4_0): no virtual partitions.
+        write_sysreg!("S3_4_C10_C5_0", (1 << 49) | (1 << 48));
+        write_sysreg!("S3_4_C10_C4_0", 0);
+    }
     write_sysreg!("cntvoff_el2", 0);
     write_sysreg!("sctlr_el1", SCTLR_EL1_RESET);
-    if has_gic_sysregs() {
-        write_sysreg!("icc_sre_el2", ICC_SRE_EL2);
-    }
     write_sysreg!("vtcr_el2", vtcr);
     // The stage-2 tables were completed with DSB ISHST by the mm core.
     write_sysreg!("vttbr_el2", vttbr);
-    write_sysreg!("hcr_el2", el2_controls::hcr_el2(cpu));
+    // FWB: with FEAT_S2FWB in use (crate::coherency), the stage-2 tables
+    // were written with the forced write-back MemAttr encoding.
+    let fwb_bit = if fwb { el2_controls::hcr::FWB } else { 0 };
+    write_sysreg!("hcr_el2", el2_controls::hcr_el2(cpu) | fwb_bit);
     // SAFETY: barriers and TLB maintenance only.
     unsafe {
         core::arch::asm!(
@@ -106,4 +120,34 @@ pub unsafe fn configure(vttbr: u64, vtcr: u64, cpu: &CpuIdRegs, vmpidr: u64) {
             options(nostack, preserves_flags),
         );
     }
+}
+
+/// Disarms every breakpoint and watchpoint and the debug events in
+/// `MDSCR_EL1` (reset leaves them UNKNOWN). The guest's debug register
+/// accesses trap and are write-ignored (`MDCR_EL2.TDA`), so what is set
+/// here is what the physical CPU keeps: nothing armed.
+fn reset_debug(cpu: &CpuIdRegs) {
+    macro_rules! zero_numbered {
+        ($count:expr, [$($i:literal => $name:literal),*]) => {
+            $(if $i < $count {
+                write_sysreg!($name, 0);
+            })*
+        };
+    }
+    write_sysreg!("mdscr_el1", 0);
+    // BRPs [15:12] and WRPs [23:20] hold the number minus one.
+    let brps = crate::el2_controls::field(cpu.dfr0, 12) + 1;
+    let wrps = crate::el2_controls::field(cpu.dfr0, 20) + 1;
+    zero_numbered!(brps, [
+        0 => "dbgbcr0_el1", 1 => "dbgbcr1_el1", 2 => "dbgbcr2_el1", 3 => "dbgbcr3_el1",
+        4 => "dbgbcr4_el1", 5 => "dbgbcr5_el1", 6 => "dbgbcr6_el1", 7 => "dbgbcr7_el1",
+        8 => "dbgbcr8_el1", 9 => "dbgbcr9_el1", 10 => "dbgbcr10_el1", 11 => "dbgbcr11_el1",
+        12 => "dbgbcr12_el1", 13 => "dbgbcr13_el1", 14 => "dbgbcr14_el1", 15 => "dbgbcr15_el1"
+    ]);
+    zero_numbered!(wrps, [
+        0 => "dbgwcr0_el1", 1 => "dbgwcr1_el1", 2 => "dbgwcr2_el1", 3 => "dbgwcr3_el1",
+        4 => "dbgwcr4_el1", 5 => "dbgwcr5_el1", 6 => "dbgwcr6_el1", 7 => "dbgwcr7_el1",
+        8 => "dbgwcr8_el1", 9 => "dbgwcr9_el1", 10 => "dbgwcr10_el1", 11 => "dbgwcr11_el1",
+        12 => "dbgwcr12_el1", 13 => "dbgwcr13_el1", 14 => "dbgwcr14_el1", 15 => "dbgwcr15_el1"
+    ]);
 }
