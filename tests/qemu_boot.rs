@@ -213,7 +213,7 @@ fn guest_interface_suite_in_qemu() {
 /// fields. (Counts, not timings: benchmarks are not tests.)
 #[test]
 fn bench_boot_emits_every_record() {
-    let records = xtask::bench::qemu_records(artifacts()).unwrap_or_else(|e| panic!("{e:#}"));
+    let records = xtask::bench::qemu_records(artifacts(), true).unwrap_or_else(|e| panic!("{e:#}"));
     assert_eq!(records.len(), 30, "6 workloads x 5 modes");
     let json = xtask::bench::to_json(&records);
     for field in [

@@ -19,6 +19,8 @@ pub struct BenchRecord {
     pub workload: String,
     /// `eager`, `flush_inner`, `naive`, `flatten`, `counted`.
     pub policy: String,
+    /// How guest memory was kept coherent: `fwb` or `maintenance`.
+    pub coherency: String,
     /// The counters the hypervisor reported for the measured phase.
     pub counters: BTreeMap<String, u64>,
     /// Wall time of the measured phase, in QEMU (ms; noisy, information only).
@@ -137,10 +139,11 @@ pub fn to_json(records: &[BenchRecord]) -> String {
     for (i, r) in records.iter().enumerate() {
         let _ = write!(
             out,
-            "  {{\"workload\": {}, \"policy\": {}, \"pte_writes\": {}, \"dsb\": {}, \"dsb_ishst\": {}, \
+            "  {{\"workload\": {}, \"policy\": {}, \"coherency\": {}, \"pte_writes\": {}, \"dsb\": {}, \"dsb_ishst\": {}, \
              \"dsb_ish\": {}, \"isb\": {}, \"tlbi\": {}, \"tlbi_pages\": {}",
             json_string(&r.workload),
             json_string(&r.policy),
+            json_string(&r.coherency),
             r.get("pte_writes"),
             r.dsb(),
             r.get("dsb_ishst"),
@@ -156,6 +159,8 @@ pub fn to_json(records: &[BenchRecord]) -> String {
             "tlbi_vmalls12e1is",
             "tlbi_vae2is",
             "tlbi_alle2is",
+            "cmo_lines",
+            "icache_invalidations",
         ] {
             let _ = write!(out, ", \"{k}\": {}", r.get(k));
         }
@@ -187,9 +192,10 @@ pub fn table(records: &[BenchRecord]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:<12} {:>9} {:>7} {:>6} {:>7} {:>10} {:>5} {:>6} {:>6} {:>9} {:>8}  correct",
+        "{:<10} {:<12} {:<11} {:>9} {:>7} {:>6} {:>7} {:>10} {:>5} {:>6} {:>6} {:>9} {:>9} {:>6} {:>8}  correct",
         "workload",
         "policy",
+        "coherency",
         "pte_wr",
         "dsb",
         "isb",
@@ -199,14 +205,17 @@ pub fn table(records: &[BenchRecord]) -> String {
         "flat",
         "exits",
         "faults",
+        "cmo_lines",
+        "ic_inv",
         "wall_ms"
     );
     for r in records {
         let _ = writeln!(
             out,
-            "{:<10} {:<12} {:>9} {:>7} {:>6} {:>7} {:>10} {:>5} {:>6} {:>6} {:>9} {:>8.2}  {}",
+            "{:<10} {:<12} {:<11} {:>9} {:>7} {:>6} {:>7} {:>10} {:>5} {:>6} {:>6} {:>9} {:>9} {:>6} {:>8.2}  {}",
             r.workload,
             r.policy,
+            r.coherency,
             r.get("pte_writes"),
             r.dsb(),
             r.get("isb"),
@@ -216,6 +225,8 @@ pub fn table(records: &[BenchRecord]) -> String {
             r.get("flattened"),
             r.get("exits"),
             r.get("demand_faults"),
+            r.get("cmo_lines"),
+            r.get("icache_invalidations"),
             r.wall_ms,
             match (r.correct_qemu, r.correct_model) {
                 (true, Some(true)) => "yes",
@@ -233,12 +244,13 @@ pub fn table(records: &[BenchRecord]) -> String {
 /// # Errors
 ///
 /// If QEMU cannot run, the run fails, or it reports no record.
-pub fn qemu_records(artifacts: &Artifacts) -> Result<Vec<BenchRecord>> {
+pub fn qemu_records(artifacts: &Artifacts, fwb: bool) -> Result<Vec<BenchRecord>> {
     let opts = RunOptions {
         timeout: Duration::from_mins(10),
         bootargs: vec![
             "guest.bench=1".to_owned(),
             "mm.guard=1".to_owned(),
+            format!("mm.fwb={}", u8::from(fwb)),
             "log=warn".to_owned(),
         ],
         echo: false,
@@ -259,7 +271,10 @@ pub fn qemu_records(artifacts: &Artifacts) -> Result<Vec<BenchRecord>> {
         lines.push_str(rest);
         lines.push('\n');
     }
-    let records = parse_bench_lines(&lines);
+    let mut records = parse_bench_lines(&lines);
+    for r in &mut records {
+        if fwb { "fwb" } else { "maintenance" }.clone_into(&mut r.coherency);
+    }
     if records.is_empty() {
         bail!(
             "the bench boot printed no LAZYHYP-BENCH line\n{}",

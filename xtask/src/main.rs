@@ -258,7 +258,10 @@ fn bench(json: Option<&std::path::Path>, no_host: bool) -> Result<bool> {
     xtask::ensure_qemu()?;
     let artifacts = xtask::build(true)?;
     println!("xtask bench: booting the bench sequence in QEMU (guard mode on)");
-    let mut records = bench::qemu_records(&artifacts)?;
+    // Once with FEAT_S2FWB (QEMU's -cpu max has it), once with explicit
+    // cache maintenance (mm.fwb=0): the CMO columns differ.
+    let mut records = bench::qemu_records(&artifacts, true)?;
+    records.extend(bench::qemu_records(&artifacts, false)?);
     println!("xtask bench: checking every run on the host model");
     let verdicts = bench::model_verdicts()?;
     bench::merge(&mut records, &verdicts);

@@ -349,7 +349,8 @@ pub(super) mod bench {
             format_args!(
                 "workload={workload} policy={} pte_writes={} dsb_ishst={} dsb_ish={} isb={} \
              tlbi_ipas2e1is={} tlbi_ripas2e1is={} tlbi_vmalle1is={} tlbi_vmalls12e1is={} tlbi_vae2is={} \
-             tlbi_alle2is={} tlbi_pages={} bbm={} flattened={} demand_faults={} exits={exits} wall_us={micros} correct={correct}",
+             tlbi_alle2is={} tlbi_pages={} bbm={} flattened={} demand_faults={} cmo_lines={} \
+             icache_invalidations={} exits={exits} wall_us={micros} correct={correct}",
                 mode.name(),
                 delta("pte_writes"),
                 delta("dsb_ishst"),
@@ -365,6 +366,8 @@ pub(super) mod bench {
                 delta("bbm"),
                 delta("flattenings"),
                 delta("demand_faults"),
+                delta("cmo_lines"),
+                delta("icache_invalidations"),
             ),
         );
     }
