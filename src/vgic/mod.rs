@@ -474,6 +474,12 @@ impl Vgic {
         let irq = self.dist.spi_mut(intid).filter(|i| i.owned && !i.hw)?;
         let rose = level && !irq.line_level;
         irq.line_level = level;
+        // A guest may configure the interrupt edge-triggered (ICFGR): then
+        // the rising edge latches it pending, as a GIC samples an edge;
+        // level-triggered, `pending()` follows the line.
+        if rose && irq.edge {
+            irq.assert();
+        }
         if rose { self.spi_target(intid) } else { None }
     }
 

@@ -323,6 +323,24 @@ fn a_level_interrupt_is_resampled_at_deactivation() {
 }
 
 #[test]
+fn an_spi_the_guest_made_edge_triggered_latches_on_the_rising_edge() {
+    let mut v = booted(1);
+    let mut cpu = FakeCpuInterface::qemu();
+    wr32(&mut v.gicd(), gicd::ISENABLER + 4, 1 << (UART_SPI - 32));
+    // ICFGR2 covers INTIDs 32..47: INTID 33 is field 1, bit 3 = edge.
+    wr32(&mut v.gicd(), gicd::ICFGR + 8, 0b10 << 2);
+    assert_eq!(v.set_spi_level(UART_SPI, true), Some(0));
+    // The line drops before the guest runs: the edge was still seen.
+    assert_eq!(v.set_spi_level(UART_SPI, false), None);
+    assert!(v.irq(0, UART_SPI).expect("exists").pending());
+    assert_eq!(v.enter(0, &mut cpu).loaded, 1);
+    assert_eq!(cpu.guest_acknowledge(), Some(UART_SPI));
+    assert!(cpu.guest_eoi(UART_SPI));
+    v.exit(0, &mut cpu);
+    assert_eq!(v.enter(0, &mut cpu).loaded, 0, "delivered once");
+}
+
+#[test]
 fn sgis_route_by_affinity_and_group() {
     let mut v = booted(3);
     let mut cpu = FakeCpuInterface::qemu();
