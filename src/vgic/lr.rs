@@ -127,7 +127,11 @@ pub struct Plan {
 ///   next exit of any kind).
 #[must_use]
 pub fn plan(mut candidates: Vec<Candidate>, nr_lrs: usize) -> Plan {
-    candidates.sort_by_key(|c| (!c.active, c.priority, c.intid));
+    // Active hardware-backed interrupts first of all: only from a list
+    // register does the guest's deactivation reach the physical interrupt
+    // (the timer's); then the other active ones, then pending ones by
+    // priority.
+    candidates.sort_by_key(|c| (!(c.active && c.hw), !c.active, c.priority, c.intid));
     let left_out = candidates.len().saturating_sub(nr_lrs);
     candidates.truncate(nr_lrs);
     let mut lrs: Vec<u64> = candidates.iter().map(Candidate::lr_value).collect();
@@ -187,6 +191,32 @@ mod tests {
             hw: false,
             level: false,
         }
+    }
+
+    #[test]
+    fn an_active_hardware_interrupt_keeps_its_list_register() {
+        // Four software interrupts the guest made active (ISACTIVER) and the
+        // timer, active and hardware-backed, at a lower priority; four LRs.
+        let mut c: Vec<Candidate> = (1..=4)
+            .map(|i| Candidate {
+                active: true,
+                pending: false,
+                ..pending(i, 0x10)
+            })
+            .collect();
+        c.push(Candidate {
+            active: true,
+            pending: false,
+            hw: true,
+            level: true,
+            ..pending(27, 0xa0)
+        });
+        let p = plan(c, 4);
+        assert!(
+            p.loaded.iter().flatten().any(|l| l.intid == 27),
+            "the timer must stay where the guest's EOI deactivates it physically"
+        );
+        assert_eq!(p.left_out, 1);
     }
 
     #[test]
