@@ -412,7 +412,7 @@ pub fn emulate(device: &mut dyn MmioDevice, esr: Esr, offset: u64, regs: &mut Gu
         access.complete_load(regs, v);
     }
     // A 32-bit instruction (IL = 1) the guest is past.
-    regs.elr = regs.elr.wrapping_add(if esr.il() { 4 } else { 2 });
+    crate::vcpu::step_over(regs, esr.il());
     true
 }
 
@@ -437,7 +437,7 @@ pub fn emulate_or_abort(
         let v = device.try_read(offset, access.size)?;
         access.complete_load(regs, v);
     }
-    regs.elr = regs.elr.wrapping_add(if esr.il() { 4 } else { 2 });
+    crate::vcpu::step_over(regs, esr.il());
     Ok(())
 }
 

@@ -252,6 +252,16 @@ impl Vcpu {
                 inc(&exits.exits_sysreg);
                 Exit::Sysreg(trap, SysregAccess::decode(trap.esr.iss()))
             }
+            // An AArch32 EL0 coprocessor access that traps (PMU, debug, ID
+            // registers, set/way) even though its condition code fails:
+            // the architecture lets such a trap be taken; the instruction
+            // is then skipped, as the CPU would have done (KVM's
+            // `kvm_condition_valid32`).
+            class if is_aarch32_trap(class) && !condition_passes(trap.esr, regs.spsr) => {
+                inc(&exits.exits_other);
+                step_over(regs, trap.esr.il());
+                Exit::Resume
+            }
             // Anything else that reaches EL2 from the guest is an
             // instruction or access the hypervisor does not offer (SVE and
             // SME through CPTR_EL2, and whatever a future trap bit adds):
@@ -303,6 +313,71 @@ impl Vcpu {
         };
         Exit::Resume
     }
+}
+
+/// The exception classes of trapped AArch32 instructions that carry a
+/// condition code (`CV`, `COND`): MCR/MRC and MCRR/MRRC to CP15 and CP14,
+/// LDC/STC, VMRS.
+const fn is_aarch32_trap(ec: u8) -> bool {
+    matches!(ec, 0x03..=0x06 | 0x08 | 0x0c)
+}
+
+/// Whether a trapped AArch32 instruction with syndrome `esr` passes its
+/// condition check under the guest's PSTATE `spsr` (N, Z, C, V in bits
+/// \[31:28\]). Without a valid condition (`CV` = 0) it is treated as
+/// passing, as the architecture allows only for unconditional encodings.
+#[must_use]
+pub fn condition_passes(esr: Esr, spsr: u64) -> bool {
+    let iss = esr.iss();
+    if iss & (1 << 24) == 0 {
+        return true;
+    }
+    let cond = (iss >> 20) & 0xf;
+    let (n, z, c, v) = (
+        spsr >> 31 & 1 == 1,
+        spsr >> 30 & 1 == 1,
+        spsr >> 29 & 1 == 1,
+        spsr >> 28 & 1 == 1,
+    );
+    let base = match cond >> 1 {
+        0 => z,
+        1 => c,
+        2 => n,
+        3 => v,
+        4 => c && !z,
+        5 => n == v,
+        6 => !z && n == v,
+        _ => true,
+    };
+    if cond & 1 == 1 && cond != 0xf {
+        !base
+    } else {
+        base
+    }
+}
+
+/// Steps the guest over the instruction that trapped (`il`: 32-bit), and
+/// for AArch32 T32 code inside an IT block advances its IT state, as
+/// executing the instruction would (KVM's `kvm_adjust_itstate`).
+pub fn step_over(regs: &mut GuestRegs, il: bool) {
+    const AARCH32: u64 = 1 << 4;
+    const T32: u64 = 1 << 5;
+    regs.elr = regs.elr.wrapping_add(if il { 4 } else { 2 });
+    if regs.spsr & (AARCH32 | T32) != (AARCH32 | T32) {
+        return;
+    }
+    // IT[1:0] in SPSR[26:25], IT[7:2] in SPSR[15:10].
+    let it = ((regs.spsr >> 25) & 0b11) | (((regs.spsr >> 10) & 0x3f) << 2);
+    if it == 0 {
+        return;
+    }
+    let next = if it.trailing_zeros() >= 3 {
+        0
+    } else {
+        (it & 0b1110_0000) | ((it << 1) & 0b1_1111)
+    };
+    regs.spsr &= !((0b11 << 25) | (0x3f << 10));
+    regs.spsr |= ((next & 0b11) << 25) | (((next >> 2) & 0x3f) << 10);
 }
 
 /// How to deliver an exception to the guest's EL1 as if the CPU had taken
@@ -643,6 +718,63 @@ mod tests {
         assert!(text.contains("Data abort from lower EL"), "{text}");
         assert!(text.contains("translation fault level 2"), "{text}");
         assert!(text.contains("faulting IPA 0x50000123"), "{text}");
+    }
+
+    #[test]
+    fn a_failed_condition_skips_an_aarch32_trap_and_advances_it_state() {
+        // MRC p15 (EC 0x03) with CV = 1, COND = EQ (0b0000), Z clear:
+        // skipped, not UNDEFINED; with Z set it is UNDEFINED (not offered).
+        let esr = |cond: u64| Esr((0x03 << 26) | (1 << 25) | (1 << 24) | (cond << 20));
+        let exits = ExitCounters::new();
+        let mut vcpu = Vcpu::default();
+        let mut regs = GuestRegs {
+            elr: 0x8000,
+            spsr: 0b1_0000,
+            ..GuestRegs::default()
+        };
+        let trap = Trap {
+            esr: esr(0b0000),
+            far: 0,
+            hpfar: 0,
+        };
+        assert_eq!(vcpu.handle_sync(&mut regs, trap, &exits), Exit::Resume);
+        assert_eq!(regs.elr, 0x8004);
+        regs.spsr |= 1 << 30;
+        assert_eq!(
+            vcpu.handle_sync(&mut regs, trap, &exits),
+            Exit::Undefined(trap)
+        );
+        // Conditions: NE with Z set fails; GE with N == V passes; AL passes;
+        // no CV: passes.
+        assert!(!condition_passes(esr(0b0001), 1 << 30));
+        assert!(condition_passes(esr(0b1010), (1 << 31) | (1 << 28)));
+        assert!(!condition_passes(esr(0b1010), 1 << 31));
+        assert!(condition_passes(esr(0b1110), 0));
+        assert!(condition_passes(Esr(0x03 << 26), 0));
+        // T32 in an IT block (ITSTATE 0b000_01100: "ITT EQ", two left):
+        // after one instruction, one left; after the last, none.
+        let mut t32 = GuestRegs {
+            elr: 0x9000,
+            // IT[1:0] (SPSR[26:25]) = 0b00, IT[7:2] (SPSR[15:10]) = 0b00_0011.
+            spsr: 0b11_0000 | (0b00_0011 << 10),
+            ..GuestRegs::default()
+        };
+        step_over(&mut t32, false);
+        assert_eq!(t32.elr, 0x9002);
+        let it = |spsr: u64| ((spsr >> 25) & 0b11) | (((spsr >> 10) & 0x3f) << 2);
+        assert_eq!(it(t32.spsr), 0b0001_1000);
+        step_over(&mut t32, false);
+        assert_eq!(
+            it(t32.spsr),
+            0,
+            "the block ended (ITAdvance: IT[2:0] was 0)"
+        );
+        step_over(&mut t32, false);
+        assert_eq!(
+            (it(t32.spsr), t32.elr),
+            (0, 0x9006),
+            "outside a block: unchanged"
+        );
     }
 
     #[test]
