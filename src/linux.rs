@@ -164,13 +164,10 @@ fn build(t: &GuestTree<'_>) -> Result<Vec<u8>, vm_fdt::Error> {
     fdt.end_node(psci)?;
 
     // PPIs: secure physical 13, physical 14, virtual 11, hypervisor 10;
-    // level-triggered, to the (one) CPU.
+    // level high (GICv3 flags carry no CPU mask, unlike GICv2's 0x104).
     let timer = fdt.begin_node("timer")?;
     fdt.property_string("compatible", "arm,armv8-timer")?;
-    fdt.property_array_u32(
-        "interrupts",
-        &[1, 13, 0x104, 1, 14, 0x104, 1, 11, 0x104, 1, 10, 0x104],
-    )?;
+    fdt.property_array_u32("interrupts", &[1, 13, 4, 1, 14, 4, 1, 11, 4, 1, 10, 4])?;
     fdt.property_null("always-on")?;
     fdt.end_node(timer)?;
 
@@ -180,8 +177,9 @@ fn build(t: &GuestTree<'_>) -> Result<Vec<u8>, vm_fdt::Error> {
     fdt.property_null("interrupt-controller")?;
     fdt.property_array_u64("reg", &[t.gicd.0, t.gicd.1, t.gicr.0, t.gicr.1])?;
     fdt.property_u32("#redistributor-regions", 1)?;
-    // The maintenance interrupt: PPI 9 (INTID 25), level high. The
-    // hypervisor uses it; the guest's GIC driver only needs to know it.
+    // The maintenance interrupt: PPI 9 (INTID 25), level high, as QEMU's
+    // own tree describes it. The hypervisor uses it; only a guest that were
+    // itself a hypervisor would.
     fdt.property_array_u32("interrupts", &[1, 9, 4])?;
     fdt.property_phandle(GIC_PHANDLE)?;
     fdt.end_node(gic)?;

@@ -675,8 +675,11 @@ fn handle_sync(regs: &mut GuestRegs) {
         Exit::Stage2Abort(trap) => {
             let fsc = trap.esr.fault_status();
             // Translation (0x04-0x07), access flag (0x08-0x0b) and permission
-            // (0x0c-0x0f) faults are stage 2's to resolve, and only for
-            // them is HPFAR valid. Anything else (a synchronous external
+            // (0x0c-0x0f) faults are stage 2's to judge. HPFAR holds the IPA
+            // for translation and access-flag faults (and any fault on a
+            // stage-1 walk); a permission fault's HPFAR may not be valid,
+            // and it is only ever answered with an abort, which needs the
+            // VA in FAR, not the IPA. Anything else (a synchronous external
             // abort routed here by HCR_EL2.TEA, alignment, a TLB conflict)
             // is the guest's: it gets the abort.
             if !(0x04..=0x0f).contains(&fsc) {
@@ -1148,13 +1151,13 @@ fn print_stats() {
 /// (it is also printed on the panic path).
 fn heapless_line() -> LineBuf {
     LineBuf {
-        buf: [0; 1024],
+        buf: [0; 4096],
         len: 0,
     }
 }
 
 struct LineBuf {
-    buf: [u8; 1024],
+    buf: [u8; 4096],
     len: usize,
 }
 
