@@ -335,7 +335,9 @@ fn hostile_guest_suite_is_contained() {
     // UNDEFINED at EL1 already on QEMU (no EL2 trap for them there).
     assert!(stat("undef_injected") >= 6, "{report}");
     assert!(stat("sysreg_emulated") >= 5, "{report}");
-    assert_eq!(stat("setway_flushes"), 2, "{report}");
+    // Under FEAT_S2FWB (QEMU's default here) set/way needs no clean; the
+    // maintenance path's count is checked by the coherency test.
+    assert_eq!(stat("setway_flushes"), 0, "{report}");
 }
 
 /// Both coherency paths for guest memory: FEAT_S2FWB (QEMU's `-cpu max`
