@@ -34,6 +34,7 @@ fn check_first_touch(mode: Mode, fault_around: usize) -> bool {
         GuestRam {
             ipa: base..base + 64 * MIB,
             backing: 0x8000_0000,
+            mem: lazyhyp::mm::stage2::MemType::Normal,
         },
         fault_around,
     );
