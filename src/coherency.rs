@@ -26,8 +26,9 @@
 //!   hypervisor access and before memory is first given to the guest.
 //!
 //! Either way the instruction cache is not coherent with data writes on
-//! every CPU (without `CTR_EL0.DIC`), so it is invalidated when memory the
-//! guest may execute is written by the hypervisor or first mapped.
+//! every CPU (without `CTR_EL0.DIC`), so it is invalidated when the
+//! hypervisor loads code for the guest and when an alias re-points what an
+//! address executes.
 //!
 //! Every operation here is bounded by the bytes it is asked about (one
 //! `DC` per cache line), and the caller passes ranges bounded by what a
@@ -91,30 +92,44 @@ impl Coherency {
         }
     }
 
-    /// After the hypervisor wrote `[pa, pa + len)` of guest memory (a
-    /// hypercall's result, a loaded image): with maintenance, clean and
-    /// invalidate to the point of coherency, so a Non-cacheable guest reads
-    /// the new bytes and no dirty line is evicted over its later writes;
-    /// in both modes the instruction cache is invalidated, as the guest may
-    /// execute what was written.
+    /// Before the hypervisor writes `[pa, pa + len)` of guest memory: with
+    /// maintenance, clean and invalidate, so no stale line (left by an
+    /// earlier read, or fetched speculatively through the cacheable alias)
+    /// is dirtied by the write and later written back whole over bytes of
+    /// the same line the guest wrote meanwhile.
+    pub fn before_hyp_write(self, ops: &dyn CacheOps, pa: PhysAddr, len: usize) {
+        self.before_hyp_read(ops, pa, len);
+    }
+
+    /// After the hypervisor wrote `[pa, pa + len)` of guest data (a
+    /// hypercall's result): with maintenance, clean and invalidate to the
+    /// point of coherency, so a Non-cacheable guest reads the new bytes and
+    /// no dirty line is evicted over its later writes.
     pub fn after_hyp_write(self, ops: &dyn CacheOps, pa: PhysAddr, len: usize) {
+        if self == Self::Maintenance && len > 0 {
+            ops.clean_invalidate_to_poc(pa, len);
+        }
+    }
+
+    /// After the hypervisor wrote code the guest will execute (the image it
+    /// loads): as [`after_hyp_write`](Self::after_hyp_write), and in both
+    /// modes the instruction cache is invalidated.
+    pub fn after_code_load(self, ops: &dyn CacheOps, pa: PhysAddr, len: usize) {
         if len == 0 {
             return;
         }
-        if self == Self::Maintenance {
-            ops.clean_invalidate_to_poc(pa, len);
-        }
+        self.after_hyp_write(ops, pa, len);
         ops.invalidate_icache();
     }
 
-    /// Before memory `[pa, pa + len)` is first given to the guest (demand
-    /// population, `POPULATE`): with maintenance, clean and invalidate to
-    /// the point of coherency, so no dirty or stale line of the
-    /// hypervisor's alias survives into the guest's use of it; in both
-    /// modes the instruction cache is invalidated, as the range becomes
-    /// executable. (Calling it after writing the descriptors but before the
-    /// guest runs again is equivalent: the guest cannot access the range in
-    /// between.)
+    /// Before memory `[pa, pa + len)` is mapped for the guest (each run a
+    /// demand fault or `POPULATE` installs, and only those): with
+    /// maintenance, clean and invalidate to the point of coherency, so no
+    /// dirty or stale line of the hypervisor's alias (or of the guest's own
+    /// cacheable use before it gave the page back) survives into its use.
+    /// No instruction cache maintenance: the backing of an address never
+    /// changes, the hypervisor wrote no code there, and the guest maintains
+    /// its instruction cache for code it writes itself.
     pub fn before_guest_map(self, ops: &dyn CacheOps, pa: PhysAddr, len: usize) {
         self.after_hyp_write(ops, pa, len);
     }
@@ -255,6 +270,32 @@ mod tests {
 
     const BOTH: [Coherency; 2] = [Coherency::Maintenance, Coherency::ForcedWriteBack];
 
+    /// A stale line the hypervisor read earlier is not written back over
+    /// a byte the guest wrote since, in the same line, when the hypervisor
+    /// writes another byte of it (the clean before the write).
+    #[test]
+    fn a_write_into_a_stale_line_does_not_undo_the_guests_writes() {
+        for policy in BOTH {
+            let m = Machine::new(4096, policy);
+            policy.before_hyp_read(&m, 128, 8);
+            let _ = m.hyp_read(128);
+            m.guest_write(160, 0x77);
+            policy.before_hyp_write(&m, 128, 1);
+            m.hyp_write(128, 0x40);
+            policy.after_hyp_write(&m, 128, 1);
+            m.evict_all();
+            assert_eq!(m.guest_read(160), 0x77, "{policy:?}");
+            assert_eq!(m.guest_read(128), 0x40, "{policy:?}");
+        }
+        // Without the clean before the write, the guest's byte is lost.
+        let m = Machine::new(4096, Coherency::Maintenance);
+        let _ = m.hyp_read(128);
+        m.guest_write(160, 0x77);
+        m.hyp_write(128, 0x40);
+        Coherency::Maintenance.after_hyp_write(&m, 128, 1);
+        assert_eq!(m.guest_read(160), 0, "the stale line was written back");
+    }
+
     /// A hypercall result written by the hypervisor is what the guest reads.
     #[test]
     fn the_guest_reads_what_the_hypervisor_wrote() {
@@ -262,6 +303,7 @@ mod tests {
             let m = Machine::new(4096, policy);
             // The guest touched the buffer first (its old contents).
             m.guest_write(128, 1);
+            policy.before_hyp_write(&m, 128, 8);
             for (i, a) in (128..136).enumerate() {
                 m.hyp_write(a, 0x40 + i as u8);
             }
@@ -326,17 +368,24 @@ mod tests {
     }
 
     /// The cost: with FWB no data cache maintenance at all; with maintenance
-    /// one line per 64 bytes asked about; the instruction cache in both
-    /// modes after a write or a first mapping, never after a read.
+    /// one line per 64 bytes asked about; the instruction cache only for
+    /// loaded code and re-pointed aliases, in both modes.
     #[test]
     fn maintenance_is_counted_and_bounded_by_the_range() {
         let m = Machine::new(1 << 16, Coherency::ForcedWriteBack);
         let fwb = Coherency::ForcedWriteBack;
         fwb.before_hyp_read(&m, 0, 4096);
+        fwb.before_hyp_write(&m, 0, 4096);
         fwb.after_hyp_write(&m, 0, 4096);
         fwb.before_guest_map(&m, 0, 1 << 16);
         assert_eq!(m.lines_maintained.get(), 0);
-        assert_eq!(m.icache_invalidations.get(), 2);
+        assert_eq!(m.icache_invalidations.get(), 0);
+        fwb.after_code_load(&m, 0, 4096);
+        fwb.after_exec_remap(&m);
+        assert_eq!(
+            (m.lines_maintained.get(), m.icache_invalidations.get()),
+            (0, 2)
+        );
         let m = Machine::new(1 << 16, Coherency::Maintenance);
         let cmo = Coherency::Maintenance;
         cmo.before_hyp_read(&m, 0, 4096);
@@ -346,8 +395,13 @@ mod tests {
         );
         cmo.before_guest_map(&m, 0, 1 << 16);
         assert_eq!(m.lines_maintained.get(), 64 + 1024);
-        assert_eq!(m.icache_invalidations.get(), 1);
-        cmo.after_hyp_write(&m, 0, 0);
+        assert_eq!(m.icache_invalidations.get(), 0);
+        cmo.after_code_load(&m, 0, 4096);
+        assert_eq!(
+            (m.lines_maintained.get(), m.icache_invalidations.get()),
+            (64 + 1024 + 64, 1)
+        );
+        cmo.after_code_load(&m, 0, 0);
         assert_eq!(
             m.icache_invalidations.get(),
             1,

@@ -193,6 +193,8 @@ pub mod hcr {
     pub const FB: u64 = 1 << 9;
     /// Barrier shareability upgrade: inner shareable.
     pub const BSU_INNER: u64 = 1 << 10;
+    /// Trap writes to the stage-1 "virtual memory" registers.
+    pub const TVM: u64 = 1 << 26;
     /// Trap ID group 3 (the feature ID registers).
     pub const TID3: u64 = 1 << 18;
     /// Trap SMC.
@@ -265,7 +267,10 @@ pub mod hcr {
 /// - `TTLB`, `TPU`, `TPCP`, `TDZ`: TLB and cache maintenance by address act
 ///   on the guest's own VMID and memory (stage 2 confines them; with `VM` a
 ///   guest `DC IVAC` is performed as `DC CIVAC`).
-/// - `TVM`, `TRVM`: the guest's stage-1 registers are its own.
+/// - `TVM`, `TRVM`: the guest's stage-1 registers are its own. (`TVM` is set
+///   on the fly, without FEAT_S2FWB, from a set/way operation until the
+///   guest's caches are on again, to see it toggle them: the set/way
+///   emulation.)
 /// - `TGE`, `E2H`, `NV*`, `DC`, `CD`, `ID`: not used.
 /// - `FWB`: stage-2 attributes are combined with the guest's (the forced
 ///   write-back mode is tracked separately).

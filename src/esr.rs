@@ -37,27 +37,44 @@ pub mod ec {
     pub const BRK64: u8 = 0x3c;
 }
 
-/// Whether an SError taken to EL2 with syndrome `esr` must end the run:
-/// with FEAT_RAS, an IMPLEMENTATION DEFINED syndrome (`IDS`) or an
-/// architected one whose error type (`AET`, with `DFSC` = 0x11) is
-/// Uncontainable or Unrecoverable; the machine's state, the hypervisor's
-/// included, cannot be trusted then (as KVM's `arm64_is_fatal_ras_serror`).
-/// Restartable, recoverable and corrected errors, and every SError of a CPU
-/// without FEAT_RAS (no syndrome to judge by), go to the guest as a virtual
-/// SError.
+/// What to do with an SError taken to EL2 while a guest ran.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum SErrorAction {
+    /// Hand the guest a virtual SError: the error is its to handle.
+    Inject,
+    /// Nothing to do: the error was corrected, or is restartable and was
+    /// taken precisely enough for the guest to go on (KVM ignores these).
+    Ignore,
+    /// The machine's state, the hypervisor's included, cannot be trusted:
+    /// end the run.
+    Fatal,
+}
+
+/// The policy for an SError with syndrome `esr` on a CPU with FEAT_RAS
+/// (`has_ras`), as KVM's `kvm_handle_guest_serror` /
+/// `arm64_ras_serror_get_severity`: without RAS, or with an IMPLEMENTATION
+/// DEFINED syndrome (`IDS`), the guest gets it; with RAS an architected
+/// syndrome that is not "asynchronous SError" (`DFSC` != 0x11, so no error
+/// type) is fatal; by error type (`AET`): Uncontainable is fatal,
+/// Unrecoverable and Recoverable go to the guest, Restartable and
+/// Corrected are ignored.
 #[must_use]
-pub const fn serror_is_fatal(esr: u64, has_ras: bool) -> bool {
+pub const fn serror_action(esr: u64, has_ras: bool) -> SErrorAction {
     const IDS: u64 = 1 << 24;
-    const AET_UC: u64 = 0b000;
-    const AET_UEU: u64 = 0b001;
-    if !has_ras {
-        return false;
+    if !has_ras || esr & IDS != 0 {
+        return SErrorAction::Inject;
     }
-    if esr & IDS != 0 {
-        return true;
+    if esr & 0x3f != 0x11 {
+        return SErrorAction::Fatal;
     }
-    let aet = (esr >> 10) & 0b111;
-    esr & 0x3f == 0x11 && (aet == AET_UC || aet == AET_UEU)
+    match (esr >> 10) & 0b111 {
+        // UC.
+        0b000 => SErrorAction::Fatal,
+        // UEU, UER.
+        0b001 | 0b011 => SErrorAction::Inject,
+        // UEO, CE (and reserved values, treated as the least severe).
+        _ => SErrorAction::Ignore,
+    }
 }
 
 /// A raw `ESR_EL2` value with accessors for its fields.
@@ -204,17 +221,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn serror_severity() {
+    fn serror_policy_follows_kvm() {
         let serror = (u64::from(ec::SERROR) << 26) | (1 << 25);
         let aet = |a: u64| serror | (a << 10) | 0x11;
-        assert!(serror_is_fatal(aet(0b000), true), "UC");
-        assert!(serror_is_fatal(aet(0b001), true), "UEU");
-        assert!(!serror_is_fatal(aet(0b010), true), "UEO");
-        assert!(!serror_is_fatal(aet(0b011), true), "UER");
-        assert!(!serror_is_fatal(aet(0b110), true), "CE");
-        assert!(serror_is_fatal(serror | (1 << 24), true), "IDS");
-        assert!(!serror_is_fatal(aet(0b000), false), "no RAS: no syndrome");
-        assert!(!serror_is_fatal(serror, true), "DFSC is not an SError's");
+        assert_eq!(serror_action(aet(0b000), true), SErrorAction::Fatal, "UC");
+        assert_eq!(serror_action(aet(0b001), true), SErrorAction::Inject, "UEU");
+        assert_eq!(serror_action(aet(0b011), true), SErrorAction::Inject, "UER");
+        assert_eq!(serror_action(aet(0b010), true), SErrorAction::Ignore, "UEO");
+        assert_eq!(serror_action(aet(0b110), true), SErrorAction::Ignore, "CE");
+        assert_eq!(
+            serror_action(serror | (1 << 24), true),
+            SErrorAction::Inject,
+            "IDS: IMPLEMENTATION DEFINED, the guest's"
+        );
+        assert_eq!(
+            serror_action(serror, true),
+            SErrorAction::Fatal,
+            "RAS, but uncategorized"
+        );
+        assert_eq!(
+            serror_action(aet(0b000), false),
+            SErrorAction::Inject,
+            "no RAS"
+        );
     }
     use alloc::format;
 

@@ -189,7 +189,12 @@ fn stage2_error(e: Stage2Error) -> BatchError {
 }
 
 /// Runs one (validated) operation.
-fn run_op<A: MmArch>(s2: &mut Stage2<'_, A>, ram: &GuestRam, op: &MmOp) -> Result<(), BatchError> {
+fn run_op<A: MmArch>(
+    s2: &mut Stage2<'_, A>,
+    ram: &GuestRam,
+    op: &MmOp,
+    on_map: Option<OnMap>,
+) -> Result<(), BatchError> {
     let size = op.size as usize;
     let ram_attrs = ram.attrs();
     match op.kind {
@@ -201,6 +206,9 @@ fn run_op<A: MmArch>(s2: &mut Stage2<'_, A>, ram: &GuestRam, op: &MmOp) -> Resul
             while window < end {
                 let window_end = ((window & !(BLOCK_2M as u64 - 1)) + BLOCK_2M as u64).min(end);
                 for h in unmapped_runs(s2, window..window_end) {
+                    if let Some(hook) = on_map {
+                        hook(ram.backing_of(h.start), (h.end - h.start) as usize);
+                    }
                     s2.map(
                         h.start,
                         (h.end - h.start) as usize,
@@ -237,7 +245,15 @@ pub struct GuestMemory {
     /// One bit per page: given back with `UNMAP` (a fault there is the
     /// guest's error, answered with an external abort, not populated).
     given_back: alloc::vec::Vec<u64>,
+    /// Called with the backing of each run of pages just before it is
+    /// mapped for the guest (demand faults, `POPULATE`), and only those:
+    /// the hypervisor's cache maintenance (`crate::coherency`), bounded by
+    /// what is newly mapped.
+    on_map: Option<OnMap>,
 }
+
+/// The hook [`GuestMemory`] calls before mapping backing `(pa, len)`.
+pub type OnMap = fn(PhysAddr, usize);
 
 /// What to do about a stage-2 abort.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -261,9 +277,15 @@ impl GuestMemory {
             ram,
             fault_around: PAGE_SIZE,
             given_back: alloc::vec![0; pages.div_ceil(64)],
+            on_map: None,
         };
         m.set_fault_around(fault_around);
         m
+    }
+
+    /// Sets the hook called before each run of backing is mapped.
+    pub fn set_on_map(&mut self, hook: OnMap) {
+        self.on_map = Some(hook);
     }
 
     /// Sets the fault-around window (0 or `PAGE_SIZE`: off), rounded up to
@@ -326,7 +348,7 @@ impl GuestMemory {
         }
         mm.enter();
         let result = ops.iter().enumerate().try_for_each(|(i, op)| {
-            run_op(s2, &self.ram, op).map_err(|e| (i, e))?;
+            run_op(s2, &self.ram, op, self.on_map).map_err(|e| (i, e))?;
             match op.kind {
                 kind::UNMAP => self.set_given_back(op.ipa, op.size, true),
                 kind::POPULATE => self.set_given_back(op.ipa, op.size, false),
@@ -385,6 +407,9 @@ impl GuestMemory {
         let mut pages = 0;
         for r in &runs {
             let size = (r.end - r.start) as usize;
+            if let Some(hook) = self.on_map {
+                hook(self.ram.backing_of(r.start), size);
+            }
             if s2
                 .map(r.start, size, self.ram.backing_of(r.start), ram_attrs)
                 .is_err()
@@ -830,6 +855,38 @@ mod fault_tests {
         kit.check(&(GIB..GIB + 10 * MIB))
             .expect("state after demand faults");
         assert_eq!(kit.mm.total("demand_faults"), 260);
+    }
+
+    /// The coherency hook sees exactly the backing newly mapped: a fault's
+    /// unmapped, not given-back runs and a `POPULATE`'s holes, never what
+    /// was mapped already.
+    #[test]
+    fn the_map_hook_sees_only_what_is_newly_mapped() {
+        use core::sync::atomic::{AtomicU64, Ordering};
+        static BYTES: AtomicU64 = AtomicU64::new(0);
+        static LOWEST: AtomicU64 = AtomicU64::new(u64::MAX);
+        fn hook(pa: PhysAddr, len: usize) {
+            BYTES.fetch_add(len as u64, Ordering::SeqCst);
+            LOWEST.fetch_min(pa as u64, Ordering::SeqCst);
+        }
+        let (mut kit, mut mem) = demand_kit(DEFAULT_FAULT_AROUND);
+        mem.set_on_map(hook);
+        // One fault: its 2 MiB window.
+        mem.stage2_fault(&mut kit.s2, kit.mm, GIB + 0x1000, 0x07);
+        assert_eq!(BYTES.load(Ordering::SeqCst), 2 * MIB);
+        assert_eq!(LOWEST.load(Ordering::SeqCst), 0x8000_0000);
+        // Give one page back, forget nothing: POPULATE over 4 MiB maps the
+        // page and the next 2 MiB window, not the mapped rest.
+        let unmap = op(kind::UNMAP, 0, GIB + 0x3000, 0x1000, 0);
+        mem.run_batch(&mut kit.s2, kit.mm, &[unmap]).expect("unmap");
+        let populate = op(kind::POPULATE, 0, GIB, 4 * MIB, 0);
+        mem.run_batch(&mut kit.s2, kit.mm, &[populate])
+            .expect("populate");
+        assert_eq!(BYTES.load(Ordering::SeqCst), 2 * MIB + 0x1000 + 2 * MIB);
+        // Everything mapped now: nothing more.
+        mem.run_batch(&mut kit.s2, kit.mm, &[populate])
+            .expect("populate");
+        assert_eq!(BYTES.load(Ordering::SeqCst), 4 * MIB + 0x1000);
     }
 
     #[test]

@@ -66,8 +66,60 @@ pub enum SysregAction {
     /// Data cache maintenance by set/way: the caller cleans and invalidates
     /// the guest's memory to the point of coherency by address.
     SetWay,
+    /// A write to a stage-1 "virtual memory" register, trapped while
+    /// `HCR_EL2.TVM` is set (to watch the guest's cache state around
+    /// set/way maintenance): the caller performs it on the real register.
+    VmRegisterWrite(VmRegister),
     /// Inject UNDEFINED.
     Undefined,
+}
+
+/// The EL1 registers `HCR_EL2.TVM` traps writes to.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum VmRegister {
+    /// `SCTLR_EL1`.
+    Sctlr,
+    /// `TTBR0_EL1`.
+    Ttbr0,
+    /// `TTBR1_EL1`.
+    Ttbr1,
+    /// `TCR_EL1`.
+    Tcr,
+    /// `ESR_EL1`.
+    Esr,
+    /// `FAR_EL1`.
+    Far,
+    /// `AFSR0_EL1`.
+    Afsr0,
+    /// `AFSR1_EL1`.
+    Afsr1,
+    /// `MAIR_EL1`.
+    Mair,
+    /// `AMAIR_EL1`.
+    Amair,
+    /// `CONTEXTIDR_EL1`.
+    Contextidr,
+}
+
+impl VmRegister {
+    /// The register with encoding (op0, op1, CRn, CRm, op2), if it is one.
+    #[must_use]
+    pub const fn from_encoding(e: (u8, u8, u8, u8, u8)) -> Option<Self> {
+        Some(match e {
+            (3, 0, 1, 0, 0) => Self::Sctlr,
+            (3, 0, 2, 0, 0) => Self::Ttbr0,
+            (3, 0, 2, 0, 1) => Self::Ttbr1,
+            (3, 0, 2, 0, 2) => Self::Tcr,
+            (3, 0, 5, 2, 0) => Self::Esr,
+            (3, 0, 6, 0, 0) => Self::Far,
+            (3, 0, 5, 1, 0) => Self::Afsr0,
+            (3, 0, 5, 1, 1) => Self::Afsr1,
+            (3, 0, 10, 2, 0) => Self::Mair,
+            (3, 0, 10, 3, 0) => Self::Amair,
+            (3, 0, 13, 0, 1) => Self::Contextidr,
+            _ => return None,
+        })
+    }
 }
 
 /// `OSLSR_EL1` as read by the guest: OSLM = 0b10 (the OS lock is
@@ -91,12 +143,22 @@ pub const ICC_SRE_EL1_VALUE: u64 = 0b111;
 ///   breakpoints at boot) runs on.
 /// - `DC ISW`, `DC CSW`, `DC CISW` (and the MTE tag forms), trapped by
 ///   `HCR_EL2.TSW`: [`SysregAction::SetWay`].
+/// - Writes to the stage-1 registers `HCR_EL2.TVM` traps (`SCTLR_EL1`,
+///   `TTBR0/1_EL1`, `TCR_EL1`, `ESR_EL1`, `FAR_EL1`, `AFSR0/1_EL1`,
+///   `MAIR_EL1`, `AMAIR_EL1`, `CONTEXTIDR_EL1`), set only while the
+///   hypervisor watches the guest's cache state after a set/way operation:
+///   [`SysregAction::VmRegisterWrite`], performed as written.
 /// - Everything else (PMU, trace, SPE, TRBE, AMU, RAS error records, MTE,
 ///   LORegions, SME, `ACTLR_EL1`, implementation-defined registers, ...):
 ///   UNDEFINED, as the architecture makes them for a CPU without the
 ///   feature, which is what the ID view says this one is.
 #[must_use]
 pub fn classify(a: &SysregAccess) -> SysregAction {
+    if !a.read
+        && let Some(r) = VmRegister::from_encoding(a.encoding())
+    {
+        return SysregAction::VmRegisterWrite(r);
+    }
     match a.encoding() {
         (3, 0, 0, crm @ 1..=7, op2) => {
             if a.read {
@@ -302,6 +364,15 @@ mod tests {
         for crm in [6, 10, 14] {
             assert_eq!(action(1, 0, 7, crm, 2, false), SysregAction::SetWay);
         }
+        // SCTLR_EL1 and MAIR_EL1 writes (trapped by TVM) are performed.
+        assert_eq!(
+            action(3, 0, 1, 0, 0, false),
+            SysregAction::VmRegisterWrite(VmRegister::Sctlr)
+        );
+        assert_eq!(
+            action(3, 0, 10, 2, 0, false),
+            SysregAction::VmRegisterWrite(VmRegister::Mair)
+        );
         // DC IVAC (CRm 6, op2 1) does not trap; if it came here: UNDEFINED.
         assert_eq!(action(1, 0, 7, 6, 1, false), SysregAction::Undefined);
         // PMCR_EL0 = S3_3_C9_C12_0; ERRIDR_EL1 = S3_0_C5_C3_0;

@@ -324,15 +324,22 @@ const fn is_aarch32_trap(ec: u8) -> bool {
 
 /// Whether a trapped AArch32 instruction with syndrome `esr` passes its
 /// condition check under the guest's PSTATE `spsr` (N, Z, C, V in bits
-/// \[31:28\]). Without a valid condition (`CV` = 0) it is treated as
-/// passing, as the architecture allows only for unconditional encodings.
+/// \[31:28\]). The condition is `ESR.COND` when `CV` is set; otherwise
+/// (a T32 instruction may report `CV` = 0) it is the current IT block's
+/// (`IT[7:4]`), and outside an IT block the instruction is unconditional
+/// (as KVM's `kvm_condition_valid32`).
 #[must_use]
 pub fn condition_passes(esr: Esr, spsr: u64) -> bool {
     let iss = esr.iss();
-    if iss & (1 << 24) == 0 {
-        return true;
-    }
-    let cond = (iss >> 20) & 0xf;
+    let cond = if iss & (1 << 24) != 0 {
+        u64::from((iss >> 20) & 0xf)
+    } else {
+        let it = ((spsr >> 25) & 0b11) | (((spsr >> 10) & 0x3f) << 2);
+        if it == 0 {
+            return true;
+        }
+        it >> 4
+    };
     let (n, z, c, v) = (
         spsr >> 31 & 1 == 1,
         spsr >> 30 & 1 == 1,
@@ -750,8 +757,13 @@ mod tests {
         assert!(condition_passes(esr(0b1010), (1 << 31) | (1 << 28)));
         assert!(!condition_passes(esr(0b1010), 1 << 31));
         assert!(condition_passes(esr(0b1110), 0));
-        assert!(condition_passes(Esr(0x03 << 26), 0));
-        // T32 in an IT block (ITSTATE 0b000_01100: "ITT EQ", two left):
+        assert!(condition_passes(Esr(0x03 << 26), 0), "CV = 0, no IT block");
+        // CV = 0 inside an IT block: the block's condition (IT[7:4] = EQ
+        // here, IT = 0b0000_1100), Z clear: fails.
+        let in_it = 0b11_0000 | (0b00_0011 << 10);
+        assert!(!condition_passes(Esr(0x03 << 26), in_it));
+        assert!(condition_passes(Esr(0x03 << 26), in_it | (1 << 30)));
+        // T32 in an IT block (ITSTATE 0b0000_1100: an ITE EQ, two left):
         // after one instruction, one left; after the last, none.
         let mut t32 = GuestRegs {
             elr: 0x9000,

@@ -371,9 +371,9 @@ fn coherency_by_forced_write_back_and_by_maintenance() {
         cmo.output.contains("guest memory coherency: maintenance"),
         "{report}"
     );
-    // The set/way test: one clean for its first run, one after turning the
-    // caches off, one after turning them back on.
-    assert_eq!(stat(&cmo, &report, "setway_flushes"), 3, "{report}");
+    // The set/way test: one clean at its first operation, one when it turns
+    // the caches off, one when it turns them on, one at the operation after.
+    assert_eq!(stat(&cmo, &report, "setway_flushes"), 4, "{report}");
     // Every demand fault cleans at least the page it populates.
     let faults = stat(&cmo, &report, "demand_faults");
     assert!(stat(&cmo, &report, "cmo_lines") >= faults * 64, "{report}");

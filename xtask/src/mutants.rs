@@ -140,9 +140,17 @@ pub const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "no-clean-after-hyp-write",
         file: "src/coherency.rs",
-        find: "        if self == Self::Maintenance {\n            ops.clean_invalidate_to_poc(pa, len);\n        }\n        ops.invalidate_icache();",
-        replace: "        ops.invalidate_icache();",
+        find: "    pub fn after_hyp_write(self, ops: &dyn CacheOps, pa: PhysAddr, len: usize) {\n        if self == Self::Maintenance && len > 0 {",
+        replace: "    pub fn after_hyp_write(self, ops: &dyn CacheOps, pa: PhysAddr, len: usize) {\n        if false && len > 0 {",
         what: "a hypercall's result left in the cache, unseen by a guest with its caches off",
+        expect: Expect::Killed,
+    },
+    Mutant {
+        name: "no-clean-before-hyp-write",
+        file: "src/coherency.rs",
+        find: "    pub fn before_hyp_write(self, ops: &dyn CacheOps, pa: PhysAddr, len: usize) {\n        self.before_hyp_read(ops, pa, len);",
+        replace: "    pub fn before_hyp_write(self, ops: &dyn CacheOps, pa: PhysAddr, len: usize) {\n        let _ = (ops, pa, len);",
+        what: "the hypervisor writes into a stale cached line, whose write-back undoes the guest's bytes",
         expect: Expect::Killed,
     },
 ];

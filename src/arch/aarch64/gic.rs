@@ -282,6 +282,10 @@ pub fn deactivate(intid: u32) {
 pub fn enable_sysregs() {
     write_sysreg!("icc_sre_el2", 0b0111);
     isb();
+    // The guest's own copy (its writes now trap and are ignored): the
+    // system register interface, on a GIC where SRE is not fixed at 1.
+    write_sysreg!("icc_sre_el1", 0b0111);
+    isb();
 }
 
 fn isb() {

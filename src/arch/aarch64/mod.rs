@@ -482,7 +482,10 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
         }
     );
     let vttbr = stage2.vttbr();
-    let mem = GuestMemory::new(ram, args.fault_around_kib << 10);
+    let mut mem = GuestMemory::new(ram, args.fault_around_kib << 10);
+    // Each run of backing newly mapped for the guest is cleaned first
+    // (without FEAT_S2FWB): bounded by what is mapped.
+    mem.set_on_map(|pa, len| coherency().before_guest_map(&cache::HwCacheOps, pa, len));
     let uart = (!args.uart_passthrough).then(|| crate::mmio::Pl011::new(console::putc as fn(u8)));
     let uart_hw_irq = args.uart_passthrough;
     let mut config = VgicConfig::qemu_virt(1);
@@ -577,7 +580,7 @@ fn load_linux(
     }
     // The image, initramfs and tree reach a guest that starts with its
     // caches off.
-    coherency().after_hyp_write(&cache::HwCacheOps, backing.start, boot.guest_ram);
+    coherency().after_code_load(&cache::HwCacheOps, backing.start, boot.guest_ram);
     log::info!(
         "Linux: kernel at IPA {kernel:#x}, initramfs {initrd_ipa:#x} ({initrd_len:#x} bytes), tree {dtb_ipa:#x}"
     );
@@ -620,7 +623,7 @@ fn load_guest(elf: &GuestElf<'_>, backing: &Range<PhysAddr>, guest_ram: usize) -
             },
         )
         .unwrap_or_else(|e| setup_error(format_args!("loading the guest: {e}")));
-    coherency().after_hyp_write(&cache::HwCacheOps, backing.start, guest_ram);
+    coherency().after_code_load(&cache::HwCacheOps, backing.start, guest_ram);
     image.entry
 }
 
@@ -713,15 +716,6 @@ fn handle_sync(regs: &mut GuestRegs) {
             let action =
                 vm.mem
                     .stage2_fault(&mut vm.stage2, MM.get().expect("mm exists"), ipa, fsc);
-            if let FaultAction::Populated(_) = action {
-                // The window just became the guest's: no line of the
-                // hypervisor's alias may outlive into its use (bounded by
-                // the fault-around window).
-                let window = vm.mem.fault_window(ipa);
-                let pa = vm.mem.ram.backing_of(window.start);
-                let len = (window.end - window.start) as usize;
-                coherency().before_guest_map(&cache::HwCacheOps, pa, len);
-            }
             drop(guard);
             if action == FaultAction::Inject {
                 inject_abort(trap, regs, last_vector);
@@ -746,6 +740,15 @@ fn sysreg(trap: Trap, access: crate::sysreg_emul::SysregAccess, regs: &mut Guest
                     setway_flush();
                     None
                 }
+                SysregAction::VmRegisterWrite(reg) => {
+                    let v = if access.rt == 31 {
+                        0
+                    } else {
+                        regs.x[usize::from(access.rt)]
+                    };
+                    vm_register_write(reg, v);
+                    None
+                }
                 SysregAction::WriteIgnored | SysregAction::Undefined => None,
             };
             if let Some(v) = value
@@ -760,29 +763,35 @@ fn sysreg(trap: Trap, access: crate::sysreg_emul::SysregAccess, regs: &mut Guest
     }
 }
 
-/// Emulates data cache maintenance by set/way (trapped by `HCR_EL2.TSW`).
+/// Emulates data cache maintenance by set/way (trapped by `HCR_EL2.TSW`),
+/// as KVM does (`kvm_set_way_flush`, `kvm_toggle_cache`).
 ///
 /// Set/way operations act on the physical CPU's caches, which hold the
 /// hypervisor's lines too, so they are not passed through. What a guest
 /// wants from them is its memory at the point of coherency, around turning
 /// its caches on or off. Under FEAT_S2FWB its memory is always coherent:
-/// nothing to do (as KVM's `stage2_flush_vm` with FWB). Otherwise, as KVM
-/// does, the whole of its RAM is cleaned and invalidated by address once,
-/// and again only after its `SCTLR_EL1.{M, C}` changed (KVM notices the
-/// change by trapping the write; here it is sampled at the next set/way
-/// operation, which is when it matters). The cost: one pass over guest RAM
-/// per change of the guest's cache state, documented in docs/hypercalls.md;
-/// a guest that repeats set/way operations (with any exits between them)
-/// without changing its caches costs nothing more.
+/// nothing to do. Otherwise the first set/way operation cleans and
+/// invalidates all of guest RAM by address and sets `HCR_EL2.TVM`, so the
+/// guest's next `SCTLR_EL1` writes trap ([`vm_register_write`]): each one
+/// that turns its caches on or off cleans again, and once they are on,
+/// `TVM` is cleared; set/way operations while `TVM` is set cost nothing.
+/// The cost: one pass over guest RAM per set/way episode and per cache
+/// toggle within it (documented in docs/hypercalls.md).
 fn setway_flush() {
     if coherency() == Coherency::ForcedWriteBack {
         return;
     }
-    // SCTLR_EL1.M (bit 0) and C (bit 2), plus a "cleaned once" marker.
-    let state = (read_sysreg!("sctlr_el1") & 0b101) | 0b1000;
-    if SETWAY_STATE.swap(state, Ordering::Relaxed) == state {
+    let hcr = read_sysreg!("hcr_el2");
+    if hcr & crate::el2_controls::hcr::TVM != 0 {
         return;
     }
+    clean_guest_ram();
+    // Takes effect at the ERET to the guest (context synchronizing).
+    write_sysreg!("hcr_el2", hcr | crate::el2_controls::hcr::TVM);
+}
+
+/// All of guest RAM to the point of coherency, out of every data cache.
+fn clean_guest_ram() {
     let backing = VM
         .get()
         .expect("guest exists")
@@ -794,8 +803,43 @@ fn setway_flush() {
     crate::mm::counters::inc(&EXITS.setway_flushes);
 }
 
-/// The guest's `SCTLR_EL1.{M, C}` at the last set/way clean (0: none yet).
-static SETWAY_STATE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// `SCTLR_EL1.M` and `C`: the guest's data accesses are cacheable.
+const SCTLR_M_C: u64 = 0b101;
+
+/// A guest write to a register `HCR_EL2.TVM` traps: performed as written.
+/// For `SCTLR_EL1`, a change of the guest's cache state cleans guest RAM
+/// (what it wrote cacheable must reach memory before it runs uncached, and
+/// no stale line may shadow what it wrote uncached once the caches are on
+/// again), and once its caches are on the trap is lifted.
+fn vm_register_write(reg: crate::sysreg_emul::VmRegister, value: u64) {
+    use crate::sysreg_emul::VmRegister as R;
+    match reg {
+        R::Sctlr => {
+            let was_on = read_sysreg!("sctlr_el1") & SCTLR_M_C == SCTLR_M_C;
+            write_sysreg!("sctlr_el1", value);
+            let now_on = value & SCTLR_M_C == SCTLR_M_C;
+            if was_on != now_on {
+                clean_guest_ram();
+            }
+            if now_on {
+                write_sysreg!(
+                    "hcr_el2",
+                    read_sysreg!("hcr_el2") & !crate::el2_controls::hcr::TVM
+                );
+            }
+        }
+        R::Ttbr0 => write_sysreg!("ttbr0_el1", value),
+        R::Ttbr1 => write_sysreg!("ttbr1_el1", value),
+        R::Tcr => write_sysreg!("tcr_el1", value),
+        R::Esr => write_sysreg!("esr_el1", value),
+        R::Far => write_sysreg!("far_el1", value),
+        R::Afsr0 => write_sysreg!("afsr0_el1", value),
+        R::Afsr1 => write_sysreg!("afsr1_el1", value),
+        R::Mair => write_sysreg!("mair_el1", value),
+        R::Amair => write_sysreg!("amair_el1", value),
+        R::Contextidr => write_sysreg!("contextidr_el1", value),
+    }
+}
 
 /// Writes an [`Injection`] into the guest's EL1 state and points the guest
 /// at its vector.
@@ -880,16 +924,15 @@ pub(crate) fn handle_guest_async(regs: &mut GuestRegs, kind: vectors::Kind) {
         vectors::Kind::SError => {
             let esr = read_sysreg!("esr_el2");
             let n = EXITS.serrors.fetch_add(1, Ordering::Relaxed);
-            if crate::esr::serror_is_fatal(
-                esr,
-                CPU_ID
-                    .get()
-                    .is_some_and(crate::el2_controls::CpuIdRegs::has_ras),
-            ) {
-                // An uncontainable or unrecoverable error: the machine's
+            let has_ras = CPU_ID
+                .get()
+                .is_some_and(crate::el2_controls::CpuIdRegs::has_ras);
+            let action = crate::esr::serror_action(esr, has_ras);
+            if action == crate::esr::SErrorAction::Fatal {
+                // Uncontainable, or uncategorized with RAS: the machine's
                 // state cannot be trusted, the hypervisor's included (as
                 // KVM panics for these).
-                console::marker("PANIC", format_args!("uncontainable SError, ESR {esr:#x}"));
+                console::marker("PANIC", format_args!("fatal SError, ESR {esr:#x}"));
                 report_trap("guest (EL1)", regs);
                 exit(exit_code::CRASH, "fatal-serror");
             }
@@ -897,14 +940,16 @@ pub(crate) fn handle_guest_async(regs: &mut GuestRegs, kind: vectors::Kind) {
             // loop gets them counted, not a console flood.
             if n < 8 {
                 log::warn!(
-                    "SError while the guest ran (ESR {esr:#x}, guest at {:#x}): virtual SError injected",
+                    "SError while the guest ran (ESR {esr:#x}, guest at {:#x}): {action:?}",
                     regs.elr
                 );
             }
-            write_sysreg!(
-                "hcr_el2",
-                read_sysreg!("hcr_el2") | crate::el2_controls::hcr::VSE
-            );
+            if action == crate::esr::SErrorAction::Inject {
+                write_sysreg!(
+                    "hcr_el2",
+                    read_sysreg!("hcr_el2") | crate::el2_controls::hcr::VSE
+                );
+            }
         }
         vectors::Kind::Sync => {
             console::marker(

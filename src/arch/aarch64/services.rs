@@ -127,6 +127,7 @@ fn read_backing(pa: usize, buf: &mut [u8]) {
 /// Copies one slice into the guest RAM backing (and makes it what a guest
 /// with its caches off reads).
 fn write_backing(pa: usize, bytes: &[u8]) {
+    super::coherency().before_hyp_write(&super::cache::HwCacheOps, pa, bytes.len());
     // SAFETY: as for `read_backing`, for writes.
     unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), pa as *mut u8, bytes.len()) };
     super::coherency().after_hyp_write(&super::cache::HwCacheOps, pa, bytes.len());
@@ -162,22 +163,18 @@ fn run(ops: &[MmOp]) -> (u64, u64) {
     let mut guard = VM.get().expect("guest exists").lock();
     let vm = &mut *guard;
     let result = vm.mem.run_batch(&mut vm.stage2, mm, ops);
-    // Memory that became the guest's, and executable content that moved
-    // (also after a failure: the operations before it took effect).
+    // Executable content that moved (also after a failure: the operations
+    // before it took effect). Memory newly mapped was cleaned run by run
+    // through the GuestMemory hook.
     let done = match result {
         Ok(()) => ops.len(),
-        Err((i, _)) => i,
+        Err((i, _)) => i + 1,
     };
-    let coherency = super::coherency();
-    for op in &ops[..done.min(ops.len())] {
-        match op.kind {
-            kind::POPULATE => {
-                let pa = vm.mem.ram.backing_of(op.ipa);
-                coherency.before_guest_map(&super::cache::HwCacheOps, pa, op.size as usize);
-            }
-            kind::REMAP_ALIAS => coherency.after_exec_remap(&super::cache::HwCacheOps),
-            _ => {}
-        }
+    if ops[..done.min(ops.len())]
+        .iter()
+        .any(|op| op.kind == kind::REMAP_ALIAS)
+    {
+        super::coherency().after_exec_remap(&super::cache::HwCacheOps);
     }
     match result {
         Ok(()) => (smccc::SUCCESS, 0),
