@@ -322,9 +322,44 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Every 2 MiB-aligned part of `[ipa, ipa + size)` mapped from a 2 MiB-aligned
+/// PA is one block (issue 13: also where an empty table was left, or pages
+/// were remapped).
+fn assert_blocks_where_aligned(kit: &Kit, ipa: u64, size: usize, pa: usize) {
+    let block = 2 * MIB as u64;
+    let mut start = ipa.next_multiple_of(block);
+    while start + block <= ipa + size as u64 {
+        if (pa + (start - ipa) as usize).is_multiple_of(2 * MIB) {
+            let level = kit.s2.query(start).map(|t| t.level);
+            assert_eq!(level, Some(2), "aligned 2 MiB at {start:#x} not a block");
+        }
+        start += block;
+    }
+}
+
+/// After a merge of the window: every 2 MiB region the reference maps
+/// wholly, contiguously from a 2 MiB-aligned PA with one permission, is one
+/// block.
+fn assert_uniform_regions_are_blocks(kit: &Kit) {
+    for start in (WINDOW.start..WINDOW.end).step_by(2 * MIB) {
+        let Some(&(pa, perm)) = kit.reference.get(&start) else {
+            continue;
+        };
+        let uniform = pa.is_multiple_of(2 * MIB)
+            && (0..512u64).all(|i| {
+                kit.reference.get(&(start + i * PAGE_SIZE as u64))
+                    == Some(&(pa + i as usize * PAGE_SIZE, perm))
+            });
+        if uniform {
+            let level = kit.s2.query(start).map(|t| t.level);
+            assert_eq!(level, Some(2), "uniform 2 MiB at {start:#x} not merged");
+        }
+    }
+}
+
 /// Runs one operation on the kit and the reference, asserting the manager's
 /// answer matches what the reference predicts.
-fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>) {
+fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
     let clip = |page: u64, pages: u64| {
         let end = (page + pages).min(WINDOW_PAGES);
         (
@@ -355,6 +390,7 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>) {
                 Ok(()) => {
                     assert_eq!(mapped(kit, ipa, size), 0, "map succeeded over mapped pages");
                     kit.ref_map(ipa, size, pa, perm_of(perm));
+                    assert_blocks_where_aligned(kit, ipa, size, pa);
                 }
                 Err(Stage2Error::AlreadyMapped) => assert!(mapped(kit, ipa, size) > 0),
                 // Injected failure: nothing changed (checked by the caller).
@@ -392,7 +428,12 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>) {
             let (ipa, size) = clip(page, pages);
             let pa = 0x9000_0000 + pa_page as usize * PAGE_SIZE;
             match kit.s2.remap(ipa, size, pa, ram(S2Perm::RW)) {
-                Ok(()) => kit.ref_map(ipa, size, pa, S2Perm::RW),
+                Ok(()) => {
+                    kit.ref_map(ipa, size, pa, S2Perm::RW);
+                    if !lazy {
+                        assert_blocks_where_aligned(kit, ipa, size, pa);
+                    }
+                }
                 Err(Stage2Error::NotMapped) => assert!(mapped(kit, ipa, size) < size / PAGE_SIZE),
                 Err(e) => panic!("remap: {e:?}"),
             }
@@ -401,6 +442,9 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>) {
             kit.s2
                 .merge(WINDOW.start, (WINDOW.end - WINDOW.start) as usize)
                 .expect("merge");
+            if !lazy {
+                assert_uniform_regions_are_blocks(kit);
+            }
         }
         Op::Touch => kit.touch_all_cpus(&WINDOW),
         Op::FailNextMap(n) => *fail_next = Some(n),
@@ -415,7 +459,7 @@ fn run_sequence(policy: NestPolicy, sections: &[(bool, Vec<Op>)]) -> Result<(), 
             kit.mm.enter();
         }
         for op in ops {
-            apply(&mut kit, op, &mut fail_next);
+            apply(&mut kit, op, &mut fail_next, *lazy);
             if !*lazy {
                 kit.check(&WINDOW)
                     .map_err(|e| TestCaseError::fail(alloc::format!("after {op:?}: {e}")))?;
@@ -712,4 +756,139 @@ fn a_table_removal_drops_the_walk_caches_of_both_cpus() {
         (1, 1),
         "the L2 entry dropped"
     );
+}
+
+/// Issue 13: a 2 MiB-aligned map from a 2 MiB-aligned PA into a region that
+/// still holds an empty level-3 table (left by unmaps that each emptied only
+/// part of it) is one block: the table is detached with a table-kind
+/// invalidation, freed after it completed, and the block made after it. The
+/// same one level up: an empty level-2 table under a GiB becomes one 1 GiB
+/// block.
+#[test]
+fn a_map_over_an_empty_table_writes_a_block() {
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    let window = GIB..GIB + 4 * MIB as u64;
+    kit.s2
+        .map(GIB, 2 * MIB, 0x8000_1000, ram(S2Perm::RW))
+        .expect("pages");
+    kit.touch_all_cpus(&window);
+    kit.s2.unmap(GIB, MIB).expect("first half");
+    kit.s2.unmap(GIB + MIB as u64, MIB).expect("second half");
+    let tables = kit.table_pages();
+    kit.touch_all_cpus(&window);
+    for lazy in [false, true] {
+        if lazy {
+            kit.s2.unmap(GIB, 2 * MIB).expect("unmap the block");
+            kit.ref_unmap(GIB, 2 * MIB);
+            kit.s2
+                .map(GIB, PAGE_SIZE, 0x8000_1000, ram(S2Perm::RW))
+                .expect("a page: a table again");
+            kit.s2.unmap(GIB, PAGE_SIZE).expect("and empty");
+            kit.touch_all_cpus(&window);
+            kit.mm.enter();
+        }
+        kit.s2
+            .map(GIB, 2 * MIB, 0x8020_0000, ram(S2Perm::RW))
+            .expect("block");
+        if lazy {
+            kit.mm.leave();
+        }
+        kit.ref_map(GIB, 2 * MIB, 0x8020_0000, S2Perm::RW);
+        assert_eq!(kit.s2.query(GIB).map(|t| t.level), Some(2), "lazy={lazy}");
+        assert_eq!(kit.table_pages(), tables - 1, "the empty table went back");
+        kit.check(&window)
+            .unwrap_or_else(|e| panic!("lazy={lazy}: {e}"));
+    }
+    // A GiB: an empty level-2 table (with an empty level-3 table below).
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    let gib = 2 * GIB;
+    kit.s2
+        .map(
+            gib + 4 * MIB as u64,
+            4 * PAGE_SIZE,
+            0x8000_1000,
+            ram(S2Perm::RW),
+        )
+        .expect("pages");
+    kit.touch_all_cpus(&(gib..gib + 8 * MIB as u64));
+    kit.s2
+        .unmap(gib + 4 * MIB as u64, 2 * PAGE_SIZE)
+        .expect("unmap");
+    kit.s2
+        .unmap(gib + 4 * MIB as u64 + 2 * PAGE_SIZE as u64, 2 * PAGE_SIZE)
+        .expect("unmap");
+    let tables = kit.table_pages();
+    kit.s2
+        .map(gib, GIB as usize, 0x1_0000_0000, ram(S2Perm::RW))
+        .expect("1 GiB");
+    assert_eq!(kit.s2.query(gib + 5 * MIB as u64).map(|t| t.level), Some(1));
+    assert_eq!(kit.table_pages(), tables - 2, "both empty tables went back");
+    kit.ref_map(gib, 8 * MIB, 0x1_0000_0000, S2Perm::RW);
+    kit.check(&(gib..gib + 8 * MIB as u64))
+        .expect("after the GiB");
+}
+
+/// Issue 13: a remap of a page-mapped range onto 2 MiB-aligned backing
+/// makes blocks (the level-3 tables broken whole and freed), and a remap of
+/// a GiB of 2 MiB blocks onto 1 GiB-aligned backing makes one 1 GiB block.
+#[test]
+fn a_remap_onto_aligned_backing_makes_blocks() {
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    let window = GIB..GIB + 4 * MIB as u64;
+    kit.s2
+        .map(GIB, 4 * MIB, 0x8000_1000, ram(S2Perm::RW))
+        .expect("pages");
+    kit.touch_all_cpus(&window);
+    let tables = kit.table_pages();
+    kit.mm.enter();
+    kit.s2
+        .remap(GIB, 4 * MIB, 0xa000_0000, ram(S2Perm::RW))
+        .expect("remap");
+    kit.mm.leave();
+    kit.ref_map(GIB, 4 * MIB, 0xa000_0000, S2Perm::RW);
+    assert_eq!(kit.s2.query(GIB + 3 * MIB as u64).map(|t| t.level), Some(2));
+    assert_eq!(kit.table_pages(), tables - 2);
+    kit.check(&window).expect("after the remap");
+    // A GiB of 2 MiB blocks onto GiB-aligned backing.
+    let gib = 2 * GIB;
+    kit.s2
+        .map(gib, GIB as usize, 0x8020_0000, ram(S2Perm::RW))
+        .expect("blocks");
+    kit.touch_all_cpus(&(gib..gib + 8 * MIB as u64));
+    kit.s2
+        .remap(gib, GIB as usize, 0x1_0000_0000, ram(S2Perm::RW))
+        .expect("remap");
+    assert_eq!(kit.s2.query(gib).map(|t| t.level), Some(1));
+    kit.ref_map(gib, 8 * MIB, 0x1_0000_0000, S2Perm::RW);
+    kit.check(&(gib..gib + 8 * MIB as u64))
+        .expect("after the GiB remap");
+}
+
+/// Issue 13: `merge` over a whole aligned GiB that is uniform (2 MiB blocks
+/// and a table of pages, contiguous from a GiB-aligned PA) makes one 1 GiB
+/// block, freeing the level-2 and level-3 tables.
+#[test]
+fn merge_builds_a_gib_block_where_a_whole_gib_is_uniform() {
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    let window = GIB..GIB + 8 * MIB as u64;
+    kit.s2
+        .map(GIB, GIB as usize, 0x1_0000_0000, ram(S2Perm::RWX))
+        .expect("1 GiB block");
+    let tables = kit.table_pages();
+    // Split it (a level-2 table of blocks and one level-3 table of pages),
+    // then give the page its permissions back: uniform again.
+    kit.s2
+        .protect(GIB + 2 * MIB as u64, PAGE_SIZE, S2Perm::RO)
+        .expect("split");
+    kit.s2
+        .protect(GIB + 2 * MIB as u64, PAGE_SIZE, S2Perm::RWX)
+        .expect("back");
+    assert_eq!(kit.table_pages(), tables + 2);
+    kit.touch_all_cpus(&window);
+    assert_eq!(kit.s2.merge(GIB, GIB as usize), Ok(1));
+    assert_eq!(kit.s2.query(GIB + 2 * MIB as u64).map(|t| t.level), Some(1));
+    assert_eq!(kit.table_pages(), tables);
+    kit.ref_map(GIB, 8 * MIB, 0x1_0000_0000, S2Perm::RWX);
+    kit.check(&window).expect("after the merge");
+    assert_eq!(kit.mm.total("merges"), 1);
 }
