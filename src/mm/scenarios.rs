@@ -53,6 +53,18 @@ fn seed_scenario_naive_goes_wrong_the_others_do_not() {
 /// region needs a new level-3 table, so the allocator nests 8 times. Returns
 /// the kit and the number of nests (table pages the guarded pool mapped).
 fn w1(policy: NestPolicy) -> (Kit, u64) {
+    w1_with(policy, false)
+}
+
+/// W1's 512 maps: IPA and PA of the `i`th.
+fn w1_map(i: u64) -> (u64, usize) {
+    let ipa = GIB + (i / 64) * 2 * MIB as u64 + (i % 64) * PAGE_SIZE as u64;
+    (ipa, 0x8000_0000 + i as usize * PAGE_SIZE)
+}
+
+/// W1, with (`reserve`) or without the reserve topped up before the
+/// section opens (with the exact count `tables_for_maps` gives).
+fn w1_with(policy: NestPolicy, reserve: bool) -> (Kit, u64) {
     let mut kit = Kit::new(64, true, policy);
     // The level-2 table exists before the measured section.
     kit.s2
@@ -65,17 +77,29 @@ fn w1(policy: NestPolicy) -> (Kit, u64) {
         .expect("warm-up");
     kit.ref_map(GIB + 64 * MIB as u64, PAGE_SIZE, 0x9000_0000, S2Perm::RW);
     kit.mm.reset_counters();
+    if reserve {
+        let maps: Vec<_> = (0..512u64)
+            .map(|i| {
+                let (ipa, pa) = w1_map(i);
+                (ipa, PAGE_SIZE, pa)
+            })
+            .collect();
+        assert_eq!(
+            kit.s2.reserve_for_maps(&maps),
+            Ok(8),
+            "one table per region"
+        );
+    }
     kit.mm.enter();
     for i in 0..512u64 {
-        let ipa = GIB + (i / 64) * 2 * MIB as u64 + (i % 64) * PAGE_SIZE as u64;
-        let pa = 0x8000_0000 + i as usize * PAGE_SIZE;
+        let (ipa, pa) = w1_map(i);
         kit.s2
             .map(ipa, PAGE_SIZE, pa, ram(S2Perm::RW))
             .expect("map");
         kit.ref_map(ipa, PAGE_SIZE, pa, S2Perm::RW);
     }
     kit.mm.leave();
-    let nests = kit.mm.total("guard_maps");
+    let nests = kit.mm.total("guard_maps") - kit.mm.total("reserve_topped");
     (kit, nests)
 }
 
@@ -289,6 +313,9 @@ enum Op {
     Touch,
     /// The next map's `n`th table allocation fails.
     FailNextMap(u8),
+    /// Tops this CPU's reserve up to `n` pages (inside a section too, where
+    /// it nests like an allocation).
+    TopUp(u8),
 }
 
 fn perm_of(p: u8) -> S2Perm {
@@ -319,6 +346,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Merge),
         2 => Just(Op::Touch),
         1 => (0..3u8).prop_map(Op::FailNextMap),
+        1 => (0..4u8).prop_map(Op::TopUp),
     ]
 }
 
@@ -448,6 +476,11 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
         }
         Op::Touch => kit.touch_all_cpus(&WINDOW),
         Op::FailNextMap(n) => *fail_next = Some(n),
+        Op::TopUp(n) => {
+            kit.pool.top_up(n.into()).expect("top up");
+            // Outside a section, the zeroing's DSB is paid at once.
+            kit.mm.op_done();
+        }
     }
 }
 
@@ -557,6 +590,13 @@ fn w1_barrier_counts_per_policy() {
             assert!(dsbs(&kit) <= nests + 1);
         }
         row(policy.name(), &kit, correct);
+    }
+    // With the reserve topped up before the section (issue 13): no nest.
+    for policy in [NestPolicy::Flatten, NestPolicy::Counted] {
+        let (kit, nests) = w1_with(policy, true);
+        let correct = kit.check(&(GIB..GIB + 16 * MIB as u64)).is_ok();
+        assert!(correct && nests == 0 && dsbs(&kit) <= 2, "{policy:?}");
+        row(&alloc::format!("{}+rsv", policy.name()), &kit, correct);
     }
     assert!(dsbs(&eager) >= 512);
 }
@@ -891,4 +931,92 @@ fn merge_builds_a_gib_block_where_a_whole_gib_is_uniform() {
     kit.ref_map(GIB, 8 * MIB, 0x1_0000_0000, S2Perm::RWX);
     kit.check(&window).expect("after the merge");
     assert_eq!(kit.mm.total("merges"), 1);
+}
+
+/// Issue 13: W1 with the reserve topped up before the section opens (8
+/// pages, the exact count, in one EL2 update): no allocation nests, so no
+/// flattening, and the whole thing pays 2 DSBs (the top-up's and the
+/// section's), under every correct policy; without the reserve Flatten still
+/// pays nests + 1.
+#[test]
+fn w1_with_the_reserve_pays_two_dsbs_and_never_nests() {
+    for policy in [
+        NestPolicy::Flatten,
+        NestPolicy::Counted,
+        NestPolicy::FlushInner,
+    ] {
+        let (kit, nests) = w1_with(policy, true);
+        assert_eq!(nests, 0, "{policy:?}");
+        assert_eq!(kit.mm.total("flattenings"), 0);
+        assert_eq!(kit.mm.total("nests"), 0);
+        assert_eq!(kit.mm.total("reserve_allocs"), 8);
+        assert!(dsbs(&kit) <= 2, "{policy:?}: {} DSBs", dsbs(&kit));
+        assert_eq!(kit.pool.reserved(), 0, "the exact count: all used");
+        kit.check(&(GIB..GIB + 16 * MIB as u64))
+            .unwrap_or_else(|e| panic!("{policy:?}: {e}"));
+    }
+    // Naive too: nothing nests, so nothing goes wrong.
+    let (kit, _) = w1_with(NestPolicy::Naive, true);
+    kit.check(&(GIB..GIB + 16 * MIB as u64))
+        .expect("naive with the reserve");
+    let (kit, nests) = w1_with(NestPolicy::Flatten, false);
+    assert_eq!(
+        (nests, dsbs(&kit)),
+        (8, 9),
+        "without the reserve: nests + 1"
+    );
+}
+
+/// The reserve's pages are zeroed when topped up (a page freed dirty comes
+/// back zeroed), valid in the EL2 map while reserved, and unmapped again
+/// once released: guard mode still catches a use after free.
+#[test]
+fn reserve_pages_are_zeroed_mapped_and_unmapped_when_released() {
+    let kit = Kit::new(4, true, NestPolicy::Flatten);
+    let free = kit.pool.free_pages();
+    let dirty = kit.pool.alloc_zeroed().expect("page");
+    // SAFETY: a pool page we own.
+    unsafe { core::ptr::write_bytes(dirty as *mut u8, 0xa5, PAGE_SIZE) };
+    // SAFETY: nothing refers to it.
+    unsafe { kit.pool.free(dirty) };
+    assert!(
+        kit.model.el2_access(dirty, false).is_err(),
+        "free: unmapped"
+    );
+    kit.mm.reset_counters();
+    kit.pool.top_up(free).expect("top up");
+    assert_eq!(dsbs(&kit), 1, "one EL2 update for every page");
+    assert!(!kit.mm.nothing_pending(), "the zeroing is owed");
+    kit.mm.op_done();
+    assert_eq!(kit.pool.free_pages(), free, "reserved pages count as free");
+    for _ in 0..free {
+        let pa = kit.pool.alloc_zeroed().expect("from the reserve");
+        assert!(
+            kit.model.el2_access(pa, true).is_ok(),
+            "reserve pages are mapped"
+        );
+        // SAFETY: a pool page we own, PAGE_SIZE long.
+        let bytes = unsafe { core::slice::from_raw_parts(pa as *const u8, PAGE_SIZE) };
+        assert!(
+            bytes.iter().all(|&b| b == 0),
+            "reserve page {pa:#x} not zeroed"
+        );
+        // SAFETY: unused.
+        unsafe { kit.pool.free(pa) };
+        assert!(kit.model.el2_access(pa, false).is_err(), "freed: unmapped");
+    }
+    assert_eq!(kit.mm.total("reserve_allocs"), free as u64);
+    kit.pool.top_up(2).expect("top up");
+    let reserved: Vec<_> = (0..2)
+        .map(|_| kit.pool.alloc_zeroed().expect("page"))
+        .collect();
+    for pa in reserved {
+        // SAFETY: unused.
+        unsafe { kit.pool.free(pa) };
+    }
+    kit.pool.top_up(2).expect("top up");
+    kit.pool.release_reserve();
+    assert_eq!(kit.pool.reserved(), 0);
+    assert_eq!(kit.pool.free_pages(), free);
+    assert!(kit.mm.nothing_pending());
 }

@@ -444,6 +444,53 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         Ok(())
     }
 
+    /// How many table pages mapping every `(ipa, size, pa)` of `maps` (onto
+    /// ranges that are unmapped now, in any order) takes from the pool: the
+    /// count `map`'s prepare step computes, summed over the whole batch (a
+    /// table one map creates is not counted again for the next). For
+    /// [`PagePool::top_up`] before a section opens.
+    ///
+    /// # Errors
+    ///
+    /// The range errors of [`map`](Self::map).
+    pub fn tables_for_maps(&self, maps: &[(Ipa, usize, PhysAddr)]) -> Result<usize, Stage2Error> {
+        let mut pieces = Vec::with_capacity(maps.len());
+        for &(ipa, size, pa) in maps {
+            let range = checked_region(ipa, size)?;
+            check_pa(pa, size)?;
+            pieces.push(Piece {
+                range,
+                pa,
+                flags: Stage2Attributes::empty(),
+            });
+        }
+        pieces.sort_by_key(|p| p.range.start);
+        let mut seen = alloc::collections::BTreeSet::new();
+        let mut tables = 0;
+        for p in &pieces {
+            self.walk_leaves(&p.range, |l| {
+                if seen.insert(l.entry.start) {
+                    tables += layout_for(&l.entry, l.level, &pieces).tables;
+                }
+            });
+        }
+        Ok(tables)
+    }
+
+    /// Tops up this CPU's reserve in the pool ([`PagePool::top_up`]) with
+    /// what mapping `maps` takes ([`tables_for_maps`](Self::tables_for_maps)),
+    /// before a section opens: the section's allocations then nest nowhere.
+    ///
+    /// # Errors
+    ///
+    /// The range errors of [`map`](Self::map), or
+    /// [`Stage2Error::OutOfTableMemory`].
+    pub fn reserve_for_maps(&self, maps: &[(Ipa, usize, PhysAddr)]) -> Result<usize, Stage2Error> {
+        let n = self.tables_for_maps(maps)?;
+        self.pool.top_up(n).map_err(Stage2Error::OutOfTableMemory)?;
+        Ok(n)
+    }
+
     /// Unmaps whatever is mapped in `[ipa, ipa + size)` (holes are fine).
     /// A block straddling an edge of the range is split (break-before-make).
     ///
