@@ -160,6 +160,8 @@ pub const COUNTERS: &[&str] = &[
     "pool_frees",
     "guard_maps",
     "guard_unmaps",
+    "reserve_topped",
+    "reserve_allocs",
     "demand_faults",
     "demand_pages",
     "exits_hvc",

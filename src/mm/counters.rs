@@ -116,6 +116,10 @@ counter_set! {
         guard_maps,
         /// Guard mode: pool pages made invalid in the EL2 map on free.
         guard_unmaps,
+        /// Pages put in a CPU's reserve by `PagePool::top_up`.
+        reserve_topped,
+        /// Table pages taken from a CPU's reserve (no EL2 update, no nest).
+        reserve_allocs,
         /// Stage-2 translation faults served by demand population.
         demand_faults,
         /// Pages mapped by demand population (fault-around included).

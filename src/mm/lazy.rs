@@ -791,6 +791,13 @@ impl<A: MmArch> MmCtx<A> {
         cpu.owed.need_isb |= made_valid;
     }
 
+    /// Records stores to table memory that are not descriptor writes (the
+    /// zeroing of reserve pages): owed a `DSB ISHST` before any walker may
+    /// reach them, paid by the next flush (the section's end).
+    pub fn note_stores(&self) {
+        self.cpus[self.cpu()].lock().owed.unsynced_writes = true;
+    }
+
     /// Queues invalidation of `[ipa, ipa + size)` of `vmid`'s stage 2,
     /// whose entries were removed or changed as `kind` says.
     ///

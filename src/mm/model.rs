@@ -1045,6 +1045,53 @@ impl State {
         }
         self.committed = Arc::new(snap);
         self.stats.commits += 1;
+        self.check_makes();
+    }
+
+    /// The "make" rule of break-before-make, checked as a DSB makes writes
+    /// visible: a valid stage-2 leaf the walkers can now fetch must not
+    /// disagree (in range or output address; permissions may change in
+    /// place) with a leaf a CPU still caches for that address, and a block
+    /// must not appear where a CPU's walk cache still holds a table entry.
+    /// Either means the new entry was made before the invalidation of the
+    /// broken one had completed (a walker could combine both: a TLB
+    /// conflict, or a stale table walked next to the new block).
+    fn check_makes(&mut self) {
+        let view = Arc::clone(&self.committed);
+        let mut found = Vec::new();
+        for (cpu, caches) in self.cpus.iter().enumerate() {
+            for (key, values) in &caches.tlb {
+                if matches!(key.regime, Regime::El2) {
+                    continue;
+                }
+                let Ok(now) = self.walk(View::Snap(&view), key.regime, key.base) else {
+                    continue;
+                };
+                for cached in values {
+                    let old = cached.leaf(*key);
+                    if (now.base, now.size, now.out) != (old.base, old.size, old.out) {
+                        found.push(alloc::format!(
+                            "make before break: CPU {cpu} caches {old:?} ({:?}) while {now:?} is made visible",
+                            key.regime
+                        ));
+                    }
+                }
+            }
+            for key in caches.walk.keys() {
+                if matches!(key.regime, Regime::El2) {
+                    continue;
+                }
+                if let Ok(now) = self.walk(View::Snap(&view), key.regime, key.base)
+                    && now.level <= key.level
+                {
+                    found.push(alloc::format!(
+                        "make before break: CPU {cpu}'s walk cache holds a level-{} table entry at {:#x} ({:?}) while {now:?} is made visible",
+                        key.level, key.base, key.regime
+                    ));
+                }
+            }
+        }
+        self.violations.extend(found);
     }
 
     fn read_desc(&self, view: View<'_>, addr: usize) -> Option<u64> {

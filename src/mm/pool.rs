@@ -17,14 +17,32 @@
 //! new table). How they combine with the open section is the nesting
 //! policy's business (see [`super::lazy`]): under `Flatten` the pool pauses
 //! the section, updates eagerly and resumes.
+//!
+//! # The reserve (KVM's memcache)
+//!
+//! Each CPU may keep a reserve of zeroed pages that are already valid in the
+//! EL2 map. [`PagePool::top_up`] fills it before a section opens, with the
+//! count the section may need (what prepare would compute:
+//! `Stage2::tables_for_maps`), in one EL2 update: every page's entry written,
+//! then one `DSB ISHST; ISB` for all of them, then each page zeroed.
+//! [`PagePool::alloc_zeroed`] takes from this CPU's reserve first, which
+//! changes no map: nothing nests. Only when the reserve is empty does an
+//! allocation inside a section take the nesting path (counted as
+//! `flattenings` under `Flatten`). Reserve pages are mapped (they are as
+//! good as handed out); free pages stay unmapped, so guard mode still
+//! catches a use after free. As KVM tops up its `kvm_mmu_memory_cache`
+//! before it takes the MMU lock (`kvm_mmu_topup_memory_cache`), so that
+//! nothing under the lock allocates with side effects.
 
 use buddy_system_allocator::FrameAllocator;
 use core::ops::Range;
 use spin::mutex::SpinMutex;
 
+use alloc::vec::Vec;
+
 use super::arch::MmArch;
 use super::counters::{add, inc};
-use super::lazy::{MmCtx, NestPolicy};
+use super::lazy::{MAX_CPUS, MmCtx, NestPolicy};
 use super::{PAGE_SIZE, PhysAddr};
 
 /// Why the pool could not hand out a page.
@@ -59,6 +77,9 @@ struct PoolState {
 /// A buddy allocator of 4 KiB page frames, optionally guarding free pages.
 pub struct PagePool<'m, A: MmArch> {
     state: SpinMutex<PoolState>,
+    /// Per CPU: zeroed pages, valid in the EL2 map, taken first by
+    /// [`alloc_zeroed`](Self::alloc_zeroed).
+    reserve: [SpinMutex<Vec<PhysAddr>>; MAX_CPUS],
     region: Range<PhysAddr>,
     mm: &'m MmCtx<A>,
     guard: Option<&'m dyn El2PageMap>,
@@ -113,6 +134,7 @@ impl<'m, A: MmArch> PagePool<'m, A> {
                 frames,
                 fail_after: None,
             }),
+            reserve: core::array::from_fn(|_| SpinMutex::new(Vec::new())),
             region,
             mm,
             guard,
@@ -147,7 +169,82 @@ impl<'m, A: MmArch> PagePool<'m, A> {
     /// Pages not currently handed out.
     #[must_use]
     pub fn free_pages(&self) -> usize {
-        self.state.lock().free_pages
+        self.state.lock().free_pages + self.reserve.iter().map(|r| r.lock().len()).sum::<usize>()
+    }
+
+    /// Pages in this CPU's reserve.
+    #[must_use]
+    pub fn reserved(&self) -> usize {
+        self.reserve[self.mm.arch.cpu_id()].lock().len()
+    }
+
+    /// Fills this CPU's reserve up to `pages` zeroed pages that are valid in
+    /// the EL2 map, in one EL2 update (one `DSB ISHST; ISB` for all the
+    /// pages it maps). Call it right before a section opens, with what the
+    /// section may allocate: the zeroing's own `DSB ISHST` is left owed
+    /// (`MmCtx::note_stores`) and paid by that section's end. With no
+    /// section to follow, pay it with `MmCtx::op_done`. Inside a section it
+    /// nests like any allocation would.
+    ///
+    /// # Errors
+    ///
+    /// [`PoolError::Exhausted`] when the pool cannot supply them (the
+    /// reserve is left as it was); [`PoolError::GuardFault`] if a page would
+    /// not be writable (a nesting bug).
+    pub fn top_up(&self, pages: usize) -> Result<(), PoolError> {
+        let cpu = self.mm.arch.cpu_id();
+        let have = self.reserve[cpu].lock().len();
+        let want = pages.saturating_sub(have);
+        if want == 0 {
+            return Ok(());
+        }
+        let mut taken = Vec::with_capacity(want);
+        {
+            let mut st = self.state.lock();
+            for _ in 0..want {
+                let Some(frame) = st.frames.alloc(1) else {
+                    for &pa in &taken {
+                        st.frames.dealloc(pa / PAGE_SIZE, 1);
+                    }
+                    st.free_pages += taken.len();
+                    return Err(PoolError::Exhausted);
+                };
+                st.free_pages -= 1;
+                taken.push(frame * PAGE_SIZE);
+            }
+        }
+        if self.guard.is_some() {
+            self.guard_update(&taken, true);
+            add(&self.mm.counters().guard_maps, taken.len() as u64);
+            if taken
+                .iter()
+                .any(|&pa| !self.mm.arch.el2_access_ok(pa, true))
+            {
+                // SAFETY: never handed out.
+                unsafe { self.free_many(&taken) };
+                return Err(PoolError::GuardFault);
+            }
+        }
+        for &pa in &taken {
+            // SAFETY: a page of the pool's region, ours alone, mapped
+            // read-write (identity, or by guard mode just above).
+            unsafe { core::ptr::write_bytes(pa as *mut u8, 0, PAGE_SIZE) };
+        }
+        // The zeroes must reach the walkers before a table pointer to the
+        // page does: owed to the section about to open (its end's DSB), not
+        // paid here (that would be a second DSB for the top-up).
+        self.mm.note_stores();
+        add(&self.mm.counters().reserve_topped, taken.len() as u64);
+        self.reserve[cpu].lock().extend(taken);
+        Ok(())
+    }
+
+    /// Gives this CPU's reserve back to the pool (unmapping it from the EL2
+    /// map in guard mode).
+    pub fn release_reserve(&self) {
+        let pages = core::mem::take(&mut *self.reserve[self.mm.arch.cpu_id()].lock());
+        // SAFETY: reserve pages were never handed out.
+        unsafe { self.free_many(&pages) };
     }
 
     /// Pages in the pool.
@@ -179,6 +276,13 @@ impl<'m, A: MmArch> PagePool<'m, A> {
                     return Err(PoolError::Injected);
                 }
                 *left -= 1;
+            }
+            // The reserve first: zeroed and mapped already, nothing nests.
+            if let Some(pa) = self.reserve[self.mm.arch.cpu_id()].lock().pop() {
+                let c = self.mm.counters();
+                inc(&c.reserve_allocs);
+                inc(&c.pool_allocs);
+                return Ok(pa);
             }
             let frame = st.frames.alloc(1).ok_or(PoolError::Exhausted)?;
             st.free_pages -= 1;

@@ -53,6 +53,18 @@ fn seed_scenario_naive_goes_wrong_the_others_do_not() {
 /// region needs a new level-3 table, so the allocator nests 8 times. Returns
 /// the kit and the number of nests (table pages the guarded pool mapped).
 fn w1(policy: NestPolicy) -> (Kit, u64) {
+    w1_with(policy, false)
+}
+
+/// W1's 512 maps: IPA and PA of the `i`th.
+fn w1_map(i: u64) -> (u64, usize) {
+    let ipa = GIB + (i / 64) * 2 * MIB as u64 + (i % 64) * PAGE_SIZE as u64;
+    (ipa, 0x8000_0000 + i as usize * PAGE_SIZE)
+}
+
+/// W1, with (`reserve`) or without the reserve topped up before the
+/// section opens (with the exact count `tables_for_maps` gives).
+fn w1_with(policy: NestPolicy, reserve: bool) -> (Kit, u64) {
     let mut kit = Kit::new(64, true, policy);
     // The level-2 table exists before the measured section.
     kit.s2
@@ -65,17 +77,29 @@ fn w1(policy: NestPolicy) -> (Kit, u64) {
         .expect("warm-up");
     kit.ref_map(GIB + 64 * MIB as u64, PAGE_SIZE, 0x9000_0000, S2Perm::RW);
     kit.mm.reset_counters();
+    if reserve {
+        let maps: Vec<_> = (0..512u64)
+            .map(|i| {
+                let (ipa, pa) = w1_map(i);
+                (ipa, PAGE_SIZE, pa)
+            })
+            .collect();
+        assert_eq!(
+            kit.s2.reserve_for_maps(&maps),
+            Ok(8),
+            "one table per region"
+        );
+    }
     kit.mm.enter();
     for i in 0..512u64 {
-        let ipa = GIB + (i / 64) * 2 * MIB as u64 + (i % 64) * PAGE_SIZE as u64;
-        let pa = 0x8000_0000 + i as usize * PAGE_SIZE;
+        let (ipa, pa) = w1_map(i);
         kit.s2
             .map(ipa, PAGE_SIZE, pa, ram(S2Perm::RW))
             .expect("map");
         kit.ref_map(ipa, PAGE_SIZE, pa, S2Perm::RW);
     }
     kit.mm.leave();
-    let nests = kit.mm.total("guard_maps");
+    let nests = kit.mm.total("guard_maps") - kit.mm.total("reserve_topped");
     (kit, nests)
 }
 
@@ -289,6 +313,9 @@ enum Op {
     Touch,
     /// The next map's `n`th table allocation fails.
     FailNextMap(u8),
+    /// Tops this CPU's reserve up to `n` pages (inside a section too, where
+    /// it nests like an allocation).
+    TopUp(u8),
 }
 
 fn perm_of(p: u8) -> S2Perm {
@@ -319,12 +346,48 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Merge),
         2 => Just(Op::Touch),
         1 => (0..3u8).prop_map(Op::FailNextMap),
+        1 => (0..4u8).prop_map(Op::TopUp),
     ]
+}
+
+/// Every 2 MiB-aligned part of `[ipa, ipa + size)` mapped from a 2 MiB-aligned
+/// PA is one block (issue 13: also where an empty table was left, or pages
+/// were remapped).
+fn assert_blocks_where_aligned(kit: &Kit, ipa: u64, size: usize, pa: usize) {
+    let block = 2 * MIB as u64;
+    let mut start = ipa.next_multiple_of(block);
+    while start + block <= ipa + size as u64 {
+        if (pa + (start - ipa) as usize).is_multiple_of(2 * MIB) {
+            let level = kit.s2.query(start).map(|t| t.level);
+            assert_eq!(level, Some(2), "aligned 2 MiB at {start:#x} not a block");
+        }
+        start += block;
+    }
+}
+
+/// After a merge of the window: every 2 MiB region the reference maps
+/// wholly, contiguously from a 2 MiB-aligned PA with one permission, is one
+/// block.
+fn assert_uniform_regions_are_blocks(kit: &Kit) {
+    for start in (WINDOW.start..WINDOW.end).step_by(2 * MIB) {
+        let Some(&(pa, perm)) = kit.reference.get(&start) else {
+            continue;
+        };
+        let uniform = pa.is_multiple_of(2 * MIB)
+            && (0..512u64).all(|i| {
+                kit.reference.get(&(start + i * PAGE_SIZE as u64))
+                    == Some(&(pa + i as usize * PAGE_SIZE, perm))
+            });
+        if uniform {
+            let level = kit.s2.query(start).map(|t| t.level);
+            assert_eq!(level, Some(2), "uniform 2 MiB at {start:#x} not merged");
+        }
+    }
 }
 
 /// Runs one operation on the kit and the reference, asserting the manager's
 /// answer matches what the reference predicts.
-fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>) {
+fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
     let clip = |page: u64, pages: u64| {
         let end = (page + pages).min(WINDOW_PAGES);
         (
@@ -355,6 +418,7 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>) {
                 Ok(()) => {
                     assert_eq!(mapped(kit, ipa, size), 0, "map succeeded over mapped pages");
                     kit.ref_map(ipa, size, pa, perm_of(perm));
+                    assert_blocks_where_aligned(kit, ipa, size, pa);
                 }
                 Err(Stage2Error::AlreadyMapped) => assert!(mapped(kit, ipa, size) > 0),
                 // Injected failure: nothing changed (checked by the caller).
@@ -392,7 +456,12 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>) {
             let (ipa, size) = clip(page, pages);
             let pa = 0x9000_0000 + pa_page as usize * PAGE_SIZE;
             match kit.s2.remap(ipa, size, pa, ram(S2Perm::RW)) {
-                Ok(()) => kit.ref_map(ipa, size, pa, S2Perm::RW),
+                Ok(()) => {
+                    kit.ref_map(ipa, size, pa, S2Perm::RW);
+                    if !lazy {
+                        assert_blocks_where_aligned(kit, ipa, size, pa);
+                    }
+                }
                 Err(Stage2Error::NotMapped) => assert!(mapped(kit, ipa, size) < size / PAGE_SIZE),
                 Err(e) => panic!("remap: {e:?}"),
             }
@@ -401,9 +470,17 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>) {
             kit.s2
                 .merge(WINDOW.start, (WINDOW.end - WINDOW.start) as usize)
                 .expect("merge");
+            if !lazy {
+                assert_uniform_regions_are_blocks(kit);
+            }
         }
         Op::Touch => kit.touch_all_cpus(&WINDOW),
         Op::FailNextMap(n) => *fail_next = Some(n),
+        Op::TopUp(n) => {
+            kit.pool.top_up(n.into()).expect("top up");
+            // Outside a section, the zeroing's DSB is paid at once.
+            kit.mm.op_done();
+        }
     }
 }
 
@@ -415,7 +492,7 @@ fn run_sequence(policy: NestPolicy, sections: &[(bool, Vec<Op>)]) -> Result<(), 
             kit.mm.enter();
         }
         for op in ops {
-            apply(&mut kit, op, &mut fail_next);
+            apply(&mut kit, op, &mut fail_next, *lazy);
             if !*lazy {
                 kit.check(&WINDOW)
                     .map_err(|e| TestCaseError::fail(alloc::format!("after {op:?}: {e}")))?;
@@ -513,6 +590,13 @@ fn w1_barrier_counts_per_policy() {
             assert!(dsbs(&kit) <= nests + 1);
         }
         row(policy.name(), &kit, correct);
+    }
+    // With the reserve topped up before the section (issue 13): no nest.
+    for policy in [NestPolicy::Flatten, NestPolicy::Counted] {
+        let (kit, nests) = w1_with(policy, true);
+        let correct = kit.check(&(GIB..GIB + 16 * MIB as u64)).is_ok();
+        assert!(correct && nests == 0 && dsbs(&kit) <= 2, "{policy:?}");
+        row(&alloc::format!("{}+rsv", policy.name()), &kit, correct);
     }
     assert!(dsbs(&eager) >= 512);
 }
@@ -712,4 +796,227 @@ fn a_table_removal_drops_the_walk_caches_of_both_cpus() {
         (1, 1),
         "the L2 entry dropped"
     );
+}
+
+/// Issue 13: a 2 MiB-aligned map from a 2 MiB-aligned PA into a region that
+/// still holds an empty level-3 table (left by unmaps that each emptied only
+/// part of it) is one block: the table is detached with a table-kind
+/// invalidation, freed after it completed, and the block made after it. The
+/// same one level up: an empty level-2 table under a GiB becomes one 1 GiB
+/// block.
+#[test]
+fn a_map_over_an_empty_table_writes_a_block() {
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    let window = GIB..GIB + 4 * MIB as u64;
+    kit.s2
+        .map(GIB, 2 * MIB, 0x8000_1000, ram(S2Perm::RW))
+        .expect("pages");
+    kit.touch_all_cpus(&window);
+    kit.s2.unmap(GIB, MIB).expect("first half");
+    kit.s2.unmap(GIB + MIB as u64, MIB).expect("second half");
+    let tables = kit.table_pages();
+    kit.touch_all_cpus(&window);
+    for lazy in [false, true] {
+        if lazy {
+            kit.s2.unmap(GIB, 2 * MIB).expect("unmap the block");
+            kit.ref_unmap(GIB, 2 * MIB);
+            kit.s2
+                .map(GIB, PAGE_SIZE, 0x8000_1000, ram(S2Perm::RW))
+                .expect("a page: a table again");
+            kit.s2.unmap(GIB, PAGE_SIZE).expect("and empty");
+            kit.touch_all_cpus(&window);
+            kit.mm.enter();
+        }
+        kit.s2
+            .map(GIB, 2 * MIB, 0x8020_0000, ram(S2Perm::RW))
+            .expect("block");
+        if lazy {
+            kit.mm.leave();
+        }
+        kit.ref_map(GIB, 2 * MIB, 0x8020_0000, S2Perm::RW);
+        assert_eq!(kit.s2.query(GIB).map(|t| t.level), Some(2), "lazy={lazy}");
+        assert_eq!(kit.table_pages(), tables - 1, "the empty table went back");
+        kit.check(&window)
+            .unwrap_or_else(|e| panic!("lazy={lazy}: {e}"));
+    }
+    // A GiB: an empty level-2 table (with an empty level-3 table below).
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    let gib = 2 * GIB;
+    kit.s2
+        .map(
+            gib + 4 * MIB as u64,
+            4 * PAGE_SIZE,
+            0x8000_1000,
+            ram(S2Perm::RW),
+        )
+        .expect("pages");
+    kit.touch_all_cpus(&(gib..gib + 8 * MIB as u64));
+    kit.s2
+        .unmap(gib + 4 * MIB as u64, 2 * PAGE_SIZE)
+        .expect("unmap");
+    kit.s2
+        .unmap(gib + 4 * MIB as u64 + 2 * PAGE_SIZE as u64, 2 * PAGE_SIZE)
+        .expect("unmap");
+    let tables = kit.table_pages();
+    kit.s2
+        .map(gib, GIB as usize, 0x1_0000_0000, ram(S2Perm::RW))
+        .expect("1 GiB");
+    assert_eq!(kit.s2.query(gib + 5 * MIB as u64).map(|t| t.level), Some(1));
+    assert_eq!(kit.table_pages(), tables - 2, "both empty tables went back");
+    kit.ref_map(gib, 8 * MIB, 0x1_0000_0000, S2Perm::RW);
+    kit.check(&(gib..gib + 8 * MIB as u64))
+        .expect("after the GiB");
+}
+
+/// Issue 13: a remap of a page-mapped range onto 2 MiB-aligned backing
+/// makes blocks (the level-3 tables broken whole and freed), and a remap of
+/// a GiB of 2 MiB blocks onto 1 GiB-aligned backing makes one 1 GiB block.
+#[test]
+fn a_remap_onto_aligned_backing_makes_blocks() {
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    let window = GIB..GIB + 4 * MIB as u64;
+    kit.s2
+        .map(GIB, 4 * MIB, 0x8000_1000, ram(S2Perm::RW))
+        .expect("pages");
+    kit.touch_all_cpus(&window);
+    let tables = kit.table_pages();
+    kit.mm.enter();
+    kit.s2
+        .remap(GIB, 4 * MIB, 0xa000_0000, ram(S2Perm::RW))
+        .expect("remap");
+    kit.mm.leave();
+    kit.ref_map(GIB, 4 * MIB, 0xa000_0000, S2Perm::RW);
+    assert_eq!(kit.s2.query(GIB + 3 * MIB as u64).map(|t| t.level), Some(2));
+    assert_eq!(kit.table_pages(), tables - 2);
+    kit.check(&window).expect("after the remap");
+    // A GiB of 2 MiB blocks onto GiB-aligned backing.
+    let gib = 2 * GIB;
+    kit.s2
+        .map(gib, GIB as usize, 0x8020_0000, ram(S2Perm::RW))
+        .expect("blocks");
+    kit.touch_all_cpus(&(gib..gib + 8 * MIB as u64));
+    kit.s2
+        .remap(gib, GIB as usize, 0x1_0000_0000, ram(S2Perm::RW))
+        .expect("remap");
+    assert_eq!(kit.s2.query(gib).map(|t| t.level), Some(1));
+    kit.ref_map(gib, 8 * MIB, 0x1_0000_0000, S2Perm::RW);
+    kit.check(&(gib..gib + 8 * MIB as u64))
+        .expect("after the GiB remap");
+}
+
+/// Issue 13: `merge` over a whole aligned GiB that is uniform (2 MiB blocks
+/// and a table of pages, contiguous from a GiB-aligned PA) makes one 1 GiB
+/// block, freeing the level-2 and level-3 tables.
+#[test]
+fn merge_builds_a_gib_block_where_a_whole_gib_is_uniform() {
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    let window = GIB..GIB + 8 * MIB as u64;
+    kit.s2
+        .map(GIB, GIB as usize, 0x1_0000_0000, ram(S2Perm::RWX))
+        .expect("1 GiB block");
+    let tables = kit.table_pages();
+    // Split it (a level-2 table of blocks and one level-3 table of pages),
+    // then give the page its permissions back: uniform again.
+    kit.s2
+        .protect(GIB + 2 * MIB as u64, PAGE_SIZE, S2Perm::RO)
+        .expect("split");
+    kit.s2
+        .protect(GIB + 2 * MIB as u64, PAGE_SIZE, S2Perm::RWX)
+        .expect("back");
+    assert_eq!(kit.table_pages(), tables + 2);
+    kit.touch_all_cpus(&window);
+    assert_eq!(kit.s2.merge(GIB, GIB as usize), Ok(1));
+    assert_eq!(kit.s2.query(GIB + 2 * MIB as u64).map(|t| t.level), Some(1));
+    assert_eq!(kit.table_pages(), tables);
+    kit.ref_map(GIB, 8 * MIB, 0x1_0000_0000, S2Perm::RWX);
+    kit.check(&window).expect("after the merge");
+    assert_eq!(kit.mm.total("merges"), 1);
+}
+
+/// Issue 13: W1 with the reserve topped up before the section opens (8
+/// pages, the exact count, in one EL2 update): no allocation nests, so no
+/// flattening, and the whole thing pays 2 DSBs (the top-up's and the
+/// section's), under every correct policy; without the reserve Flatten still
+/// pays nests + 1.
+#[test]
+fn w1_with_the_reserve_pays_two_dsbs_and_never_nests() {
+    for policy in [
+        NestPolicy::Flatten,
+        NestPolicy::Counted,
+        NestPolicy::FlushInner,
+    ] {
+        let (kit, nests) = w1_with(policy, true);
+        assert_eq!(nests, 0, "{policy:?}");
+        assert_eq!(kit.mm.total("flattenings"), 0);
+        assert_eq!(kit.mm.total("nests"), 0);
+        assert_eq!(kit.mm.total("reserve_allocs"), 8);
+        assert!(dsbs(&kit) <= 2, "{policy:?}: {} DSBs", dsbs(&kit));
+        assert_eq!(kit.pool.reserved(), 0, "the exact count: all used");
+        kit.check(&(GIB..GIB + 16 * MIB as u64))
+            .unwrap_or_else(|e| panic!("{policy:?}: {e}"));
+    }
+    // Naive too: nothing nests, so nothing goes wrong.
+    let (kit, _) = w1_with(NestPolicy::Naive, true);
+    kit.check(&(GIB..GIB + 16 * MIB as u64))
+        .expect("naive with the reserve");
+    let (kit, nests) = w1_with(NestPolicy::Flatten, false);
+    assert_eq!(
+        (nests, dsbs(&kit)),
+        (8, 9),
+        "without the reserve: nests + 1"
+    );
+}
+
+/// The reserve's pages are zeroed when topped up (a page freed dirty comes
+/// back zeroed), valid in the EL2 map while reserved, and unmapped again
+/// once released: guard mode still catches a use after free.
+#[test]
+fn reserve_pages_are_zeroed_mapped_and_unmapped_when_released() {
+    let kit = Kit::new(4, true, NestPolicy::Flatten);
+    let free = kit.pool.free_pages();
+    let dirty = kit.pool.alloc_zeroed().expect("page");
+    // SAFETY: a pool page we own.
+    unsafe { core::ptr::write_bytes(dirty as *mut u8, 0xa5, PAGE_SIZE) };
+    // SAFETY: nothing refers to it.
+    unsafe { kit.pool.free(dirty) };
+    assert!(
+        kit.model.el2_access(dirty, false).is_err(),
+        "free: unmapped"
+    );
+    kit.mm.reset_counters();
+    kit.pool.top_up(free).expect("top up");
+    assert_eq!(dsbs(&kit), 1, "one EL2 update for every page");
+    assert!(!kit.mm.nothing_pending(), "the zeroing is owed");
+    kit.mm.op_done();
+    assert_eq!(kit.pool.free_pages(), free, "reserved pages count as free");
+    for _ in 0..free {
+        let pa = kit.pool.alloc_zeroed().expect("from the reserve");
+        assert!(
+            kit.model.el2_access(pa, true).is_ok(),
+            "reserve pages are mapped"
+        );
+        // SAFETY: a pool page we own, PAGE_SIZE long.
+        let bytes = unsafe { core::slice::from_raw_parts(pa as *const u8, PAGE_SIZE) };
+        assert!(
+            bytes.iter().all(|&b| b == 0),
+            "reserve page {pa:#x} not zeroed"
+        );
+        // SAFETY: unused.
+        unsafe { kit.pool.free(pa) };
+        assert!(kit.model.el2_access(pa, false).is_err(), "freed: unmapped");
+    }
+    assert_eq!(kit.mm.total("reserve_allocs"), free as u64);
+    kit.pool.top_up(2).expect("top up");
+    let reserved: Vec<_> = (0..2)
+        .map(|_| kit.pool.alloc_zeroed().expect("page"))
+        .collect();
+    for pa in reserved {
+        // SAFETY: unused.
+        unsafe { kit.pool.free(pa) };
+    }
+    kit.pool.top_up(2).expect("top up");
+    kit.pool.release_reserve();
+    assert_eq!(kit.pool.reserved(), 0);
+    assert_eq!(kit.pool.free_pages(), free);
+    assert!(kit.mm.nothing_pending());
 }

@@ -396,16 +396,18 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             flags: attrs.descriptor_flags(),
         };
         // One walk: refuse a range with anything mapped, and size what the
-        // map creates (every entry met is invalid, so it meets few).
+        // map creates (every entry met is invalid, so it meets few). A
+        // block-sized, block-aligned part that still holds an empty table
+        // (left by earlier unmaps) gets a block: the table is detached
+        // first (break-before-make, below), so it is sized as an invalid
+        // entry of its level.
         let mut any_valid = false;
-        let mut made = MadeLayout::default();
-        self.walk_leaves(&region, |l| {
-            any_valid |= l.valid;
-            made += layout_for(&l.entry, l.level, core::slice::from_ref(&piece));
-        });
+        self.walk_leaves(&region, |l| any_valid |= l.valid);
         if any_valid {
             return Err(Stage2Error::AlreadyMapped);
         }
+        let windows = self.table_windows(&region, |a| pa + (a - region.start));
+        let made = self.layout_of(&region, &windows, core::slice::from_ref(&piece), |_| true);
         // Inside a section the range may have been unmapped with its
         // invalidation still queued: old entries (perhaps of another size)
         // may still be cached. The new entries must not appear before those
@@ -420,6 +422,16 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         }
         let needed = made.tables;
         self.prepare(needed)?;
+        if !windows.is_empty() {
+            // Break: each empty table's entry made invalid (the table
+            // detached, freed after the invalidation of the table kind); the
+            // block is made only once that invalidation completed.
+            for (w, _) in &windows {
+                self.unmap_entries(w, None);
+            }
+            self.mm.note_writes(windows.len() as u64, false);
+            self.complete_break();
+        }
         self.make(&piece);
         let used = self.finish(needed);
         let (leaves_written, blocks) = (made.leaves, made.blocks);
@@ -430,6 +442,53 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         inc(&c.mappings);
         self.mm.op_done();
         Ok(())
+    }
+
+    /// How many table pages mapping every `(ipa, size, pa)` of `maps` (onto
+    /// ranges that are unmapped now, in any order) takes from the pool: the
+    /// count `map`'s prepare step computes, summed over the whole batch (a
+    /// table one map creates is not counted again for the next). For
+    /// [`PagePool::top_up`] before a section opens.
+    ///
+    /// # Errors
+    ///
+    /// The range errors of [`map`](Self::map).
+    pub fn tables_for_maps(&self, maps: &[(Ipa, usize, PhysAddr)]) -> Result<usize, Stage2Error> {
+        let mut pieces = Vec::with_capacity(maps.len());
+        for &(ipa, size, pa) in maps {
+            let range = checked_region(ipa, size)?;
+            check_pa(pa, size)?;
+            pieces.push(Piece {
+                range,
+                pa,
+                flags: Stage2Attributes::empty(),
+            });
+        }
+        pieces.sort_by_key(|p| p.range.start);
+        let mut seen = alloc::collections::BTreeSet::new();
+        let mut tables = 0;
+        for p in &pieces {
+            self.walk_leaves(&p.range, |l| {
+                if seen.insert(l.entry.start) {
+                    tables += layout_for(&l.entry, l.level, &pieces).tables;
+                }
+            });
+        }
+        Ok(tables)
+    }
+
+    /// Tops up this CPU's reserve in the pool ([`PagePool::top_up`]) with
+    /// what mapping `maps` takes ([`tables_for_maps`](Self::tables_for_maps)),
+    /// before a section opens: the section's allocations then nest nowhere.
+    ///
+    /// # Errors
+    ///
+    /// The range errors of [`map`](Self::map), or
+    /// [`Stage2Error::OutOfTableMemory`].
+    pub fn reserve_for_maps(&self, maps: &[(Ipa, usize, PhysAddr)]) -> Result<usize, Stage2Error> {
+        let n = self.tables_for_maps(maps)?;
+        self.pool.top_up(n).map_err(Stage2Error::OutOfTableMemory)?;
+        Ok(n)
     }
 
     /// Unmaps whatever is mapped in `[ipa, ipa + size)` (holes are fine).
@@ -487,34 +546,33 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     pub fn merge(&mut self, ipa: Ipa, size: usize) -> Result<usize, Stage2Error> {
         self.mm.debug_assert_not_paused();
         let region = checked_region(ipa, size)?;
-        let first = super::align_up(region.start, BLOCK_2M);
-        let mut candidates = Vec::new();
-        for start in (first..region.end).step_by(BLOCK_2M) {
-            if start + BLOCK_2M > region.end {
-                break;
-            }
-            let leaves = self.leaves(&(start..start + BLOCK_2M));
-            let uniform = leaves.len() == 512
-                && leaves.iter().all(|l| {
-                    l.level == 3
-                        && l.valid
-                        && l.flags == leaves[0].flags
-                        && l.pa == leaves[0].pa + (l.entry.start - start)
-                })
-                && leaves[0].pa.is_multiple_of(BLOCK_2M);
-            if uniform {
-                candidates.push(Piece {
-                    range: start..start + BLOCK_2M,
-                    pa: leaves[0].pa,
-                    flags: leaves[0].flags,
-                });
+        // Whole aligned GiBs first (a 1 GiB block), then the 2 MiB regions
+        // outside them.
+        let mut candidates: Vec<Piece> = Vec::new();
+        for (gran, level) in [(BLOCK_1G, 1), (BLOCK_2M, 2)] {
+            let first = super::align_up(region.start, gran);
+            for start in (first..region.end).step_by(gran) {
+                if start + gran > region.end {
+                    break;
+                }
+                let window = start..start + gran;
+                if candidates
+                    .iter()
+                    .any(|c| c.range.start <= start && start < c.range.end)
+                {
+                    continue;
+                }
+                if let Some(p) = self.uniform(&window, level) {
+                    candidates.push(p);
+                }
             }
         }
+        candidates.sort_by_key(|p| p.range.start);
         if candidates.is_empty() {
             return Ok(0);
         }
         // Break: each region's table entry made invalid (aarch64-paging
-        // detaches the level-3 table); nothing to allocate.
+        // detaches the table and any below it); nothing to allocate.
         for p in &candidates {
             self.unmap_entries(&p.range, None);
         }
@@ -634,31 +692,21 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             .iter()
             .map(|l| layout_for(&l.entry, l.level, &pieces).tables)
             .sum();
+        // A remap onto backing aligned to a block whose range is now a table
+        // (pages, or blocks of the size below) replaces the table by a
+        // block: the table is broken whole (detached) rather than entry by
+        // entry.
+        let windows = match change {
+            Change::Remap { pa, .. } => self.table_windows(&region, |a| pa + (a - region.start)),
+            _ => Vec::new(),
+        };
         if remap {
-            self.walk_leaves(&region, |l| {
-                if inside(&l) {
-                    needed += layout_for(&l.entry, l.level, &pieces).tables;
-                }
-            });
+            needed += self.layout_of(&region, &windows, &pieces, inside).tables;
         }
         self.prepare(needed)?;
 
         // Break: straddling blocks, and for a remap every valid entry.
-        let mut broken = 0;
-        for l in &straddling {
-            self.unmap_entries(&l.entry, Some(l.level));
-            broken += 1;
-        }
-        if remap {
-            // Entry by entry (not in runs): a run over a whole table would
-            // detach the table, which the make would then need again.
-            self.for_each_window(&region, |s2, leaves| {
-                for l in leaves.iter().filter(|l| l.valid && inside(l)) {
-                    s2.unmap_entries(&l.entry, Some(l.level));
-                    broken += 1;
-                }
-            });
-        }
+        let broken = self.write_breaks(&region, &straddling, &windows, remap);
         if broken > 0 {
             self.mm.note_writes(broken, false);
             add(&self.mm.counters().splits, straddling.len() as u64);
@@ -717,6 +765,119 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         // were invalidated by its break.
         self.mm.op_done();
         Ok(())
+    }
+
+    /// Writes the breaks of a change to `region`: the straddling blocks, and
+    /// for a remap every valid entry inside (each of `windows` whole, its
+    /// table detached). Returns how many entries were broken; their
+    /// invalidations are queued.
+    fn write_breaks(
+        &mut self,
+        region: &Range<usize>,
+        straddling: &[Leaf],
+        windows: &[(Range<usize>, usize)],
+        remap: bool,
+    ) -> u64 {
+        let inside = |l: &Leaf| region.start <= l.entry.start && l.entry.end <= region.end;
+        let mut broken = 0;
+        for l in straddling {
+            self.unmap_entries(&l.entry, Some(l.level));
+            broken += 1;
+        }
+        if remap {
+            for (w, _) in windows {
+                self.unmap_entries(w, None);
+                broken += 1;
+            }
+            // Entry by entry (not in runs): a run over a whole table would
+            // detach the table, which the make would then need again.
+            self.for_each_window(region, |s2, leaves| {
+                for l in leaves
+                    .iter()
+                    .filter(|l| l.valid && inside(l) && !in_windows(windows, &l.entry))
+                {
+                    s2.unmap_entries(&l.entry, Some(l.level));
+                    broken += 1;
+                }
+            });
+        }
+        broken
+    }
+
+    /// The block-aligned windows of `region` (1 GiB, then 2 MiB outside
+    /// those) whose output address `pa_of(start)` is aligned to the block
+    /// too, and whose entry is now a table: a map or remap there can write
+    /// one block once the table is detached. With the level of the entry.
+    fn table_windows(
+        &self,
+        region: &Range<usize>,
+        pa_of: impl Fn(usize) -> PhysAddr,
+    ) -> Vec<(Range<usize>, usize)> {
+        let mut out: Vec<(Range<usize>, usize)> = Vec::new();
+        for (gran, level) in [(BLOCK_1G, 1), (BLOCK_2M, 2)] {
+            let mut start = super::align_up(region.start, gran);
+            while start + gran <= region.end {
+                let covered = out.iter().any(|(w, _)| w.start <= start && start < w.end);
+                if !covered && pa_of(start).is_multiple_of(gran) {
+                    let mut table = false;
+                    self.walk_leaves(&(start..start + PAGE_SIZE), |l| table = l.level > level);
+                    if table {
+                        out.push((start..start + gran, level));
+                    }
+                }
+                start += gran;
+            }
+        }
+        out.sort_by_key(|(w, _)| w.start);
+        out
+    }
+
+    /// What writing `pieces` makes over the entries of `region` that
+    /// `select` picks, with each of `windows` (see
+    /// [`table_windows`](Self::table_windows)) counted as one invalid entry
+    /// of its level (its table detached first).
+    fn layout_of(
+        &self,
+        region: &Range<usize>,
+        windows: &[(Range<usize>, usize)],
+        pieces: &[Piece],
+        select: impl Fn(&Leaf) -> bool,
+    ) -> MadeLayout {
+        let mut made = MadeLayout::default();
+        self.walk_leaves(region, |l| {
+            if select(&l) && !in_windows(windows, &l.entry) {
+                made += layout_for(&l.entry, l.level, pieces);
+            }
+        });
+        for (w, level) in windows {
+            made += layout_for(w, *level, pieces);
+        }
+        made
+    }
+
+    /// The block `window` (an aligned entry at `level`) can become: its
+    /// entry is a table, and every page in it is mapped by contiguous
+    /// output addresses from a block-aligned start, with one set of
+    /// attributes.
+    fn uniform(&self, window: &Range<usize>, level: usize) -> Option<Piece> {
+        let mut first: Option<(PhysAddr, Stage2Attributes)> = None;
+        let mut ok = true;
+        self.walk_leaves(window, |l| {
+            if !ok {
+                return;
+            }
+            let (pa, flags) = *first.get_or_insert((l.pa, l.flags));
+            ok = l.valid
+                && l.level > level
+                && l.flags == flags
+                && l.pa == pa + (l.entry.start - window.start);
+        });
+        let (pa, flags) = first?;
+        (ok && pa.is_multiple_of(window.end - window.start)).then(|| Piece {
+            range: window.clone(),
+            pa,
+            flags,
+        })
     }
 
     /// Unmaps every valid entry wholly inside `region`, window by window:
@@ -1058,6 +1219,13 @@ fn make_pieces(region: &Range<usize>, straddling: &[Leaf], change: Change) -> Ve
     }
     pieces.sort_by_key(|p| p.range.start);
     pieces
+}
+
+/// Whether `entry` lies in one of `windows`.
+fn in_windows(windows: &[(Range<usize>, usize)], entry: &Range<usize>) -> bool {
+    windows
+        .iter()
+        .any(|(w, _)| w.start <= entry.start && entry.end <= w.end)
 }
 
 /// The memory type a descriptor's MemAttr field \[5:2\] encodes.
