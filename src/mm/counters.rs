@@ -87,9 +87,6 @@ counter_set! {
         splits,
         /// Tables of uniform entries merged back into a block.
         merges,
-        /// Entries broken in a section whose make was deferred to the
-        /// section's end (deferred break-before-make).
-        deferred_breaks,
         /// `DSB ISHST` issued.
         dsb_ishst,
         /// `DSB ISH` issued.

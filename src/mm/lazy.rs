@@ -890,9 +890,10 @@ impl<A: MmArch> MmCtx<A> {
     /// this CPU (`size` 0: any make of `vmid`).
     pub fn make_pending(&self, vmid: Vmid, ipa: u64, size: u64) -> bool {
         let cpu = self.cpus[self.cpu()].lock();
-        cpu.owed.makes.iter().any(|m| {
-            m.vmid == vmid && (size == 0 || (m.ipa < ipa + size && ipa < m.ipa + m.size))
-        })
+        cpu.owed
+            .makes
+            .iter()
+            .any(|m| m.vmid == vmid && (size == 0 || (m.ipa < ipa + size && ipa < m.ipa + m.size)))
     }
 
     /// A copy of this CPU's queued invalidations (for tests and

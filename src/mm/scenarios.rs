@@ -1020,3 +1020,119 @@ fn reserve_pages_are_zeroed_mapped_and_unmapped_when_released() {
     assert_eq!(kit.pool.free_pages(), free);
     assert!(kit.mm.nothing_pending());
 }
+
+// ---------------------------------------------------------------------------
+// Deferred break-before-make (issue 13).
+
+/// W4 on the model: 1 GiB of 2 MiB blocks, every block touched by the guest
+/// on both CPUs (so every old entry is cached everywhere), then remapped
+/// block by block to new backing, in one section under `policy` (`None`:
+/// eager). Returns the kit with the counters of the remap phase only, and
+/// whether the guest reaches exactly the new backing from both CPUs.
+fn w4(policy: Option<NestPolicy>, tlbi_range: bool) -> (Kit, bool) {
+    let mut kit = Kit::new(16, true, policy.unwrap_or(NestPolicy::Flatten));
+    kit.model.set_tlbi_range(tlbi_range);
+    let (base, pa) = (4 * GIB, 0x8020_0000usize);
+    let new = pa + GIB as usize;
+    let block = 2 * MIB as u64;
+    kit.s2
+        .map(base, GIB as usize, pa, ram(S2Perm::RW))
+        .expect("map");
+    for cpu in 0..super::model::MODEL_CPUS {
+        for i in 0..512 {
+            kit.model
+                .guest_access_on(cpu, VMID, base + i * block, false)
+                .expect("touch");
+        }
+    }
+    kit.mm.reset_counters();
+    if policy.is_some() {
+        kit.mm.enter();
+    }
+    for i in 0..512u64 {
+        kit.s2
+            .remap(
+                base + i * block,
+                block as usize,
+                new + (i * block) as usize,
+                ram(S2Perm::RW),
+            )
+            .expect("remap");
+    }
+    if policy.is_some() {
+        kit.mm.leave();
+    }
+    kit.ref_map(base, GIB as usize, new, S2Perm::RW);
+    let reaches = (0..super::model::MODEL_CPUS).all(|cpu| {
+        (0..512u64).all(|i| {
+            let ipa = base + i * block + 0x3000;
+            kit.model
+                .guest_access_on(cpu, VMID, ipa, true)
+                .map(|a| a.pa)
+                == Ok(new + (i * block) as usize + 0x3000)
+        })
+    });
+    let checked = kit.check(&(base..base + 4 * MIB as u64)).is_ok()
+        && kit
+            .check(&(base + GIB - 4 * MIB as u64..base + GIB))
+            .is_ok();
+    (kit, reaches && checked)
+}
+
+/// Stage-2 TLBIs of a kit (by IPA, range, whole VMID, combined).
+fn stage2_tlbis(kit: &Kit) -> u64 {
+    [
+        "tlbi_ipas2e1is",
+        "tlbi_ripas2e1is",
+        "tlbi_vmalle1is",
+        "tlbi_vmalls12e1is",
+    ]
+    .iter()
+    .map(|k| kit.mm.total(k))
+    .sum()
+}
+
+/// W4's barrier economy (`-- --nocapture` prints it for docs/lazy-mmu.md):
+/// eager unchanged (a flush per remap), and one section under every policy
+/// at most 4 DSBs and 3 stage-2 TLBIs, with or without FEAT_TLBIRANGE,
+/// correct on the model (every old block cached on both CPUs before).
+#[test]
+fn w4_barrier_counts_per_policy() {
+    std::println!("W4        range dsb_ishst dsb_ish isb  s2_tlbi bbm correct");
+    for range in [true, false] {
+        for policy in [
+            None,
+            Some(NestPolicy::Flatten),
+            Some(NestPolicy::FlushInner),
+            Some(NestPolicy::Naive),
+            Some(NestPolicy::Counted),
+        ] {
+            let (kit, correct) = w4(policy, range);
+            let t = |k: &str| kit.mm.total(k);
+            let name = policy.map_or("eager", NestPolicy::name);
+            std::println!(
+                "{name:<11} {range:<5} {:>7} {:>7} {:>4} {:>7} {:>4} {correct}",
+                t("dsb_ishst"),
+                t("dsb_ish"),
+                t("isb"),
+                stage2_tlbis(&kit),
+                t("bbm"),
+            );
+            assert!(correct, "{name} range={range}");
+            if policy.is_some() {
+                assert!(dsbs(&kit) <= 4, "{name}: {} DSBs", dsbs(&kit));
+                assert!(
+                    stage2_tlbis(&kit) <= 3,
+                    "{name}: {} TLBIs",
+                    stage2_tlbis(&kit)
+                );
+            } else {
+                assert_eq!(
+                    dsbs(&kit),
+                    512 * 4,
+                    "eager: a flush per remap, then the make's DSB"
+                );
+            }
+        }
+    }
+}

@@ -1059,7 +1059,9 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         unsafe { self.mm.defer_makes(makes) };
         self.mm.note_writes(n, false);
         let c = self.mm.counters();
-        add(&c.deferred_breaks, n);
+        // One break-before-make cycle (its invalidation and make shared
+        // with the section's other deferred ones).
+        inc(&c.bbm);
         add(&c.blocks_mapped, blocks);
         inc(&c.mappings);
         self.mm.op_done();
