@@ -311,7 +311,12 @@ enum Op {
     },
     Merge,
     Touch,
-    /// The next map's `n`th table allocation fails.
+    /// The hypervisor looks `page` up (over a pending deferred make, the
+    /// make is completed first).
+    Query {
+        page: u64,
+    },
+    /// The next map's (or remap's) `n`th table allocation fails.
     FailNextMap(u8),
     /// Tops this CPU's reserve up to `n` pages (inside a section too, where
     /// it nests like an allocation).
@@ -342,7 +347,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(page, pages, pa_page, perm)| Op::Map { page, pages, pa_page, perm }),
         2 => (page.clone(), pages.clone()).prop_map(|(page, pages)| Op::Unmap { page, pages }),
         2 => (page.clone(), pages.clone(), any::<u8>()).prop_map(|(page, pages, perm)| Op::Protect { page, pages, perm }),
-        1 => (page, pages, pa_page).prop_map(|(page, pages, pa_page)| Op::Remap { page, pages, pa_page }),
+        2 => (page.clone(), pages, pa_page).prop_map(|(page, pages, pa_page)| Op::Remap { page, pages, pa_page }),
+        1 => page.prop_map(|page| Op::Query { page }),
         1 => Just(Op::Merge),
         2 => Just(Op::Touch),
         1 => (0..3u8).prop_map(Op::FailNextMap),
@@ -455,7 +461,12 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
         } => {
             let (ipa, size) = clip(page, pages);
             let pa = 0x9000_0000 + pa_page as usize * PAGE_SIZE;
-            match kit.s2.remap(ipa, size, pa, ram(S2Perm::RW)) {
+            if let Some(n) = fail_next.take() {
+                kit.pool.fail_after(Some(n.into()));
+            }
+            let r = kit.s2.remap(ipa, size, pa, ram(S2Perm::RW));
+            kit.pool.fail_after(None);
+            match r {
                 Ok(()) => {
                     kit.ref_map(ipa, size, pa, S2Perm::RW);
                     if !lazy {
@@ -463,6 +474,9 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
                     }
                 }
                 Err(Stage2Error::NotMapped) => assert!(mapped(kit, ipa, size) < size / PAGE_SIZE),
+                // Injected failure before the first break: nothing changed
+                // (the reference stays; checked by the caller).
+                Err(Stage2Error::OutOfTableMemory(PoolError::Injected)) => {}
                 Err(e) => panic!("remap: {e:?}"),
             }
         }
@@ -475,6 +489,16 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
             }
         }
         Op::Touch => kit.touch_all_cpus(&WINDOW),
+        Op::Query { page } => {
+            let ipa = WINDOW.start + page * PAGE_SIZE as u64;
+            let got = kit.s2.query(ipa).map(|t| (t.pa, t.attrs.perm));
+            assert_eq!(
+                got,
+                kit.reference.get(&ipa).copied(),
+                "query {ipa:#x} (a pending make completes first)"
+            );
+            assert!(!kit.mm.make_pending(VMID, ipa, PAGE_SIZE as u64));
+        }
         Op::FailNextMap(n) => *fail_next = Some(n),
         Op::TopUp(n) => {
             kit.pool.top_up(n.into()).expect("top up");
@@ -1135,4 +1159,95 @@ fn w4_barrier_counts_per_policy() {
             }
         }
     }
+}
+
+/// The rules of deferred break-before-make, on the model (every old block
+/// cached on both CPUs): nothing is paid before the section's end; a remap
+/// whose prepare fails leaves its range untouched and the pending makes
+/// pending; a look-up, a remap, an unmap (split) or a map over a pending
+/// make completes it first; the section's end leaves the reference.
+#[test]
+fn deferred_breaks_complete_before_anything_touches_their_range() {
+    let block = 2 * MIB as u64;
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    let window = GIB..GIB + 8 * block;
+    kit.s2
+        .map(GIB, 8 * block as usize, 0x8000_0000, ram(S2Perm::RW))
+        .expect("map");
+    kit.ref_map(GIB, 8 * block as usize, 0x8000_0000, S2Perm::RW);
+    kit.touch_all_cpus(&window);
+    kit.mm.reset_counters();
+    kit.mm.enter();
+    for i in 0..2 {
+        kit.s2
+            .remap(
+                GIB + i * block,
+                block as usize,
+                0xa000_0000 + (i * block) as usize,
+                ram(S2Perm::RW),
+            )
+            .expect("remap");
+    }
+    assert_eq!(kit.mm.deferred_makes(), 2);
+    assert_eq!(dsbs(&kit), 0, "nothing paid before the section's end");
+    assert!(kit.model.violations().is_empty());
+    // A remap that needs a table (a split) and cannot have it: refused
+    // before its first break, its block untouched, the makes still pending.
+    kit.pool.fail_after(Some(0));
+    let r = kit
+        .s2
+        .remap(GIB + 2 * block + 0x1000, 4096, 0xc000_0000, ram(S2Perm::RW));
+    kit.pool.fail_after(None);
+    assert_eq!(r, Err(Stage2Error::OutOfTableMemory(PoolError::Injected)));
+    assert_eq!(kit.mm.deferred_makes(), 2);
+    assert_eq!(
+        kit.s2.query(GIB + 2 * block).map(|t| (t.pa, t.level)),
+        Some((0x8040_0000, 2))
+    );
+    // A look-up over a pending make completes it (all of them: one flush).
+    assert_eq!(kit.s2.query(GIB + 0x5000).map(|t| t.pa), Some(0xa000_5000));
+    assert_eq!(kit.mm.deferred_makes(), 0);
+    assert!(kit.model.violations().is_empty());
+    // A remap over a pending make, then a split over it.
+    for pa in [0xb000_0000usize, 0xb020_0000] {
+        kit.s2
+            .remap(GIB, block as usize, pa, ram(S2Perm::RW))
+            .expect("remap");
+        assert_eq!(kit.mm.deferred_makes(), 1);
+    }
+    kit.s2
+        .unmap(GIB + 0x1000, 0x1000)
+        .expect("split over a pending make");
+    assert_eq!(kit.mm.deferred_makes(), 0);
+    // A map over a pending make completes it, then finds the range mapped.
+    kit.s2
+        .remap(
+            GIB + 3 * block,
+            block as usize,
+            0xd000_0000,
+            ram(S2Perm::RW),
+        )
+        .expect("remap");
+    assert_eq!(
+        kit.s2
+            .map(GIB + 3 * block, 4096, 0xe000_0000, ram(S2Perm::RW)),
+        Err(Stage2Error::AlreadyMapped)
+    );
+    assert_eq!(kit.mm.deferred_makes(), 0);
+    // A last one, paid by the section's end.
+    kit.s2
+        .remap(
+            GIB + 4 * block,
+            block as usize,
+            0xd020_0000,
+            ram(S2Perm::RW),
+        )
+        .expect("remap");
+    kit.mm.leave();
+    kit.ref_map(GIB, 2 * block as usize, 0xa000_0000, S2Perm::RW);
+    kit.ref_map(GIB, block as usize, 0xb020_0000, S2Perm::RW);
+    kit.ref_unmap(GIB + 0x1000, 0x1000);
+    kit.ref_map(GIB + 3 * block, block as usize, 0xd000_0000, S2Perm::RW);
+    kit.ref_map(GIB + 4 * block, block as usize, 0xd020_0000, S2Perm::RW);
+    kit.check(&window).expect("after the section");
 }

@@ -1736,6 +1736,57 @@ mod tests {
         }
     }
 
+    /// A deferred make writes exactly the descriptor the eager remap
+    /// writes (blocks and pages, memory type and permissions), and only at
+    /// the section's end.
+    #[test]
+    fn a_deferred_make_writes_what_the_eager_remap_writes() {
+        let ro_dev = S2Attrs {
+            perm: S2Perm::RO,
+            mem: MemType::Device,
+        };
+        let fwb = S2Attrs {
+            perm: S2Perm::RWX,
+            mem: MemType::NormalForcedWriteBack,
+        };
+        let run = |lazy: bool| {
+            let mut f = setup(64);
+            f.s2.map(0x4000_0000, 4 * MIB, 0x8000_0000, S2Attrs::RAM)
+                .expect("map");
+            f.s2.map(0x4040_0000, 16 << 12, 0x9000_1000, S2Attrs::RAM)
+                .expect("map");
+            if lazy {
+                f.mm.enter();
+            }
+            f.s2.remap(0x4000_0000, 4 * MIB, 0xa000_0000, ro_dev)
+                .expect("remap blocks");
+            f.s2.remap(0x4040_0000, 16 << 12, 0xb000_3000, fwb)
+                .expect("remap pages");
+            let deferred = f.mm.deferred_makes();
+            if lazy {
+                f.mm.leave();
+            }
+            let descs: Vec<u64> = (0..2)
+                .map(|i| (0x4000_0000 + i * 2 * MIB, 2))
+                .chain((0..16).map(|i| (0x4040_0000 + i * 4096, 3)))
+                .map(|(ipa, level)| {
+                    // SAFETY: a live descriptor of the fixture's tables.
+                    unsafe { (f.s2.desc_addr(ipa, level) as *const u64).read_volatile() }
+                })
+                .collect();
+            assert_eq!(
+                level_at(&f.s2, 0x4040_2008),
+                Some((0xb000_5008, 3, fwb)),
+                "lazy={lazy}"
+            );
+            (descs, deferred)
+        };
+        let (eager, none) = run(false);
+        let (lazy, deferred) = run(true);
+        assert_eq!((none, deferred), (0, 18));
+        assert_eq!(eager, lazy);
+    }
+
     #[test]
     fn dropping_the_tables_gives_every_page_back() {
         let mut f = setup(32);
