@@ -21,6 +21,8 @@
 //! TLBI VMALLE1IS                  per VMID whose stage-2 entries changed:
 //! DSB ISH                           combined stage-1+2 entries are not
 //!                                   invalidated by IPA
+//! (deferred makes)                written once the TLBIs above completed
+//! DSB ISHST                       if any make was written
 //! ISB                             if a valid entry was written or a TLBI issued
 //! ```
 //!
@@ -975,7 +977,7 @@ impl<A: MmArch> MmCtx<A> {
             // entries may now be written; one `DSB ISHST` makes them all
             // visible, the `ISB` below synchronizes this CPU.
             debug_assert!(tlbis, "deferred makes without their breaks' TLBIs");
-            self.write_makes(&owed.makes, counters);
+            Self::write_makes(&owed.makes, counters);
             self.dsb_ishst(counters);
         }
         if owed.need_isb || tlbis || made {
@@ -993,7 +995,7 @@ impl<A: MmArch> MmCtx<A> {
 
     /// Writes deferred makes (each descriptor at its identity-mapped
     /// address).
-    fn write_makes(&self, makes: &[DeferredMake], counters: &MmCounters) {
+    fn write_makes(makes: &[DeferredMake], counters: &MmCounters) {
         for m in makes {
             // SAFETY: `defer_makes`' contract: `desc` is a descriptor of a
             // live stage-2 table, identity-mapped, that nothing detaches

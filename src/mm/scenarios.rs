@@ -391,6 +391,15 @@ fn assert_uniform_regions_are_blocks(kit: &Kit) {
     }
 }
 
+/// The hypervisor's look-up of `page` gives what the reference holds (over
+/// a pending deferred make, the look-up completes it first).
+fn assert_query_matches(kit: &Kit, page: u64) {
+    let ipa = WINDOW.start + page * PAGE_SIZE as u64;
+    let got = kit.s2.query(ipa).map(|t| (t.pa, t.attrs.perm));
+    assert_eq!(got, kit.reference.get(&ipa).copied(), "query {ipa:#x}");
+    assert!(!kit.mm.make_pending(VMID, ipa, PAGE_SIZE as u64));
+}
+
 /// Runs one operation on the kit and the reference, asserting the manager's
 /// answer matches what the reference predicts.
 fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
@@ -489,16 +498,7 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
             }
         }
         Op::Touch => kit.touch_all_cpus(&WINDOW),
-        Op::Query { page } => {
-            let ipa = WINDOW.start + page * PAGE_SIZE as u64;
-            let got = kit.s2.query(ipa).map(|t| (t.pa, t.attrs.perm));
-            assert_eq!(
-                got,
-                kit.reference.get(&ipa).copied(),
-                "query {ipa:#x} (a pending make completes first)"
-            );
-            assert!(!kit.mm.make_pending(VMID, ipa, PAGE_SIZE as u64));
-        }
+        Op::Query { page } => assert_query_matches(kit, page),
         Op::FailNextMap(n) => *fail_next = Some(n),
         Op::TopUp(n) => {
             kit.pool.top_up(n.into()).expect("top up");

@@ -43,6 +43,15 @@
 //! (permission changes, unmapping whole entries) only queue their
 //! invalidation in the section's batch.
 //!
+//! Deferred break-before-make: inside a section, a `remap` whose make
+//! rewrites each entry in place (every entry a valid leaf inside the range,
+//! its new output address aligned to its size: no table, nothing to
+//! prepare) only breaks and records its makes with the section
+//! ([`MmCtx::defer_makes`]); the flush writes them after the breaks'
+//! invalidation completed. Any operation or look-up over a range with a
+//! pending make, and `compact`, complete the pending makes first
+//! (docs/lazy-mmu.md).
+//!
 //! # IPA space
 //!
 //! 39-bit IPA space (512 GiB): `VTCR_EL2.T0SZ = 25`, walks start at level 1
