@@ -21,6 +21,8 @@
 //! TLBI VMALLE1IS                  per VMID whose stage-2 entries changed:
 //! DSB ISH                           combined stage-1+2 entries are not
 //!                                   invalidated by IPA
+//! (deferred makes)                written once the TLBIs above completed
+//! DSB ISHST                       if any make was written
 //! ISB                             if a valid entry was written or a TLBI issued
 //! ```
 //!
@@ -484,7 +486,32 @@ struct Owed {
     /// Table pages detached from live tables, to be freed once the TLB
     /// maintenance hiding them has completed.
     deferred_free: Vec<PhysAddr>,
+    /// Deferred makes of break-before-make: descriptors to write once the
+    /// invalidation of the broken entries they replace has completed.
+    makes: Vec<DeferredMake>,
 }
+
+/// One deferred make ([`MmCtx::defer_makes`]): the descriptor at `desc`
+/// (a table entry, by its identity-mapped physical address) becomes
+/// `value` once the flush's invalidations have completed.
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub struct DeferredMake {
+    /// The VMID whose stage 2 the entry belongs to.
+    pub vmid: Vmid,
+    /// The IPA range the entry covers.
+    pub ipa: u64,
+    /// Its size.
+    pub size: u64,
+    /// Physical address of the descriptor.
+    pub desc: PhysAddr,
+    /// The descriptor to write.
+    pub value: u64,
+}
+
+/// Most deferred makes a CPU holds: an operation that would exceed it
+/// completes the pending ones first (memory stays bounded; one make per
+/// broken entry).
+pub const MAX_DEFERRED_MAKES: usize = 4096;
 
 impl Owed {
     fn is_empty(&self) -> bool {
@@ -492,6 +519,7 @@ impl Owed {
             && !self.need_isb
             && self.batch.is_empty()
             && self.deferred_free.is_empty()
+            && self.makes.is_empty()
     }
 }
 
@@ -836,6 +864,40 @@ impl<A: MmArch> MmCtx<A> {
             .is_some_and(|q| q.overlaps(ipa, ipa + size))
     }
 
+    /// Records deferred makes of break-before-make (see the module docs):
+    /// the broken entries were written invalid and their invalidation
+    /// queued; the next flush (the section's end) writes `makes` after that
+    /// invalidation has completed.
+    ///
+    /// # Safety
+    ///
+    /// Each `desc` is the identity-mapped address of a descriptor in a live
+    /// table of `vmid`'s stage 2, now invalid with its invalidation queued
+    /// on this CPU; the table stays allocated and in place until the next
+    /// flush (the caller completes the makes first before any change that
+    /// overlaps them or detaches tables).
+    pub unsafe fn defer_makes(&self, makes: impl IntoIterator<Item = DeferredMake>) {
+        self.debug_assert_not_paused();
+        let mut cpu = self.cpus[self.cpu()].lock();
+        debug_assert!(cpu.active, "deferred makes outside a section");
+        cpu.owed.makes.extend(makes);
+    }
+
+    /// How many deferred makes this CPU holds.
+    pub fn deferred_makes(&self) -> usize {
+        self.cpus[self.cpu()].lock().owed.makes.len()
+    }
+
+    /// Whether a deferred make of `vmid` overlaps `[ipa, ipa + size)` on
+    /// this CPU (`size` 0: any make of `vmid`).
+    pub fn make_pending(&self, vmid: Vmid, ipa: u64, size: u64) -> bool {
+        let cpu = self.cpus[self.cpu()].lock();
+        cpu.owed
+            .makes
+            .iter()
+            .any(|m| m.vmid == vmid && (size == 0 || (m.ipa < ipa + size && ipa < m.ipa + m.size)))
+    }
+
     /// A copy of this CPU's queued invalidations (for tests and
     /// diagnostics).
     pub fn queued(&self) -> TlbBatch {
@@ -908,7 +970,17 @@ impl<A: MmArch> MmCtx<A> {
             self.dsb_ishst(counters);
         }
         let tlbis = self.issue_tlbis(&owed.batch, counters);
-        if owed.need_isb || tlbis {
+        let made = !owed.makes.is_empty();
+        if made {
+            // Deferred break-before-make: every break's invalidation has
+            // completed (the `DSB ISH` after `VMALLE1IS` above), so the new
+            // entries may now be written; one `DSB ISHST` makes them all
+            // visible, the `ISB` below synchronizes this CPU.
+            debug_assert!(tlbis, "deferred makes without their breaks' TLBIs");
+            Self::write_makes(&owed.makes, counters);
+            self.dsb_ishst(counters);
+        }
+        if owed.need_isb || tlbis || made {
             // This CPU's later instructions (and the return to a guest) see
             // the completed maintenance and the new entries.
             self.isb(counters);
@@ -919,6 +991,19 @@ impl<A: MmArch> MmCtx<A> {
                 free(&owed.deferred_free);
             }
         }
+    }
+
+    /// Writes deferred makes (each descriptor at its identity-mapped
+    /// address).
+    fn write_makes(makes: &[DeferredMake], counters: &MmCounters) {
+        for m in makes {
+            // SAFETY: `defer_makes`' contract: `desc` is a descriptor of a
+            // live stage-2 table, identity-mapped, that nothing detaches
+            // while the make is pending (every stage-2 operation overlapping
+            // it, `compact` and `Drop` complete it first).
+            unsafe { (m.desc as *mut u64).write_volatile(m.value) };
+        }
+        add(&counters.pte_writes, makes.len() as u64);
     }
 
     /// Issues the queued TLBIs and waits for them. Returns whether any was

@@ -311,7 +311,12 @@ enum Op {
     },
     Merge,
     Touch,
-    /// The next map's `n`th table allocation fails.
+    /// The hypervisor looks `page` up (over a pending deferred make, the
+    /// make is completed first).
+    Query {
+        page: u64,
+    },
+    /// The next map's (or remap's) `n`th table allocation fails.
     FailNextMap(u8),
     /// Tops this CPU's reserve up to `n` pages (inside a section too, where
     /// it nests like an allocation).
@@ -342,7 +347,8 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(page, pages, pa_page, perm)| Op::Map { page, pages, pa_page, perm }),
         2 => (page.clone(), pages.clone()).prop_map(|(page, pages)| Op::Unmap { page, pages }),
         2 => (page.clone(), pages.clone(), any::<u8>()).prop_map(|(page, pages, perm)| Op::Protect { page, pages, perm }),
-        1 => (page, pages, pa_page).prop_map(|(page, pages, pa_page)| Op::Remap { page, pages, pa_page }),
+        2 => (page.clone(), pages, pa_page).prop_map(|(page, pages, pa_page)| Op::Remap { page, pages, pa_page }),
+        1 => page.prop_map(|page| Op::Query { page }),
         1 => Just(Op::Merge),
         2 => Just(Op::Touch),
         1 => (0..3u8).prop_map(Op::FailNextMap),
@@ -383,6 +389,15 @@ fn assert_uniform_regions_are_blocks(kit: &Kit) {
             assert_eq!(level, Some(2), "uniform 2 MiB at {start:#x} not merged");
         }
     }
+}
+
+/// The hypervisor's look-up of `page` gives what the reference holds (over
+/// a pending deferred make, the look-up completes it first).
+fn assert_query_matches(kit: &Kit, page: u64) {
+    let ipa = WINDOW.start + page * PAGE_SIZE as u64;
+    let got = kit.s2.query(ipa).map(|t| (t.pa, t.attrs.perm));
+    assert_eq!(got, kit.reference.get(&ipa).copied(), "query {ipa:#x}");
+    assert!(!kit.mm.make_pending(VMID, ipa, PAGE_SIZE as u64));
 }
 
 /// Runs one operation on the kit and the reference, asserting the manager's
@@ -455,7 +470,12 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
         } => {
             let (ipa, size) = clip(page, pages);
             let pa = 0x9000_0000 + pa_page as usize * PAGE_SIZE;
-            match kit.s2.remap(ipa, size, pa, ram(S2Perm::RW)) {
+            if let Some(n) = fail_next.take() {
+                kit.pool.fail_after(Some(n.into()));
+            }
+            let r = kit.s2.remap(ipa, size, pa, ram(S2Perm::RW));
+            kit.pool.fail_after(None);
+            match r {
                 Ok(()) => {
                     kit.ref_map(ipa, size, pa, S2Perm::RW);
                     if !lazy {
@@ -463,6 +483,9 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
                     }
                 }
                 Err(Stage2Error::NotMapped) => assert!(mapped(kit, ipa, size) < size / PAGE_SIZE),
+                // Injected failure before the first break: nothing changed
+                // (the reference stays; checked by the caller).
+                Err(Stage2Error::OutOfTableMemory(PoolError::Injected)) => {}
                 Err(e) => panic!("remap: {e:?}"),
             }
         }
@@ -475,6 +498,7 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
             }
         }
         Op::Touch => kit.touch_all_cpus(&WINDOW),
+        Op::Query { page } => assert_query_matches(kit, page),
         Op::FailNextMap(n) => *fail_next = Some(n),
         Op::TopUp(n) => {
             kit.pool.top_up(n.into()).expect("top up");
@@ -1019,4 +1043,211 @@ fn reserve_pages_are_zeroed_mapped_and_unmapped_when_released() {
     assert_eq!(kit.pool.reserved(), 0);
     assert_eq!(kit.pool.free_pages(), free);
     assert!(kit.mm.nothing_pending());
+}
+
+// ---------------------------------------------------------------------------
+// Deferred break-before-make (issue 13).
+
+/// W4 on the model: 1 GiB of 2 MiB blocks, every block touched by the guest
+/// on both CPUs (so every old entry is cached everywhere), then remapped
+/// block by block to new backing, in one section under `policy` (`None`:
+/// eager). Returns the kit with the counters of the remap phase only, and
+/// whether the guest reaches exactly the new backing from both CPUs.
+fn w4(policy: Option<NestPolicy>, tlbi_range: bool) -> (Kit, bool) {
+    let mut kit = Kit::new(16, true, policy.unwrap_or(NestPolicy::Flatten));
+    kit.model.set_tlbi_range(tlbi_range);
+    let (base, pa) = (4 * GIB, 0x8020_0000usize);
+    let new = pa + GIB as usize;
+    let block = 2 * MIB as u64;
+    kit.s2
+        .map(base, GIB as usize, pa, ram(S2Perm::RW))
+        .expect("map");
+    for cpu in 0..super::model::MODEL_CPUS {
+        for i in 0..512 {
+            kit.model
+                .guest_access_on(cpu, VMID, base + i * block, false)
+                .expect("touch");
+        }
+    }
+    kit.mm.reset_counters();
+    if policy.is_some() {
+        kit.mm.enter();
+    }
+    for i in 0..512u64 {
+        kit.s2
+            .remap(
+                base + i * block,
+                block as usize,
+                new + (i * block) as usize,
+                ram(S2Perm::RW),
+            )
+            .expect("remap");
+    }
+    if policy.is_some() {
+        kit.mm.leave();
+    }
+    kit.ref_map(base, GIB as usize, new, S2Perm::RW);
+    let reaches = (0..super::model::MODEL_CPUS).all(|cpu| {
+        (0..512u64).all(|i| {
+            let ipa = base + i * block + 0x3000;
+            kit.model
+                .guest_access_on(cpu, VMID, ipa, true)
+                .map(|a| a.pa)
+                == Ok(new + (i * block) as usize + 0x3000)
+        })
+    });
+    let checked = kit.check(&(base..base + 4 * MIB as u64)).is_ok()
+        && kit
+            .check(&(base + GIB - 4 * MIB as u64..base + GIB))
+            .is_ok();
+    (kit, reaches && checked)
+}
+
+/// Stage-2 TLBIs of a kit (by IPA, range, whole VMID, combined).
+fn stage2_tlbis(kit: &Kit) -> u64 {
+    [
+        "tlbi_ipas2e1is",
+        "tlbi_ripas2e1is",
+        "tlbi_vmalle1is",
+        "tlbi_vmalls12e1is",
+    ]
+    .iter()
+    .map(|k| kit.mm.total(k))
+    .sum()
+}
+
+/// W4's barrier economy (`-- --nocapture` prints it for docs/lazy-mmu.md):
+/// eager unchanged (a flush per remap), and one section under every policy
+/// at most 4 DSBs and 3 stage-2 TLBIs, with or without FEAT_TLBIRANGE,
+/// correct on the model (every old block cached on both CPUs before).
+#[test]
+fn w4_barrier_counts_per_policy() {
+    std::println!("W4        range dsb_ishst dsb_ish isb  s2_tlbi bbm correct");
+    for range in [true, false] {
+        for policy in [
+            None,
+            Some(NestPolicy::Flatten),
+            Some(NestPolicy::FlushInner),
+            Some(NestPolicy::Naive),
+            Some(NestPolicy::Counted),
+        ] {
+            let (kit, correct) = w4(policy, range);
+            let t = |k: &str| kit.mm.total(k);
+            let name = policy.map_or("eager", NestPolicy::name);
+            std::println!(
+                "{name:<11} {range:<5} {:>7} {:>7} {:>4} {:>7} {:>4} {correct}",
+                t("dsb_ishst"),
+                t("dsb_ish"),
+                t("isb"),
+                stage2_tlbis(&kit),
+                t("bbm"),
+            );
+            assert!(correct, "{name} range={range}");
+            if policy.is_some() {
+                assert!(dsbs(&kit) <= 4, "{name}: {} DSBs", dsbs(&kit));
+                assert!(
+                    stage2_tlbis(&kit) <= 3,
+                    "{name}: {} TLBIs",
+                    stage2_tlbis(&kit)
+                );
+            } else {
+                assert_eq!(
+                    dsbs(&kit),
+                    512 * 4,
+                    "eager: a flush per remap, then the make's DSB"
+                );
+            }
+        }
+    }
+}
+
+/// The rules of deferred break-before-make, on the model (every old block
+/// cached on both CPUs): nothing is paid before the section's end; a remap
+/// whose prepare fails leaves its range untouched and the pending makes
+/// pending; a look-up, a remap, an unmap (split) or a map over a pending
+/// make completes it first; the section's end leaves the reference.
+#[test]
+fn deferred_breaks_complete_before_anything_touches_their_range() {
+    let block = 2 * MIB as u64;
+    let mut kit = Kit::new(64, true, NestPolicy::Flatten);
+    let window = GIB..GIB + 8 * block;
+    kit.s2
+        .map(GIB, 8 * block as usize, 0x8000_0000, ram(S2Perm::RW))
+        .expect("map");
+    kit.ref_map(GIB, 8 * block as usize, 0x8000_0000, S2Perm::RW);
+    kit.touch_all_cpus(&window);
+    kit.mm.reset_counters();
+    kit.mm.enter();
+    for i in 0..2 {
+        kit.s2
+            .remap(
+                GIB + i * block,
+                block as usize,
+                0xa000_0000 + (i * block) as usize,
+                ram(S2Perm::RW),
+            )
+            .expect("remap");
+    }
+    assert_eq!(kit.mm.deferred_makes(), 2);
+    assert_eq!(dsbs(&kit), 0, "nothing paid before the section's end");
+    assert!(kit.model.violations().is_empty());
+    // A remap that needs a table (a split) and cannot have it: refused
+    // before its first break, its block untouched, the makes still pending.
+    kit.pool.fail_after(Some(0));
+    let r = kit
+        .s2
+        .remap(GIB + 2 * block + 0x1000, 4096, 0xc000_0000, ram(S2Perm::RW));
+    kit.pool.fail_after(None);
+    assert_eq!(r, Err(Stage2Error::OutOfTableMemory(PoolError::Injected)));
+    assert_eq!(kit.mm.deferred_makes(), 2);
+    assert_eq!(
+        kit.s2.query(GIB + 2 * block).map(|t| (t.pa, t.level)),
+        Some((0x8040_0000, 2))
+    );
+    // A look-up over a pending make completes it (all of them: one flush).
+    assert_eq!(kit.s2.query(GIB + 0x5000).map(|t| t.pa), Some(0xa000_5000));
+    assert_eq!(kit.mm.deferred_makes(), 0);
+    assert!(kit.model.violations().is_empty());
+    // A remap over a pending make, then a split over it.
+    for pa in [0xb000_0000usize, 0xb020_0000] {
+        kit.s2
+            .remap(GIB, block as usize, pa, ram(S2Perm::RW))
+            .expect("remap");
+        assert_eq!(kit.mm.deferred_makes(), 1);
+    }
+    kit.s2
+        .unmap(GIB + 0x1000, 0x1000)
+        .expect("split over a pending make");
+    assert_eq!(kit.mm.deferred_makes(), 0);
+    // A map over a pending make completes it, then finds the range mapped.
+    kit.s2
+        .remap(
+            GIB + 3 * block,
+            block as usize,
+            0xd000_0000,
+            ram(S2Perm::RW),
+        )
+        .expect("remap");
+    assert_eq!(
+        kit.s2
+            .map(GIB + 3 * block, 4096, 0xe000_0000, ram(S2Perm::RW)),
+        Err(Stage2Error::AlreadyMapped)
+    );
+    assert_eq!(kit.mm.deferred_makes(), 0);
+    // A last one, paid by the section's end.
+    kit.s2
+        .remap(
+            GIB + 4 * block,
+            block as usize,
+            0xd020_0000,
+            ram(S2Perm::RW),
+        )
+        .expect("remap");
+    kit.mm.leave();
+    kit.ref_map(GIB, 2 * block as usize, 0xa000_0000, S2Perm::RW);
+    kit.ref_map(GIB, block as usize, 0xb020_0000, S2Perm::RW);
+    kit.ref_unmap(GIB + 0x1000, 0x1000);
+    kit.ref_map(GIB + 3 * block, block as usize, 0xd000_0000, S2Perm::RW);
+    kit.ref_map(GIB + 4 * block, block as usize, 0xd020_0000, S2Perm::RW);
+    kit.check(&window).expect("after the section");
 }

@@ -43,6 +43,15 @@
 //! (permission changes, unmapping whole entries) only queue their
 //! invalidation in the section's batch.
 //!
+//! Deferred break-before-make: inside a section, a `remap` whose make
+//! rewrites each entry in place (every entry a valid leaf inside the range,
+//! its new output address aligned to its size: no table, nothing to
+//! prepare) only breaks and records its makes with the section
+//! ([`MmCtx::defer_makes`]); the flush writes them after the breaks'
+//! invalidation completed. Any operation or look-up over a range with a
+//! pending make, and `compact`, complete the pending makes first
+//! (docs/lazy-mmu.md).
+//!
 //! # IPA space
 //!
 //! 39-bit IPA space (512 GiB): `VTCR_EL2.T0SZ = 25`, walks start at level 1
@@ -62,7 +71,7 @@ use spin::mutex::SpinMutex;
 
 use super::arch::{MmArch, Vmid};
 use super::counters::{add, inc, sub};
-use super::lazy::{InvalKind, MmCtx};
+use super::lazy::{DeferredMake, InvalKind, MAX_DEFERRED_MAKES, MmCtx};
 use super::pool::{PagePool, PoolError};
 use super::{BLOCK_1G, BLOCK_2M, Ipa, PAGE_SIZE, PhysAddr};
 
@@ -390,6 +399,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         self.mm.debug_assert_not_paused();
         let region = checked_region(ipa, size)?;
         check_pa(pa, size)?;
+        self.complete_deferred(&region);
         let piece = Piece {
             range: region.clone(),
             pa,
@@ -458,6 +468,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         for &(ipa, size, pa) in maps {
             let range = checked_region(ipa, size)?;
             check_pa(pa, size)?;
+            self.complete_deferred(&range);
             pieces.push(Piece {
                 range,
                 pa,
@@ -546,6 +557,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     pub fn merge(&mut self, ipa: Ipa, size: usize) -> Result<usize, Stage2Error> {
         self.mm.debug_assert_not_paused();
         let region = checked_region(ipa, size)?;
+        self.complete_deferred(&region);
         // Whole aligned GiBs first (a 1 GiB block), then the 2 MiB regions
         // outside them.
         let mut candidates: Vec<Piece> = Vec::new();
@@ -599,6 +611,9 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     /// go back to the pool.
     pub fn compact(&mut self) {
         self.mm.debug_assert_not_paused();
+        // A table whose entries are all broken with their makes deferred
+        // looks empty: complete the makes before anything is detached.
+        self.complete_deferred(&(0..IPA_LIMIT as usize));
         self.mapping.compact_subtables();
         let detached = self.reserve_pages().detached.len();
         if detached > 0 {
@@ -616,6 +631,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             return None;
         }
         let page = ipa as usize & !(PAGE_SIZE - 1);
+        self.complete_deferred(&(page..page + PAGE_SIZE));
         let leaf = self.leaves(&(page..page + PAGE_SIZE)).pop()?;
         leaf.valid.then(|| S2Translation {
             pa: leaf.pa + (ipa as usize - leaf.entry.start),
@@ -635,6 +651,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         let Ok(region) = checked_region(ipa, size) else {
             return;
         };
+        self.complete_deferred(&region);
         self.walk_leaves(&region, |l| {
             if !l.valid {
                 return;
@@ -656,6 +673,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     fn change(&mut self, ipa: Ipa, size: usize, change: Change) -> Result<(), Stage2Error> {
         self.mm.debug_assert_not_paused();
         let region = checked_region(ipa, size)?;
+        self.complete_deferred(&region);
         let inside = |l: &Leaf| region.start <= l.entry.start && l.entry.end <= region.end;
         let remap = matches!(change, Change::Remap { .. });
 
@@ -700,6 +718,13 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             Change::Remap { pa, .. } => self.table_windows(&region, |a| pa + (a - region.start)),
             _ => Vec::new(),
         };
+        if let Change::Remap { pa, attrs } = change
+            && straddling.is_empty()
+            && windows.is_empty()
+            && self.defer_remap(&region, pa, attrs)
+        {
+            return Ok(());
+        }
         if remap {
             needed += self.layout_of(&region, &windows, &pieces, inside).tables;
         }
@@ -960,6 +985,111 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             }
         });
         pages
+    }
+
+    /// Completes the deferred makes (of any VMID: they are paid by one
+    /// flush) if one of this stage 2's overlaps `region`: an operation or a
+    /// look-up over a broken range sees it made first.
+    fn complete_deferred(&self, region: &Range<usize>) {
+        if self.mm.make_pending(
+            self.vmid,
+            region.start as u64,
+            (region.end - region.start) as u64,
+        ) {
+            self.mm.flush();
+        }
+    }
+
+    /// Deferred break-before-make of a remap inside a section: when every
+    /// entry of `region` is a valid leaf inside it whose new output address
+    /// is aligned to the entry's size (so the make rewrites each entry in
+    /// place at its level, creating no table: nothing to prepare, nothing
+    /// can fail), breaks every entry (written invalid, its invalidation
+    /// queued) and records each make with the section
+    /// ([`MmCtx::defer_makes`]), which writes them once the flush's
+    /// invalidations have completed. Returns false (nothing done) when the
+    /// remap does not qualify or no section is open: the caller takes the
+    /// path that breaks, flushes and makes at once.
+    fn defer_remap(&mut self, region: &Range<usize>, pa: PhysAddr, attrs: S2Attrs) -> bool {
+        if !self.mm.in_lazy_mode() || self.mm.is_paused() {
+            return false;
+        }
+        let mut entries: Vec<(Range<usize>, usize)> = Vec::new();
+        let mut ok = true;
+        self.walk_leaves(region, |l| {
+            if !ok {
+                return;
+            }
+            let new = pa + (l.entry.start - region.start);
+            ok = l.valid
+                && region.start <= l.entry.start
+                && l.entry.end <= region.end
+                && new.is_multiple_of(granularity(l.level))
+                && entries.len() < MAX_DEFERRED_MAKES;
+            entries.push((l.entry.clone(), l.level));
+        });
+        if !ok {
+            return false;
+        }
+        if self.mm.deferred_makes() + entries.len() > MAX_DEFERRED_MAKES {
+            self.mm.flush();
+        }
+        // Break: each entry written invalid in place (no table detached),
+        // its invalidation queued.
+        for (e, level) in &entries {
+            self.unmap_entries(e, Some(*level));
+        }
+        debug_assert!(self.reserve_pages().detached.is_empty());
+        let flags = attrs.descriptor_flags();
+        let mut blocks = 0;
+        let makes: Vec<DeferredMake> = entries
+            .iter()
+            .map(|(e, level)| {
+                let page = if *level == 3 {
+                    Stage2Attributes::TABLE_OR_PAGE
+                } else {
+                    blocks += 1;
+                    Stage2Attributes::empty()
+                };
+                DeferredMake {
+                    vmid: self.vmid,
+                    ipa: e.start as u64,
+                    size: (e.end - e.start) as u64,
+                    desc: self.desc_addr(e.start, *level),
+                    value: (pa + (e.start - region.start)) as u64 | (flags | page).bits() as u64,
+                }
+            })
+            .collect();
+        let n = makes.len() as u64;
+        // SAFETY: each descriptor is in a live table of this stage 2 (the
+        // break wrote it in place), invalid with its invalidation queued;
+        // every operation overlapping it, `compact` and `Drop` complete the
+        // makes before changing or detaching anything there.
+        unsafe { self.mm.defer_makes(makes) };
+        self.mm.note_writes(n, false);
+        let c = self.mm.counters();
+        // One break-before-make cycle (its invalidation and make shared
+        // with the section's other deferred ones).
+        inc(&c.bbm);
+        add(&c.blocks_mapped, blocks);
+        inc(&c.mappings);
+        self.mm.op_done();
+        true
+    }
+
+    /// The identity-mapped address of the descriptor of the entry at
+    /// `level` covering `ipa` (every level above it a table).
+    fn desc_addr(&self, ipa: usize, level: usize) -> PhysAddr {
+        let index = |l: usize| (ipa >> (12 + 9 * (3 - l))) & 511;
+        let mut table = self.root();
+        for l in ROOT_LEVEL..level {
+            // SAFETY: `table` is a live table of this stage 2 (the root, or
+            // one a table descriptor read here points at), identity-mapped.
+            let d = unsafe { ((table + index(l) * 8) as *const u64).read_volatile() };
+            assert_eq!(d & 3, 3, "no table at level {l} for {ipa:#x}");
+            table = (d & 0x0000_ffff_ffff_f000) as usize;
+        }
+        table + index(level) * 8
     }
 
     /// Completes a break: queues the broken ranges' invalidation and pays
@@ -1613,6 +1743,57 @@ mod tests {
             );
             assert_eq!(f.mm.total("bbm"), 0, "nothing broken");
         }
+    }
+
+    /// A deferred make writes exactly the descriptor the eager remap
+    /// writes (blocks and pages, memory type and permissions), and only at
+    /// the section's end.
+    #[test]
+    fn a_deferred_make_writes_what_the_eager_remap_writes() {
+        let ro_dev = S2Attrs {
+            perm: S2Perm::RO,
+            mem: MemType::Device,
+        };
+        let fwb = S2Attrs {
+            perm: S2Perm::RWX,
+            mem: MemType::NormalForcedWriteBack,
+        };
+        let run = |lazy: bool| {
+            let mut f = setup(64);
+            f.s2.map(0x4000_0000, 4 * MIB, 0x8000_0000, S2Attrs::RAM)
+                .expect("map");
+            f.s2.map(0x4040_0000, 16 << 12, 0x9000_1000, S2Attrs::RAM)
+                .expect("map");
+            if lazy {
+                f.mm.enter();
+            }
+            f.s2.remap(0x4000_0000, 4 * MIB, 0xa000_0000, ro_dev)
+                .expect("remap blocks");
+            f.s2.remap(0x4040_0000, 16 << 12, 0xb000_3000, fwb)
+                .expect("remap pages");
+            let deferred = f.mm.deferred_makes();
+            if lazy {
+                f.mm.leave();
+            }
+            let descs: Vec<u64> = (0..2)
+                .map(|i| (0x4000_0000 + i * 2 * MIB, 2))
+                .chain((0..16).map(|i| (0x4040_0000 + i * 4096, 3)))
+                .map(|(ipa, level)| {
+                    // SAFETY: a live descriptor of the fixture's tables.
+                    unsafe { (f.s2.desc_addr(ipa, level) as *const u64).read_volatile() }
+                })
+                .collect();
+            assert_eq!(
+                level_at(&f.s2, 0x4040_2008),
+                Some((0xb000_5008, 3, fwb)),
+                "lazy={lazy}"
+            );
+            (descs, deferred)
+        };
+        let (eager, none) = run(false);
+        let (lazy, deferred) = run(true);
+        assert_eq!((none, deferred), (0, 18));
+        assert_eq!(eager, lazy);
     }
 
     #[test]

@@ -58,8 +58,8 @@ pub const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "free-before-tlbi",
         file: "src/mm/lazy.rs",
-        find: "        let tlbis = self.issue_tlbis(&owed.batch, counters);\n        if owed.need_isb || tlbis {\n            // This CPU's later instructions (and the return to a guest) see\n            // the completed maintenance and the new entries.\n            self.isb(counters);\n        }\n        if !owed.deferred_free.is_empty() {\n            let hook = *self.free_hook.lock();\n            if let Some(free) = hook {\n                free(&owed.deferred_free);\n            }\n        }",
-        replace: "        if !owed.deferred_free.is_empty() {\n            let hook = *self.free_hook.lock();\n            if let Some(free) = hook {\n                free(&owed.deferred_free);\n            }\n        }\n        let tlbis = self.issue_tlbis(&owed.batch, counters);\n        if owed.need_isb || tlbis {\n            self.isb(counters);\n        }",
+        find: "        let tlbis = self.issue_tlbis(&owed.batch, counters);\n        let made = !owed.makes.is_empty();\n        if made {\n            // Deferred break-before-make: every break's invalidation has\n            // completed (the `DSB ISH` after `VMALLE1IS` above), so the new\n            // entries may now be written; one `DSB ISHST` makes them all\n            // visible, the `ISB` below synchronizes this CPU.\n            debug_assert!(tlbis, \"deferred makes without their breaks' TLBIs\");\n            Self::write_makes(&owed.makes, counters);\n            self.dsb_ishst(counters);\n        }\n        if owed.need_isb || tlbis || made {\n            // This CPU's later instructions (and the return to a guest) see\n            // the completed maintenance and the new entries.\n            self.isb(counters);\n        }\n        if !owed.deferred_free.is_empty() {\n            let hook = *self.free_hook.lock();\n            if let Some(free) = hook {\n                free(&owed.deferred_free);\n            }\n        }",
+        replace: "        if !owed.deferred_free.is_empty() {\n            let hook = *self.free_hook.lock();\n            if let Some(free) = hook {\n                free(&owed.deferred_free);\n            }\n        }\n        let tlbis = self.issue_tlbis(&owed.batch, counters);\n        let made = !owed.makes.is_empty();\n        if made {\n            // Deferred break-before-make: every break's invalidation has\n            // completed (the `DSB ISH` after `VMALLE1IS` above), so the new\n            // entries may now be written; one `DSB ISHST` makes them all\n            // visible, the `ISB` below synchronizes this CPU.\n            debug_assert!(tlbis, \"deferred makes without their breaks' TLBIs\");\n            Self::write_makes(&owed.makes, counters);\n            self.dsb_ishst(counters);\n        }\n        if owed.need_isb || tlbis || made {\n            // This CPU's later instructions (and the return to a guest) see\n            // the completed maintenance and the new entries.\n            self.isb(counters);\n        }",
         what: "flush() frees detached tables before issuing the TLBIs that hide them",
         expect: Expect::Killed,
     },
@@ -135,6 +135,14 @@ pub const MUTANTS: &[Mutant] = &[
         find: "            self.mm.note_writes(windows.len() as u64, false);\n            self.complete_break();",
         replace: "            self.mm.note_writes(windows.len() as u64, false);\n            self.hand_over_detached();",
         what: "map over an empty table makes the block before the table's invalidation completed",
+        expect: Expect::Killed,
+    },
+    Mutant {
+        name: "deferred-make-before-break-flush",
+        file: "src/mm/lazy.rs",
+        find: "        cpu.owed.makes.extend(makes);",
+        replace: "        let makes: Vec<DeferredMake> = makes.into_iter().collect();\n        Self::write_makes(&makes, self.counters());\n        cpu.owed.makes.extend(makes);",
+        what: "a deferred make is written as it is recorded, before the flush that completes its break's invalidation",
         expect: Expect::Killed,
     },
     Mutant {
