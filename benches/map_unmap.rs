@@ -14,20 +14,21 @@
 //! criterion, a plain timing loop (median of 5 cycles per variant) prints the
 //! `RATIO ...` line that `cargo xtask bench` parses.
 
-use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::hint::black_box;
-use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
 use aarch64_paging::Mapping;
 use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes};
-use aarch64_paging::paging::{self, Constraints, MemoryRegion, PageTable, Translation};
+use aarch64_paging::paging::{self, Constraints, MemoryRegion};
 use criterion::Criterion;
 use lazyhyp::mm::arch::{NoopArch, Vmid};
 use lazyhyp::mm::lazy::MmCtx;
 use lazyhyp::mm::pool::PagePool;
 use lazyhyp::mm::stage2::{S2Attrs, Stage2};
 use lazyhyp::mm::{PAGE_SIZE, PhysAddr};
+
+mod common;
+use common::{FreeListTables, RAM_FLAGS, host_region, leak};
 
 const GIB: usize = 1 << 30;
 /// The IPA mapped: 1 GiB (one whole level-1 entry).
@@ -40,29 +41,6 @@ const TABLES: usize = 513;
 const POOL_PAGES: usize = 600;
 /// Timed cycles per variant for the `RATIO` line.
 const RUNS: usize = 5;
-
-/// `S2Attrs::RAM` as aarch64-paging flags: normal memory, inner and outer
-/// write-back, inner shareable, read-write, access flag (executable).
-const RAM_FLAGS: Stage2Attributes = Stage2Attributes::VALID
-    .union(Stage2Attributes::ACCESS_FLAG)
-    .union(Stage2Attributes::MEMATTR_NORMAL_INNER_WB)
-    .union(Stage2Attributes::MEMATTR_NORMAL_OUTER_WB)
-    .union(Stage2Attributes::SH_INNER)
-    .union(Stage2Attributes::S2AP_ACCESS_RW);
-
-/// Leaks `x`, for the `'static` borrows the manager's fixtures need.
-fn leak<T>(x: T) -> &'static T {
-    Box::leak(Box::new(x))
-}
-
-/// `pages` pages of zeroed, page-aligned host memory, leaked.
-fn host_region(pages: usize) -> std::ops::Range<usize> {
-    let layout = Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).expect("layout");
-    // SAFETY: the layout has a non-zero size.
-    let base = unsafe { alloc_zeroed(layout) } as usize;
-    assert_ne!(base, 0, "host allocation failed");
-    base..base + pages * PAGE_SIZE
-}
 
 /// The raw leaf descriptor translating `ipa` in level-1-rooted tables at
 /// `root` (identity-mapped host memory), if the walk reaches level 3.
@@ -122,48 +100,6 @@ impl Ours {
         self.mm.enter();
         self.map_unmap();
         self.mm.leave();
-    }
-}
-
-/// Table pages for aarch64-paging: a free list over the global allocator.
-/// Pages are zeroed as they are handed out (as the pool does).
-struct FreeListTables {
-    free: Vec<NonNull<PageTable<Stage2Attributes>>>,
-}
-
-impl Translation<Stage2Attributes> for FreeListTables {
-    fn allocate_table(&mut self) -> (NonNull<PageTable<Stage2Attributes>>, PhysicalAddress) {
-        let table = if let Some(table) = self.free.pop() {
-            // SAFETY: a page from `PageTable::new` that aarch64-paging gave
-            // back and no table refers to any more; all zeroes is an empty
-            // table.
-            unsafe { std::ptr::write_bytes(table.as_ptr(), 0, 1) };
-            table
-        } else {
-            PageTable::new()
-        };
-        // Identity: the host address stands in for the physical one.
-        (table, PhysicalAddress(table.as_ptr() as usize))
-    }
-
-    unsafe fn deallocate_table(&mut self, page_table: NonNull<PageTable<Stage2Attributes>>) {
-        self.free.push(page_table);
-    }
-
-    fn physical_to_virtual(&self, pa: PhysicalAddress) -> NonNull<PageTable<Stage2Attributes>> {
-        NonNull::new(pa.0 as *mut PageTable<Stage2Attributes>).expect("table at address 0")
-    }
-}
-
-impl Drop for FreeListTables {
-    fn drop(&mut self) {
-        let layout = Layout::new::<PageTable<Stage2Attributes>>();
-        for table in self.free.drain(..) {
-            // SAFETY: every page on the list came from `PageTable::new`
-            // (the global allocator, `PageTable`'s layout) and is no longer
-            // part of any table.
-            unsafe { dealloc(table.as_ptr().cast(), layout) };
-        }
     }
 }
 

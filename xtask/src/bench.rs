@@ -325,6 +325,96 @@ pub fn host_ratio() -> Result<String> {
         .context("the criterion benchmark printed no RATIO line")
 }
 
+/// One phase of the guest-memory host benchmark (`benches/guest_memory.rs`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GuestMemPhase {
+    /// `fault_around_1g`, `fault_4k_64m`, `unmap_every_other_64m`, ...
+    pub phase: String,
+    /// Operations timed (faults, batch ops, blocks merged).
+    pub ops: u64,
+    /// Manager time per operation, ns.
+    pub ns_per_op: f64,
+    /// The same operations with raw aarch64-paging, ns (`None`: no
+    /// counterpart).
+    pub aarch64_paging_ns_per_op: Option<f64>,
+    /// `ns_per_op` over the raw time (`None`: no counterpart).
+    pub ratio: Option<f64>,
+}
+
+/// Parses the `GUESTMEM phase=.. ops=.. ns_per_op=.. aarch64_paging_ns_per_op=..
+/// ratio_vs_aarch64_paging=..` lines (`na` for no counterpart); lines
+/// without a phase, ops or a manager time are skipped.
+#[must_use]
+pub fn parse_guestmem_lines(output: &str) -> Vec<GuestMemPhase> {
+    let mut phases = Vec::new();
+    for line in output.lines() {
+        let Some(rest) = line.strip_prefix("GUESTMEM ") else {
+            continue;
+        };
+        let mut p = GuestMemPhase::default();
+        let (mut ops, mut ns) = (None, None);
+        for (k, v) in rest.split_whitespace().filter_map(|kv| kv.split_once('=')) {
+            match k {
+                "phase" => v.clone_into(&mut p.phase),
+                "ops" => ops = v.parse().ok(),
+                "ns_per_op" => ns = v.parse().ok(),
+                "aarch64_paging_ns_per_op" => p.aarch64_paging_ns_per_op = v.parse().ok(),
+                "ratio_vs_aarch64_paging" => p.ratio = v.parse().ok(),
+                _ => {}
+            }
+        }
+        if let (false, Some(ops), Some(ns)) = (p.phase.is_empty(), ops, ns) {
+            p.ops = ops;
+            p.ns_per_op = ns;
+            phases.push(p);
+        }
+    }
+    phases
+}
+
+/// Runs the guest-memory host benchmark and returns its `GUESTMEM` lines,
+/// parsed.
+///
+/// # Errors
+///
+/// If it cannot be run or prints no `GUESTMEM` line.
+pub fn host_guest_memory() -> Result<Vec<GuestMemPhase>> {
+    let mut cmd = cargo_command();
+    cmd.args(["bench", "-p", "lazyhyp", "--bench", "guest_memory"]);
+    let out = run_with_timeout(cmd, Some(Duration::from_mins(10)), true)?;
+    if out.timed_out || !out.status.success() {
+        bail!("the guest-memory benchmark failed:\n{}", out.output);
+    }
+    let phases = parse_guestmem_lines(&out.output);
+    if phases.is_empty() {
+        bail!("the guest-memory benchmark printed no GUESTMEM line");
+    }
+    Ok(phases)
+}
+
+/// The guest-memory phases as a table.
+#[must_use]
+pub fn guestmem_table(phases: &[GuestMemPhase]) -> String {
+    let mut t = format!(
+        "{:<24} {:>7} {:>10} {:>16} {:>7}\n",
+        "phase", "ops", "ns/op", "aarch64-paging", "ratio"
+    );
+    let na =
+        |x: Option<f64>, prec: usize| x.map_or_else(|| "-".to_owned(), |x| format!("{x:.prec$}"));
+    for p in phases {
+        let _ = writeln!(
+            t,
+            "{:<24} {:>7} {:>10.1} {:>16} {:>7}",
+            p.phase,
+            p.ops,
+            p.ns_per_op,
+            na(p.aarch64_paging_ns_per_op, 1),
+            na(p.ratio, 2)
+        );
+    }
+    t
+}
+
 /// Merges model verdicts into the QEMU records.
 pub fn merge(records: &mut [BenchRecord], verdicts: &BTreeMap<(String, String), bool>) {
     for r in records {
@@ -502,6 +592,37 @@ pub fn unmap_table(rows: &[UnmapBench]) -> String {
         );
     }
     t
+}
+
+#[cfg(test)]
+mod guestmem_tests {
+    use super::*;
+
+    #[test]
+    fn guestmem_lines_parse() {
+        let out = "   Compiling lazyhyp\n\
+            GUESTMEM phase=fault_around_1g ops=512 ns_per_op=654.6 aarch64_paging_ns_per_op=13.3 ratio_vs_aarch64_paging=49.16\n\
+            noise GUESTMEM phase=ignored ops=1 ns_per_op=1\n\
+            GUESTMEM phase=broken ops=x ns_per_op=1\n\
+            GUESTMEM phase=merge_64m ops=32 ns_per_op=1452.1 aarch64_paging_ns_per_op=na ratio_vs_aarch64_paging=na\n";
+        let p = parse_guestmem_lines(out);
+        assert_eq!(p.len(), 2);
+        assert_eq!(
+            p[0],
+            GuestMemPhase {
+                phase: "fault_around_1g".to_owned(),
+                ops: 512,
+                ns_per_op: 654.6,
+                aarch64_paging_ns_per_op: Some(13.3),
+                ratio: Some(49.16),
+            }
+        );
+        assert_eq!((p[1].phase.as_str(), p[1].ops), ("merge_64m", 32));
+        assert_eq!((p[1].aarch64_paging_ns_per_op, p[1].ratio), (None, None));
+        let t = guestmem_table(&p);
+        assert!(t.contains("fault_around_1g"), "{t}");
+        assert!(t.contains("49.16") && t.contains("1452.1"), "{t}");
+    }
 }
 
 #[cfg(test)]

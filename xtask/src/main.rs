@@ -281,6 +281,10 @@ fn bench(json: Option<&std::path::Path>, no_host: bool) -> Result<bool> {
     if !no_host {
         println!("xtask bench: host benchmark (criterion), manager vs raw aarch64-paging");
         println!("{}", bench::host_ratio()?);
+        println!(
+            "xtask bench: host guest-memory benchmark (fault storms, give-back, merge), ns per op"
+        );
+        print!("{}", bench::guestmem_table(&bench::host_guest_memory()?));
     }
     // Only what must hold fails the command; the numbers are reported.
     let missing: Vec<_> = records

@@ -1,0 +1,75 @@
+//! What both host benchmarks share: the leak helper for the manager's
+//! `'static` fixtures, host memory for its pool, and aarch64-paging's table
+//! allocator and RAM flags for the raw comparison.
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::ptr::NonNull;
+
+use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes};
+use aarch64_paging::paging::{PageTable, Translation};
+use lazyhyp::mm::PAGE_SIZE;
+
+/// `S2Attrs::RAM` as aarch64-paging flags: normal memory, inner and outer
+/// write-back, inner shareable, read-write, access flag (executable).
+pub const RAM_FLAGS: Stage2Attributes = Stage2Attributes::VALID
+    .union(Stage2Attributes::ACCESS_FLAG)
+    .union(Stage2Attributes::MEMATTR_NORMAL_INNER_WB)
+    .union(Stage2Attributes::MEMATTR_NORMAL_OUTER_WB)
+    .union(Stage2Attributes::SH_INNER)
+    .union(Stage2Attributes::S2AP_ACCESS_RW);
+
+/// Leaks `x`, for the `'static` borrows the manager's fixtures need.
+pub fn leak<T>(x: T) -> &'static T {
+    Box::leak(Box::new(x))
+}
+
+/// `pages` pages of zeroed, page-aligned host memory, leaked.
+pub fn host_region(pages: usize) -> std::ops::Range<usize> {
+    let layout = Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).expect("layout");
+    // SAFETY: the layout has a non-zero size.
+    let base = unsafe { alloc_zeroed(layout) } as usize;
+    assert_ne!(base, 0, "host allocation failed");
+    base..base + pages * PAGE_SIZE
+}
+
+/// Table pages for aarch64-paging: a free list over the global allocator.
+/// Pages are zeroed as they are handed out (as the pool does).
+pub struct FreeListTables {
+    pub free: Vec<NonNull<PageTable<Stage2Attributes>>>,
+}
+
+impl Translation<Stage2Attributes> for FreeListTables {
+    fn allocate_table(&mut self) -> (NonNull<PageTable<Stage2Attributes>>, PhysicalAddress) {
+        let table = if let Some(table) = self.free.pop() {
+            // SAFETY: a page from `PageTable::new` that aarch64-paging gave
+            // back and no table refers to any more; all zeroes is an empty
+            // table.
+            unsafe { std::ptr::write_bytes(table.as_ptr(), 0, 1) };
+            table
+        } else {
+            PageTable::new()
+        };
+        // Identity: the host address stands in for the physical one.
+        (table, PhysicalAddress(table.as_ptr() as usize))
+    }
+
+    unsafe fn deallocate_table(&mut self, page_table: NonNull<PageTable<Stage2Attributes>>) {
+        self.free.push(page_table);
+    }
+
+    fn physical_to_virtual(&self, pa: PhysicalAddress) -> NonNull<PageTable<Stage2Attributes>> {
+        NonNull::new(pa.0 as *mut PageTable<Stage2Attributes>).expect("table at address 0")
+    }
+}
+
+impl Drop for FreeListTables {
+    fn drop(&mut self) {
+        let layout = Layout::new::<PageTable<Stage2Attributes>>();
+        for table in self.free.drain(..) {
+            // SAFETY: every page on the list came from `PageTable::new`
+            // (the global allocator, `PageTable`'s layout) and is no longer
+            // part of any table.
+            unsafe { dealloc(table.as_ptr().cast(), layout) };
+        }
+    }
+}
