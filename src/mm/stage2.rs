@@ -272,6 +272,19 @@ impl Translation<Stage2Attributes> for TableReserve {
     }
 }
 
+/// The pages of a window in one level-3 table ([`Stage2::scan_pages`]).
+#[derive(Clone, Debug)]
+struct PageScan {
+    /// The table's (identity-mapped) address.
+    table: usize,
+    /// Valid entries.
+    valid: usize,
+    /// Runs of consecutive valid entries.
+    runs: usize,
+    /// From the first valid entry to the end of the last one.
+    span: Range<usize>,
+}
+
 /// A leaf entry (or an invalid entry that is not a table) met by a walk.
 #[derive(Clone, Debug)]
 struct Leaf {
@@ -916,6 +929,27 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         let mut start = region.start;
         while start < region.end {
             let end = ((start & !(BLOCK_2M - 1)) + BLOCK_2M).min(region.end);
+            if let Some(scan) = self.scan_pages(&(start..end)) {
+                // A window in one level-3 table: what the walk below would
+                // find (runs of pages), from one pass over the descriptors.
+                pages += scan.valid;
+                writes += scan.valid;
+                match scan.runs {
+                    0 => {}
+                    1 => self.unmap_entries(&scan.span, Some(3)),
+                    _ => {
+                        self.clear_pages_in(scan.table, &(start..end));
+                        self.mm.queue_stage2_invalidation(
+                            self.vmid,
+                            scan.span.start as u64,
+                            (scan.span.end - scan.span.start) as u64,
+                            InvalKind::Leaf(3),
+                        );
+                    }
+                }
+                start = end;
+                continue;
+            }
             // Runs of valid entries of one level, and their entry counts.
             runs.clear();
             self.walk_leaves(&(start..end), |l| {
@@ -1090,6 +1124,75 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             table = (d & 0x0000_ffff_ffff_f000) as usize;
         }
         table + index(level) * 8
+    }
+
+    /// The pages of `window` (inside one 2 MiB-aligned region), if that
+    /// region's level-2 entry is a table: its descriptors read directly
+    /// (identity-mapped, as in `desc_addr`) in one pass, rather than a walk
+    /// that builds a [`Leaf`] per entry. `None` if it is not a table.
+    fn scan_pages(&self, window: &Range<usize>) -> Option<PageScan> {
+        debug_assert!(window.start >> 21 == (window.end - 1) >> 21);
+        let index = |ipa: usize, l: usize| (ipa >> (12 + 9 * (3 - l))) & 511;
+        let mut table = self.root();
+        for l in ROOT_LEVEL..3 {
+            // SAFETY: `table` is a live table of this stage 2 (the root, or
+            // one a table descriptor read here points at), identity-mapped.
+            let d = unsafe { ((table + index(window.start, l) * 8) as *const u64).read_volatile() };
+            if d & 3 != 3 {
+                return None;
+            }
+            table = (d & 0x0000_ffff_ffff_f000) as usize;
+        }
+        let mut scan = PageScan {
+            table,
+            valid: 0,
+            runs: 0,
+            span: 0..0,
+        };
+        let mut in_run = false;
+        for ipa in window.clone().step_by(PAGE_SIZE) {
+            // SAFETY: `table` is a live level-3 table of this stage 2 (a
+            // level-2 table descriptor points at it), identity-mapped, of
+            // 512 descriptors; the index is below 512.
+            let d = unsafe { ((table + index(ipa, 3) * 8) as *const u64).read_volatile() };
+            // Valid as `Descriptor::is_valid` (and the walk) sees it.
+            let valid = d & 1 != 0;
+            if valid {
+                scan.valid += 1;
+                if !in_run {
+                    scan.runs += 1;
+                    if scan.runs == 1 {
+                        scan.span.start = ipa;
+                    }
+                }
+                scan.span.end = ipa + PAGE_SIZE;
+            }
+            in_run = valid;
+        }
+        Some(scan)
+    }
+
+    /// Writes every valid page of `window` in the level-3 `table` invalid
+    /// (all zeroes, as `clear_pages` writes), directly; the caller queues
+    /// the invalidation.
+    #[expect(
+        clippy::unused_self,
+        reason = "`&mut self`: the exclusive borrow of the tables the writes rely on"
+    )]
+    fn clear_pages_in(&mut self, table: usize, window: &Range<usize>) {
+        for ipa in window.clone().step_by(PAGE_SIZE) {
+            let desc = (table + ((ipa >> 12) & 511) * 8) as *mut u64;
+            // SAFETY: `table` is a live level-3 table of this stage 2
+            // (`scan_pages` found it under `window`, and nothing changed the
+            // tables since), identity-mapped, of 512 descriptors; `&mut
+            // self` excludes every other writer, and an aligned 64-bit store
+            // is single-copy atomic for the table walkers.
+            unsafe {
+                if desc.read_volatile() & 1 != 0 {
+                    desc.write_volatile(0);
+                }
+            }
+        }
     }
 
     /// Completes a break: queues the broken ranges' invalidation and pays
