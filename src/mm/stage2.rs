@@ -1149,12 +1149,17 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             runs: 0,
             span: 0..0,
         };
+        // Indices in the table, so the loop is one load and a few ALU
+        // operations per entry.
+        let base = window.start & !(BLOCK_2M - 1);
+        let (first, end) = (index(window.start, 3), index(window.end - 1, 3) + 1);
         let mut in_run = false;
-        for ipa in window.clone().step_by(PAGE_SIZE) {
+        let mut span = 0..0;
+        for i in first..end {
             // SAFETY: `table` is a live level-3 table of this stage 2 (a
             // level-2 table descriptor points at it), identity-mapped, of
-            // 512 descriptors; the index is below 512.
-            let d = unsafe { ((table + index(ipa, 3) * 8) as *const u64).read_volatile() };
+            // 512 descriptors; `i` is below 512.
+            let d = unsafe { ((table + i * 8) as *const u64).read_volatile() };
             // Valid as `Descriptor::is_valid` (and the walk) sees it.
             let valid = d & 1 != 0;
             if valid {
@@ -1162,13 +1167,14 @@ impl<'m, A: MmArch> Stage2<'m, A> {
                 if !in_run {
                     scan.runs += 1;
                     if scan.runs == 1 {
-                        scan.span.start = ipa;
+                        span.start = i;
                     }
                 }
-                scan.span.end = ipa + PAGE_SIZE;
+                span.end = i + 1;
             }
             in_run = valid;
         }
+        scan.span = base + span.start * PAGE_SIZE..base + span.end * PAGE_SIZE;
         Some(scan)
     }
 
