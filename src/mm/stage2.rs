@@ -1154,7 +1154,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         let base = window.start & !(BLOCK_2M - 1);
         let (first, end) = (index(window.start, 3), index(window.end - 1, 3) + 1);
         let mut in_run = false;
-        let mut span = 0..0;
+        let mut runs_at = 0..0;
         for i in first..end {
             // SAFETY: `table` is a live level-3 table of this stage 2 (a
             // level-2 table descriptor points at it), identity-mapped, of
@@ -1167,14 +1167,14 @@ impl<'m, A: MmArch> Stage2<'m, A> {
                 if !in_run {
                     scan.runs += 1;
                     if scan.runs == 1 {
-                        span.start = i;
+                        runs_at.start = i;
                     }
                 }
-                span.end = i + 1;
+                runs_at.end = i + 1;
             }
             in_run = valid;
         }
-        scan.span = base + span.start * PAGE_SIZE..base + span.end * PAGE_SIZE;
+        scan.span = base + runs_at.start * PAGE_SIZE..base + runs_at.end * PAGE_SIZE;
         Some(scan)
     }
 
@@ -1186,13 +1186,15 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         reason = "`&mut self`: the exclusive borrow of the tables the writes rely on"
     )]
     fn clear_pages_in(&mut self, table: usize, window: &Range<usize>) {
-        for ipa in window.clone().step_by(PAGE_SIZE) {
-            let desc = (table + ((ipa >> 12) & 511) * 8) as *mut u64;
+        let index = |ipa: usize| (ipa >> 12) & 511;
+        for i in index(window.start)..=index(window.end - 1) {
+            let desc = (table + i * 8) as *mut u64;
             // SAFETY: `table` is a live level-3 table of this stage 2
             // (`scan_pages` found it under `window`, and nothing changed the
-            // tables since), identity-mapped, of 512 descriptors; `&mut
-            // self` excludes every other writer, and an aligned 64-bit store
-            // is single-copy atomic for the table walkers.
+            // tables since), identity-mapped, of 512 descriptors (`i` is
+            // below 512); `&mut self` excludes every other writer, and an
+            // aligned 64-bit store is single-copy atomic for the table
+            // walkers.
             unsafe {
                 if desc.read_volatile() & 1 != 0 {
                     desc.write_volatile(0);
