@@ -35,14 +35,11 @@ use aarch64_paging::Mapping;
 use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes};
 use aarch64_paging::paging::{self, Constraints, MemoryRegion};
 use lazyhyp::guest_mm::{FaultAction, GuestMemory, GuestRam, MAX_BATCH_OPS, MmOp, kind};
-use lazyhyp::mm::arch::{NoopArch, Vmid};
-use lazyhyp::mm::lazy::MmCtx;
-use lazyhyp::mm::pool::PagePool;
-use lazyhyp::mm::stage2::{MemType, Stage2};
+use lazyhyp::mm::stage2::MemType;
 use lazyhyp::mm::{BLOCK_2M, PAGE_SIZE, PhysAddr};
 
 mod common;
-use common::{FreeListTables, RAM_FLAGS, host_region, leak};
+use common::{FreeListTables, Ours, RAM_FLAGS};
 
 const GIB: usize = 1 << 30;
 const MIB: usize = 1 << 20;
@@ -67,31 +64,12 @@ fn guest_ram() -> GuestRam {
     }
 }
 
-/// The manager's side: context, pool, one guest's tables.
-struct Ours {
-    mm: &'static MmCtx<NoopArch>,
-    pool: &'static PagePool<'static, NoopArch>,
-    s2: Stage2<'static, NoopArch>,
-}
-
 /// Times of one give-back cycle: unmap, repopulate, merge.
 type Fragment = [Duration; 3];
 
 impl Ours {
     fn new() -> Self {
-        let mm = leak(MmCtx::new(NoopArch));
-        // SAFETY: fresh, leaked, page-aligned host memory that only this
-        // pool uses; on the host it is "mapped" read-write at its address.
-        let pool = leak(unsafe { PagePool::new(host_region(POOL_PAGES), mm, None) });
-        mm.set_free_hook(leak(move |pages: &[PhysAddr]| {
-            for &pa in pages {
-                // SAFETY: the mm core hands over only detached tables whose
-                // TLB maintenance has completed.
-                unsafe { pool.free(pa) };
-            }
-        }));
-        let s2 = Stage2::new(Vmid(1), mm, pool).expect("root table");
-        Self { mm, pool, s2 }
+        Self::with_pool(POOL_PAGES)
     }
 
     /// One fault in every `window` of the first `span` bytes of guest RAM,

@@ -21,14 +21,11 @@ use aarch64_paging::Mapping;
 use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes};
 use aarch64_paging::paging::{self, Constraints, MemoryRegion};
 use criterion::Criterion;
-use lazyhyp::mm::arch::{NoopArch, Vmid};
-use lazyhyp::mm::lazy::MmCtx;
-use lazyhyp::mm::pool::PagePool;
-use lazyhyp::mm::stage2::{S2Attrs, Stage2};
+use lazyhyp::mm::stage2::S2Attrs;
 use lazyhyp::mm::{PAGE_SIZE, PhysAddr};
 
 mod common;
-use common::{FreeListTables, RAM_FLAGS, host_region, leak};
+use common::{FreeListTables, Ours, RAM_FLAGS};
 
 const GIB: usize = 1 << 30;
 /// The IPA mapped: 1 GiB (one whole level-1 entry).
@@ -63,28 +60,9 @@ fn leaf_descriptor(root: usize, ipa: u64) -> Option<u64> {
     None
 }
 
-/// The manager's side: context, pool, one guest's tables.
-struct Ours {
-    mm: &'static MmCtx<NoopArch>,
-    pool: &'static PagePool<'static, NoopArch>,
-    s2: Stage2<'static, NoopArch>,
-}
-
 impl Ours {
     fn new() -> Self {
-        let mm = leak(MmCtx::new(NoopArch));
-        // SAFETY: fresh, leaked, page-aligned host memory that only this
-        // pool uses; on the host it is "mapped" read-write at its address.
-        let pool = leak(unsafe { PagePool::new(host_region(POOL_PAGES), mm, None) });
-        mm.set_free_hook(leak(move |pages: &[PhysAddr]| {
-            for &pa in pages {
-                // SAFETY: the mm core hands over only detached tables whose
-                // TLB maintenance has completed.
-                unsafe { pool.free(pa) };
-            }
-        }));
-        let s2 = Stage2::new(Vmid(1), mm, pool).expect("root table");
-        Self { mm, pool, s2 }
+        Self::with_pool(POOL_PAGES)
     }
 
     /// One map and one unmap of the whole GiB, eager.

@@ -62,6 +62,14 @@ fn report(outcome: &RunOutcome) -> String {
     )
 }
 
+/// One `LAZYHYP-STATS` counter of the run, as a number.
+fn stat(outcome: &RunOutcome, report: &str, key: &str) -> u64 {
+    outcome
+        .stat(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("LAZYHYP-STATS lacks a number for {key}\n{report}"))
+}
+
 /// Each named guest test printed its `ok` line.
 fn assert_guest_tests_passed(outcome: &RunOutcome, report: &str, tests: &[&str]) {
     for test in tests {
@@ -140,12 +148,7 @@ fn lazy_sections_with_guard_mode_take_effect_in_qemu() {
             "malformed_batches_are_refused",
         ],
     );
-    let stat = |key: &str| -> u64 {
-        outcome
-            .stat(key)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("LAZYHYP-STATS lacks a number for {key}\n{report}"))
-    };
+    let stat = |key: &str| stat(&outcome, &report, key);
     assert!(stat("sections") >= 6, "{report}");
     assert!(
         stat("bbm") >= 3,
@@ -323,12 +326,7 @@ fn hostile_guest_suite_is_contained() {
             "hostile_alternating_give_back_then_one_big_unmap",
         ],
     );
-    let stat = |key: &str| -> u64 {
-        outcome
-            .stat(key)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("LAZYHYP-STATS lacks {key}\n{report}"))
-    };
+    let stat = |key: &str| stat(&outcome, &report, key);
     // At least RDVL (CPTR_EL2.TZ), SMSTART (TSM), PMCR_EL0 read and write
     // and PMCCNTR_EL0 (MDCR_EL2.TPM), and the ID register write (TID3) are
     // injected by EL2; the rest of the suite's UNDEFINED cases may be
@@ -348,12 +346,6 @@ fn hostile_guest_suite_is_contained() {
 /// The whole guest suite passes either way.
 #[test]
 fn coherency_by_forced_write_back_and_by_maintenance() {
-    let stat = |outcome: &RunOutcome, report: &str, key: &str| -> u64 {
-        outcome
-            .stat(key)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("LAZYHYP-STATS lacks {key}\n{report}"))
-    };
     let fwb = boot(&[]);
     let fwb_report = report(&fwb);
     assert_eq!(fwb.verdict(), Verdict::Pass, "{fwb_report}");

@@ -7,7 +7,11 @@ use std::ptr::NonNull;
 
 use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes};
 use aarch64_paging::paging::{PageTable, Translation};
-use lazyhyp::mm::PAGE_SIZE;
+use lazyhyp::mm::arch::{NoopArch, Vmid};
+use lazyhyp::mm::lazy::MmCtx;
+use lazyhyp::mm::pool::PagePool;
+use lazyhyp::mm::stage2::Stage2;
+use lazyhyp::mm::{PAGE_SIZE, PhysAddr};
 
 /// `S2Attrs::RAM` as aarch64-paging flags: normal memory, inner and outer
 /// write-back, inner shareable, read-write, access flag (executable).
@@ -30,6 +34,33 @@ pub fn host_region(pages: usize) -> std::ops::Range<usize> {
     let base = unsafe { alloc_zeroed(layout) } as usize;
     assert_ne!(base, 0, "host allocation failed");
     base..base + pages * PAGE_SIZE
+}
+
+/// The manager's side: context, pool, one guest's tables.
+pub struct Ours {
+    pub mm: &'static MmCtx<NoopArch>,
+    pub pool: &'static PagePool<'static, NoopArch>,
+    pub s2: Stage2<'static, NoopArch>,
+}
+
+impl Ours {
+    /// A context without hardware, a pool of `pool_pages` pages whose frees
+    /// go back to it, and the tables of VMID 1.
+    pub fn with_pool(pool_pages: usize) -> Self {
+        let mm = leak(MmCtx::new(NoopArch));
+        // SAFETY: fresh, leaked, page-aligned host memory that only this
+        // pool uses; on the host it is "mapped" read-write at its address.
+        let pool = leak(unsafe { PagePool::new(host_region(pool_pages), mm, None) });
+        mm.set_free_hook(leak(move |pages: &[PhysAddr]| {
+            for &pa in pages {
+                // SAFETY: the mm core hands over only detached tables whose
+                // TLB maintenance has completed.
+                unsafe { pool.free(pa) };
+            }
+        }));
+        let s2 = Stage2::new(Vmid(1), mm, pool).expect("root table");
+        Self { mm, pool, s2 }
+    }
 }
 
 /// Table pages for aarch64-paging: a free list over the global allocator.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Artifacts, RunOptions, cargo_command, run, run_with_timeout};
+use crate::{Artifacts, RunOptions, RunOutcome, cargo_command, run, run_with_timeout};
 
 /// One run of one workload in one mode.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -239,31 +239,45 @@ pub fn table(records: &[BenchRecord]) -> String {
     out
 }
 
+/// Boots the test guest quietly (`log=warn`) with `bootargs` within
+/// `timeout`, and requires a passing verdict (`what` names the boot in the
+/// error).
+fn bench_boot(
+    artifacts: &Artifacts,
+    what: &str,
+    timeout: Duration,
+    mut bootargs: Vec<String>,
+) -> Result<RunOutcome> {
+    bootargs.push("log=warn".to_owned());
+    let opts = RunOptions {
+        timeout,
+        bootargs,
+        echo: false,
+        ..RunOptions::default()
+    };
+    let outcome = run(artifacts, &opts)?;
+    if !outcome.verdict().is_pass() {
+        bail!("{what} failed: {}\n{}", outcome.verdict(), outcome.output);
+    }
+    Ok(outcome)
+}
+
 /// Boots the bench sequence in QEMU and returns its records.
 ///
 /// # Errors
 ///
 /// If QEMU cannot run, the run fails, or it reports no record.
 pub fn qemu_records(artifacts: &Artifacts, fwb: bool) -> Result<Vec<BenchRecord>> {
-    let opts = RunOptions {
-        timeout: Duration::from_mins(10),
-        bootargs: vec![
+    let outcome = bench_boot(
+        artifacts,
+        "the bench boot",
+        Duration::from_mins(10),
+        vec![
             "guest.bench=1".to_owned(),
             "mm.guard=1".to_owned(),
             format!("mm.fwb={}", u8::from(fwb)),
-            "log=warn".to_owned(),
         ],
-        echo: false,
-        ..RunOptions::default()
-    };
-    let outcome = run(artifacts, &opts)?;
-    if !outcome.verdict().is_pass() {
-        bail!(
-            "the bench boot failed: {}\n{}",
-            outcome.verdict(),
-            outcome.output
-        );
-    }
+    )?;
     // Only this run's markers (the guest's output cannot add records).
     let mut lines = String::new();
     for (_, rest) in outcome.markers.iter().filter(|(kind, _)| kind == "BENCH") {
@@ -545,24 +559,15 @@ pub fn parse_unmap_bench(output: &str, ram_mib: u64) -> Option<UnmapBench> {
 /// # Errors
 /// If QEMU cannot run, the run fails, or it prints no result.
 pub fn unmap_bench(artifacts: &Artifacts, ram_mib: u64, size_mib: u64) -> Result<UnmapBench> {
-    let opts = RunOptions {
-        timeout: Duration::from_mins(15),
-        bootargs: vec![
+    let outcome = bench_boot(
+        artifacts,
+        "the unmap bench boot",
+        Duration::from_mins(15),
+        vec![
             format!("guest.ram_mib={ram_mib}"),
             format!("guest.unmap_bench_mib={size_mib}"),
-            "log=warn".to_owned(),
         ],
-        echo: false,
-        ..RunOptions::default()
-    };
-    let outcome = run(artifacts, &opts)?;
-    if !outcome.verdict().is_pass() {
-        bail!(
-            "the unmap bench boot failed: {}\n{}",
-            outcome.verdict(),
-            outcome.output
-        );
-    }
+    )?;
     parse_unmap_bench(&outcome.output, ram_mib)
         .with_context(|| format!("no unmap-bench line\n{}", outcome.output))
 }
