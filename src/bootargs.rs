@@ -68,6 +68,9 @@ pub struct BootArgs {
     /// benchmark (page-map this much guest RAM from IPA 0x4400_0000, give
     /// back every other page, unmap it in one call) and reports it (0: no).
     pub unmap_bench_mib: usize,
+    /// `guest.vcpus=<1..=8>`: the guest's vCPUs, vCPU i pinned to physical
+    /// CPU i (default 1).
+    pub vcpus: usize,
 }
 
 /// The run's secret token: up to 32 hex digits from the bootargs, which
@@ -118,6 +121,7 @@ impl Default for BootArgs {
             uart_passthrough: false,
             linux: false,
             initrd: (0, 0),
+            vcpus: 1,
             run_token: RunToken::default(),
             test_hypercalls: false,
             fwb: true,
@@ -148,7 +152,7 @@ impl core::fmt::Display for BootArgsError<'_> {
             Self::NotKeyValue(w) => write!(f, "boot argument `{w}` is not key=value"),
             Self::UnknownKey(k) => write!(
                 f,
-                "unknown boot argument `{k}` (known: log, payload, mm.guard, mm.fwb, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.kind, linux.initrd, linux.initrd_size, guest.fail, guest.bench, guest.unmap_bench_mib, linux.append, run.token, test.hypercalls)"
+                "unknown boot argument `{k}` (known: log, payload, mm.guard, mm.fwb, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.kind, linux.initrd, linux.initrd_size, guest.fail, guest.bench, guest.unmap_bench_mib, guest.vcpus, linux.append, run.token, test.hypercalls)"
             ),
             Self::BadValue { key, value } => write!(f, "bad value `{value}` for `{key}`"),
         }
@@ -171,6 +175,11 @@ impl BootArgs {
             match key {
                 "log" => args.log = parse_level(value).ok_or(bad)?,
                 "payload" => args.payload = parse_number(value).ok_or(bad)?,
+                "guest.vcpus" => {
+                    args.vcpus = parse_number(value)
+                        .filter(|n| (1..=8).contains(n))
+                        .ok_or(bad)?;
+                }
                 "guest.ram_mib" => {
                     args.guest_ram_mib = parse_number(value).filter(|&m| m > 0).ok_or(bad)?;
                 }

@@ -29,6 +29,7 @@ pub mod mmio;
 pub mod sysreg_emul;
 pub mod vcpu;
 pub mod vgic;
+pub mod vm;
 pub mod workloads;
 
 #[cfg(all(target_arch = "aarch64", target_os = "none"))]

@@ -103,8 +103,9 @@ pub struct GuestTree<'a> {
     pub gicr: (u64, u64),
     /// PL011 (IPA).
     pub uart: u64,
-    /// The CPU's MPIDR affinity (the `reg` of cpu@0).
-    pub mpidr: u64,
+    /// Each vCPU's MPIDR affinity (the `reg` of its cpu node), vCPU 0
+    /// first.
+    pub mpidrs: &'a [u64],
 }
 
 const GIC_PHANDLE: u32 = 1;
@@ -146,12 +147,14 @@ fn build(t: &GuestTree<'_>) -> Result<Vec<u8>, vm_fdt::Error> {
     let cpus = fdt.begin_node("cpus")?;
     fdt.property_u32("#address-cells", 2)?;
     fdt.property_u32("#size-cells", 0)?;
-    let cpu = fdt.begin_node("cpu@0")?;
-    fdt.property_string("device_type", "cpu")?;
-    fdt.property_string("compatible", "arm,armv8")?;
-    fdt.property_array_u32("reg", &[(t.mpidr >> 32) as u32, t.mpidr as u32])?;
-    fdt.property_string("enable-method", "psci")?;
-    fdt.end_node(cpu)?;
+    for &mpidr in t.mpidrs {
+        let cpu = fdt.begin_node(&alloc::format!("cpu@{mpidr:x}"))?;
+        fdt.property_string("device_type", "cpu")?;
+        fdt.property_string("compatible", "arm,armv8")?;
+        fdt.property_array_u32("reg", &[(mpidr >> 32) as u32, mpidr as u32])?;
+        fdt.property_string("enable-method", "psci")?;
+        fdt.end_node(cpu)?;
+    }
     fdt.end_node(cpus)?;
 
     let psci = fdt.begin_node("psci")?;
@@ -244,7 +247,7 @@ mod tests {
             gicd: (0x0800_0000, 0x1_0000),
             gicr: (0x080a_0000, 0x2_0000),
             uart: 0x0900_0000,
-            mpidr: 0,
+            mpidrs: &[0, 1, 0x100],
         };
         let blob = build_tree(&tree).expect("tree");
         let fdt = fdt::Fdt::new(&blob).expect("parses back");
@@ -262,5 +265,7 @@ mod tests {
         assert!(fdt.find_compatible(&["arm,gic-v3"]).is_some());
         assert!(fdt.find_compatible(&["arm,pl011"]).is_some());
         assert!(fdt.find_node("/psci").is_some());
+        let cpus: Vec<usize> = fdt.cpus().map(|c| c.ids().first()).collect();
+        assert_eq!(cpus, [0, 1, 0x100]);
     }
 }

@@ -51,8 +51,18 @@ pub mod smccc {
     pub const ARCH_FEATURES: u32 = 0x8000_0001;
     /// PSCI_VERSION.
     pub const PSCI_VERSION: u32 = 0x8400_0000;
+    /// PSCI CPU_SUSPEND, SMC32 form.
+    pub const PSCI_CPU_SUSPEND_32: u32 = 0x8400_0001;
+    /// PSCI CPU_SUSPEND, SMC64 form.
+    pub const PSCI_CPU_SUSPEND_64: u32 = 0xc400_0001;
     /// PSCI CPU_OFF.
     pub const PSCI_CPU_OFF: u32 = 0x8400_0002;
+    /// PSCI AFFINITY_INFO, SMC32 form.
+    pub const PSCI_AFFINITY_INFO_32: u32 = 0x8400_0004;
+    /// PSCI AFFINITY_INFO, SMC64 form.
+    pub const PSCI_AFFINITY_INFO_64: u32 = 0xc400_0004;
+    /// PSCI MIGRATE_INFO_TYPE.
+    pub const PSCI_MIGRATE_INFO_TYPE: u32 = 0x8400_0006;
     /// PSCI CPU_ON, SMC32 form.
     pub const PSCI_CPU_ON_32: u32 = 0x8400_0003;
     /// PSCI CPU_ON, SMC64 form.
@@ -195,6 +205,38 @@ pub enum Exit {
     /// A trap the hypervisor does not emulate: inject UNDEFINED (see
     /// [`Injection::undefined`]).
     Undefined(Trap),
+    /// A PSCI call that needs the VM's other vCPUs; the caller answers it
+    /// (writes `x0`, or does not return to this vCPU).
+    Psci(PsciCall),
+    /// The test guest reported its results (`x0` already written).
+    Report(GuestReport),
+}
+
+/// A PSCI call about vCPUs (arguments already narrowed for the SMC32
+/// forms).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub enum PsciCall {
+    /// `CPU_ON(target MPIDR, entry, context id)`.
+    CpuOn {
+        /// The target vCPU's MPIDR.
+        target: u64,
+        /// Its entry point (IPA).
+        entry: u64,
+        /// Its `x0` at entry.
+        context: u64,
+    },
+    /// `CPU_OFF` of the calling vCPU.
+    CpuOff,
+    /// `AFFINITY_INFO(target affinity, lowest affinity level)`.
+    AffinityInfo {
+        /// The affinity asked about.
+        target: u64,
+        /// The lowest affinity level (0..=3).
+        level: u64,
+    },
+    /// `CPU_SUSPEND`: a standby (treated as `WFI`; every power-down
+    /// request is served as a standby, which PSCI allows, as KVM does).
+    CpuSuspend,
 }
 
 /// The test guest's report of its results.
@@ -206,12 +248,11 @@ pub struct GuestReport {
     pub failed: u64,
 }
 
-/// Per-guest state that trap handling reads and updates.
+/// A vCPU's trap handling: decodes an exit into what the hypervisor must
+/// do ([`Exit`]). It keeps no state of its own; what calls change lives in
+/// the VM (its power table, its report).
 #[derive(Debug, Default)]
-pub struct Vcpu {
-    /// Set once the guest reported its results.
-    pub report: Option<GuestReport>,
-}
+pub struct Vcpu;
 
 impl Vcpu {
     /// Handles a synchronous trap from the guest. `regs` is updated in place
@@ -289,26 +330,64 @@ impl Vcpu {
                 smccc::VERSION
                 | smccc::PSCI_VERSION
                 | smccc::PSCI_FEATURES
+                | smccc::PSCI_CPU_ON_32
+                | smccc::PSCI_CPU_ON_64
                 | smccc::PSCI_CPU_OFF
+                | smccc::PSCI_AFFINITY_INFO_32
+                | smccc::PSCI_AFFINITY_INFO_64
+                | smccc::PSCI_MIGRATE_INFO_TYPE
                 | smccc::PSCI_SYSTEM_OFF
                 | smccc::PSCI_SYSTEM_RESET => smccc::SUCCESS,
+                // Feature flags 0: the original power_state format, no
+                // OS-initiated mode.
+                smccc::PSCI_CPU_SUSPEND_32 | smccc::PSCI_CPU_SUSPEND_64 => 0,
                 _ => smccc::NOT_SUPPORTED,
             },
-            // One vCPU: turning it off turns the system off.
-            smccc::PSCI_CPU_OFF | smccc::PSCI_SYSTEM_OFF => return Exit::Stop(Stop::SystemOff),
+            // No trusted OS to migrate (2: "not present or does not need
+            // migration"), as KVM answers.
+            smccc::PSCI_MIGRATE_INFO_TYPE => 2,
+            smccc::PSCI_CPU_ON_32 => {
+                return Exit::Psci(PsciCall::CpuOn {
+                    target: a1 & 0xffff_ffff,
+                    entry: a2 & 0xffff_ffff,
+                    context: regs.x[3] & 0xffff_ffff,
+                });
+            }
+            smccc::PSCI_CPU_ON_64 => {
+                return Exit::Psci(PsciCall::CpuOn {
+                    target: a1,
+                    entry: a2,
+                    context: regs.x[3],
+                });
+            }
+            smccc::PSCI_AFFINITY_INFO_32 => {
+                return Exit::Psci(PsciCall::AffinityInfo {
+                    target: a1 & 0xffff_ffff,
+                    level: a2 & 0xffff_ffff,
+                });
+            }
+            smccc::PSCI_AFFINITY_INFO_64 => {
+                return Exit::Psci(PsciCall::AffinityInfo {
+                    target: a1,
+                    level: a2,
+                });
+            }
+            smccc::PSCI_CPU_SUSPEND_32 | smccc::PSCI_CPU_SUSPEND_64 => {
+                return Exit::Psci(PsciCall::CpuSuspend);
+            }
+            smccc::PSCI_CPU_OFF => return Exit::Psci(PsciCall::CpuOff),
+            smccc::PSCI_SYSTEM_OFF => return Exit::Stop(Stop::SystemOff),
             smccc::PSCI_SYSTEM_RESET => return Exit::Stop(Stop::SystemReset),
             smccc::HYP_VERSION => smccc::HYP_ABI_VERSION,
             // The rest of this hypervisor's vendor range: memory services.
             0xc600_0002..=0xc600_ffff => return Exit::MmCall(function),
             smccc::HYP_REPORT_RESULT => {
-                self.report = Some(GuestReport {
+                regs.x[0] = smccc::SUCCESS;
+                return Exit::Report(GuestReport {
                     passed: a1,
                     failed: a2,
                 });
-                smccc::SUCCESS
             }
-            // Everything else, CPU_ON included (no secondary vCPUs until
-            // multi-CPU support exists), is not supported.
             _ => smccc::NOT_SUPPORTED,
         };
         Exit::Resume
@@ -615,22 +694,66 @@ mod tests {
         );
         let feat = |f: u32| hvc(smccc::PSCI_FEATURES, f.into(), 0).1.x[0];
         assert_eq!(feat(smccc::PSCI_SYSTEM_OFF), smccc::SUCCESS);
-        assert_eq!(feat(smccc::PSCI_CPU_ON_64), smccc::NOT_SUPPORTED);
+        assert_eq!(feat(smccc::PSCI_CPU_ON_64), smccc::SUCCESS);
+        assert_eq!(feat(smccc::PSCI_AFFINITY_INFO_32), smccc::SUCCESS);
+        assert_eq!(feat(0x8400_0005), smccc::NOT_SUPPORTED, "MIGRATE");
         assert_eq!(
             hvc(smccc::PSCI_SYSTEM_OFF, 0, 0).2,
             Exit::Stop(Stop::SystemOff)
         );
         assert_eq!(
             hvc(smccc::PSCI_CPU_OFF, 0, 0).2,
-            Exit::Stop(Stop::SystemOff)
+            Exit::Psci(PsciCall::CpuOff)
         );
         assert_eq!(
             hvc(smccc::PSCI_SYSTEM_RESET, 0, 0).2,
             Exit::Stop(Stop::SystemReset)
         );
+        assert_eq!(hvc(smccc::PSCI_MIGRATE_INFO_TYPE, 0, 0).1.x[0], 2);
+    }
+
+    #[test]
+    fn psci_cpu_calls_are_decoded_and_smc32_narrowed() {
+        let mut regs = GuestRegs::default();
+        regs.x[0] = u64::from(smccc::PSCI_CPU_ON_32);
+        regs.x[1] = 0xffff_ffff_0000_0001;
+        regs.x[2] = 0x1_4000_1000;
+        regs.x[3] = 0x5_0000_0007;
+        let trap = Trap {
+            esr: Esr(u64::from(ec::HVC64) << 26),
+            far: 0,
+            hpfar: 0,
+        };
         assert_eq!(
-            hvc(smccc::PSCI_CPU_ON_64, 0, 0).1.x[0],
-            smccc::NOT_SUPPORTED
+            Vcpu.handle_sync(&mut regs, trap, &ExitCounters::new()),
+            Exit::Psci(PsciCall::CpuOn {
+                target: 1,
+                entry: 0x4000_1000,
+                context: 7
+            })
+        );
+        regs.x[0] = u64::from(smccc::PSCI_CPU_ON_64);
+        regs.x[1] = 0x100;
+        regs.x[2] = 0x1_4000_1000;
+        regs.x[3] = 0x5_0000_0007;
+        assert_eq!(
+            Vcpu.handle_sync(&mut regs, trap, &ExitCounters::new()),
+            Exit::Psci(PsciCall::CpuOn {
+                target: 0x100,
+                entry: 0x1_4000_1000,
+                context: 0x5_0000_0007
+            })
+        );
+        assert_eq!(
+            hvc(smccc::PSCI_AFFINITY_INFO_64, 0x1, 0).2,
+            Exit::Psci(PsciCall::AffinityInfo {
+                target: 1,
+                level: 0
+            })
+        );
+        assert_eq!(
+            hvc(smccc::PSCI_CPU_SUSPEND_64, 0, 0).2,
+            Exit::Psci(PsciCall::CpuSuspend)
         );
     }
 
@@ -647,10 +770,10 @@ mod tests {
 
     #[test]
     fn report_is_recorded() {
-        let (vcpu, regs, _) = hvc(smccc::HYP_REPORT_RESULT, 7, 1);
+        let (_, regs, exit) = hvc(smccc::HYP_REPORT_RESULT, 7, 1);
         assert_eq!(
-            vcpu.report,
-            Some(GuestReport {
+            exit,
+            Exit::Report(GuestReport {
                 passed: 7,
                 failed: 1
             })

@@ -123,9 +123,10 @@ fn psci_features() -> TestResult {
         f(hyp::PSCI_SYSTEM_OFF) == 0,
         "SYSTEM_OFF not reported supported",
     )?;
+    check(f(hyp::PSCI_CPU_ON_64) == 0, "CPU_ON not reported supported")?;
     check(
-        f(hyp::PSCI_CPU_ON_64) == hyp::NOT_SUPPORTED,
-        "CPU_ON reported supported",
+        f(0x8400_0005) == hyp::NOT_SUPPORTED,
+        "MIGRATE reported supported",
     )
 }
 

@@ -73,7 +73,7 @@ pub struct ImageLayout {
     pub rodata: Range<PhysAddr>,
     /// Data, bss and stacks.
     pub data: Range<PhysAddr>,
-    /// The boot stack (the hypervisor's only EL2 stack).
+    /// The boot CPU's stack.
     pub boot_stack: Range<PhysAddr>,
 }
 
@@ -144,8 +144,19 @@ pub fn build(image: &ImageLayout, regions: &El2Regions) -> IdMap<El2> {
     // overwriting .bss.
     // From the page-aligned start of .data: the rodata's last, partial page
     // stays read-only.
-    map_region(&(image.data.start..image.boot_stack.start), DATA);
-    map_region(&(image.boot_stack.start + PAGE_SIZE..image.data.end), DATA);
+    // The same for each secondary CPU's stack.
+    let mut guards: alloc::vec::Vec<PhysAddr> = core::iter::once(image.boot_stack.start)
+        .chain(super::smp::secondary_stacks().iter().map(|s| s.start))
+        .collect();
+    guards.sort_unstable();
+    let mut from = image.data.start;
+    for guard in guards {
+        if from < guard {
+            map_region(&(from..guard), DATA);
+        }
+        from = guard + PAGE_SIZE;
+    }
+    map_region(&(from..image.data.end), DATA);
     for r in regions.read_only.iter().filter(|r| !r.is_empty()) {
         map_region(r, RODATA);
     }

@@ -16,6 +16,7 @@ pub mod el2map;
 pub mod gic;
 pub mod mm_hw;
 mod services;
+pub mod smp;
 pub mod sysreg;
 pub mod vectors;
 pub mod vgic_hw;
@@ -24,10 +25,11 @@ pub mod vm;
 use aarch64_paging::idmap::IdMap;
 use aarch64_paging::paging::El2;
 use aarch64_rt::InitialPagetable;
+use alloc::vec::Vec;
 use buddy_system_allocator::LockedHeap;
 use core::fmt::Write;
 use core::ops::Range;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use spin::Once;
 use spin::mutex::SpinMutex;
 
@@ -43,8 +45,11 @@ use crate::mm::pool::{El2PageMap, PagePool};
 use crate::mm::stage2::{S2Attrs, Stage2};
 use crate::mm::{PAGE_SIZE, PhysAddr, align_up};
 use crate::sysreg_emul::SysregAction;
-use crate::vcpu::{Exit, ExitCounters, GuestRegs, Injection, Stop, Trap, TrapReport, Vcpu};
+use crate::vcpu::{
+    Exit, ExitCounters, GuestRegs, GuestReport, Injection, PsciCall, Stop, Trap, TrapReport, Vcpu,
+};
 use crate::vgic::{CpuInterface, SysregTrap, Vgic, VgicConfig, qemu_virt};
+use crate::vm::psci::{PowerTable, Start};
 use console::{PL011_BASE, println};
 use mm_hw::HwMmArch;
 use sysreg::{read_sysreg, write_sysreg};
@@ -145,7 +150,12 @@ static MM: Once<MmCtx<HwMmArch>> = Once::new();
 /// Guest exit counters.
 static EXITS: ExitCounters = ExitCounters::new();
 /// The guest.
-static VM: Once<SpinMutex<Vm>> = Once::new();
+static VM: Once<Vm> = Once::new();
+/// The vCPU each physical CPU runs (`usize::MAX`: none), by CPU index.
+static PCPU_VCPU: [AtomicUsize; smp::MAX_PCPUS] =
+    [const { AtomicUsize::new(usize::MAX) }; smp::MAX_PCPUS];
+/// Interrupt lines of the physical distributor (for each CPU's setup).
+static GIC_LINES: AtomicU32 = AtomicU32::new(0);
 /// The CPU's ID registers, read once at boot.
 static CPU_ID: Once<crate::el2_controls::CpuIdRegs> = Once::new();
 /// How guest memory is kept coherent (FEAT_S2FWB or maintenance), chosen
@@ -166,16 +176,46 @@ static FREE_TABLES: fn(&[PhysAddr]) = |pages| {
     unsafe { pool.free_many(pages) };
 };
 
-/// The one guest.
-struct Vm {
+/// A VM: its shared state under one lock, its vCPUs' power states, and
+/// what each of its physical CPUs needs to enter it.
+pub(crate) struct Vm {
+    /// Stage 2, memory, devices, virtual GIC: the VM lock. Every exit that
+    /// touches them takes it; stage-2 changes are serialised by it (the
+    /// locking design: docs/lazy-mmu.md, "SMP").
+    state: SpinMutex<VmState>,
+    /// The vCPUs' PSCI power states (never held with `state`).
+    power: SpinMutex<PowerTable>,
+    /// The physical CPU of each vCPU (static partitioning).
+    pcpus: Vec<usize>,
+    /// `VTTBR_EL2`, `VTCR_EL2` and `HCR_EL2.FWB` for its vCPUs.
+    vttbr: u64,
+    vtcr: u64,
+    fwb: bool,
+    /// The guest is Linux (its power-off is the end of a good run).
+    linux: bool,
+    /// Guest RAM's IPA range (where `CPU_ON` entry points may be).
+    ram_ipa: Range<u64>,
+    /// Where each vCPU's previous exit sent it with an injected abort
+    /// (`u64::MAX`: it did not).
+    last_vector: Vec<AtomicU64>,
+}
+
+impl Vm {
+    /// Takes the VM lock.
+    pub(crate) fn lock(&self) -> spin::mutex::SpinMutexGuard<'_, VmState> {
+        self.state.lock()
+    }
+}
+
+/// A VM's state under its lock.
+pub(crate) struct VmState {
     /// The guest's stage 2.
     stage2: Stage2<'static, HwMmArch>,
     /// The guest's RAM: backing, given-back pages, fault-around.
     mem: GuestMemory,
     /// The emulated PL011 (`None` with `guest.uart=passthrough`).
     uart: Option<crate::mmio::Pl011<fn(u8)>>,
-    vcpu: Vcpu,
-    /// The virtual GIC: the guest's distributor and redistributor are
+    /// The virtual GIC: the guest's distributor and redistributors are
     /// emulated here, its interrupts delivered through list registers.
     vgic: Vgic,
     /// The real PL011 is the guest's (`guest.uart=passthrough`): its SPI is
@@ -184,14 +224,46 @@ struct Vm {
     /// The emulated UART's receive FIFO was full: the real UART's receive
     /// interrupt is off until the guest makes room.
     rx_paused: bool,
+    /// The test guest's report, once it made it.
+    report: Option<GuestReport>,
 }
 
-/// The one vCPU's index in the virtual GIC.
-const VCPU0: usize = 0;
+/// The VM the executing CPU runs.
+pub(crate) fn current_vm() -> &'static Vm {
+    VM.get().expect("a guest exists while one runs")
+}
+
+/// The vCPU (index in its VM) the executing CPU runs.
+fn current_vcpu() -> usize {
+    PCPU_VCPU[smp::this_cpu()].load(Ordering::Relaxed)
+}
+
+/// Kicks the physical CPUs of the vCPUs in `mask` (bit i = vCPU i), other
+/// than the executing one: each exits its guest (or wakes from its wait)
+/// and loads what is now pending for it.
+fn kick_vcpus(vm: &Vm, mask: u128) {
+    for (vcpu, &pcpu) in vm.pcpus.iter().enumerate() {
+        if mask & (1 << vcpu) != 0 {
+            smp::kick(pcpu);
+        }
+    }
+}
+
+/// Top of CPU `cpu`'s EL2 stack.
+fn stack_top(cpu: usize) -> usize {
+    if cpu == 0 {
+        el2map::ImageLayout::get().boot_stack.end
+    } else {
+        smp::secondary_stacks()[cpu - 1].end
+    }
+}
 
 /// The hypervisor's main function, called by aarch64-rt's entry on the boot
 /// stack with the boot map active.
 pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
+    // The boot CPU is index 0; the EL2 vectors find its emergency stack
+    // by it.
+    write_sysreg!("tpidr_el2", 0);
     vectors::install();
     console::init(log::LevelFilter::Info);
     if sysreg::current_el() != 2 {
@@ -243,41 +315,161 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
     }
     // Before any ICC_*/ICH_* access (build_stage2 reads ICH_VTR_EL2).
     gic::enable_sysregs();
-    let vttbr = build_stage2(&layout, boot.guest_ram, &boot.args);
+    let ncpus = smp::cpu_count();
+    if boot.args.vcpus > ncpus {
+        setup_error(format_args!(
+            "guest.vcpus={} but the machine has {ncpus} CPUs (QEMU -smp)",
+            boot.args.vcpus
+        ));
+    }
     let vtcr = vm::vtcr_el2(pa_range)
         .unwrap_or_else(|| setup_error(format_args!("PARange {pa_range} is below 40 bits")));
-    // SAFETY: the stage-2 tables live in a static forever and map only guest
-    // RAM backing and the PL011; vtcr describes them.
-    unsafe {
-        vm::configure(
-            vttbr,
-            vtcr,
-            cpu,
-            Vgic::mpidr(VCPU0),
-            coherency == Coherency::ForcedWriteBack,
-        );
-    }
-    init_gic();
-
-    let mut regs = GuestRegs::default();
     // Linux: the device tree's IPA (x1..x3 zero, as the boot protocol
     // says). The test guest: no device tree, its flags in x1.
-    regs.x[0] = x0;
-    if !boot.args.linux {
-        regs.x[1] = boot.args.guest_flags;
-        regs.x[2] = boot.args.unmap_bench_mib as u64;
+    let args = if boot.args.linux {
+        [x0, 0, 0]
+    } else {
+        [x0, boot.args.guest_flags, boot.args.unmap_bench_mib as u64]
+    };
+    build_vm(&layout, &boot, vtcr, Start { entry, args });
+    init_gic();
+    let online = smp::start_secondaries();
+    log::info!(
+        "{} of {ncpus} CPUs online (mask {online:#x}); guest with {} vCPUs",
+        online.count_ones(),
+        boot.args.vcpus
+    );
+    let needed = (1u32 << boot.args.vcpus) - 1;
+    if online & needed != needed {
+        setup_error(format_args!(
+            "CPUs {:#x} did not come up for the guest's vCPUs",
+            needed & !online
+        ));
     }
-    regs.elr = entry;
+    // SAFETY: this CPU's own stack; nothing on it is needed again
+    // (everything `main` set up lives in statics).
+    unsafe { vectors::reset_stack_and_call(stack_top(0), idle_entry) }
+}
+
+/// A secondary CPU's Rust entry (from [`smp`]), on its own stack with the
+/// EL2 map on: its GIC redistributor and CPU interface, then the wait for
+/// its vCPU.
+pub(crate) fn secondary_main(cpu: usize) -> ! {
+    gic::enable_sysregs();
+    let gic = gic::Gic::init_cpu(GIC_LINES.load(Ordering::Relaxed))
+        .unwrap_or_else(|e| setup_error(format_args!("CPU {cpu}: {e}")));
+    gic.enable_private(qemu_virt::MAINTENANCE_PPI);
+    gic.enable_private(qemu_virt::VTIMER_PPI);
+    gic.enable_private(smp::KICK_SGI);
+    log::debug!("CPU {cpu} (MPIDR {:#x}) up", smp::my_mpidr());
+    idle()
+}
+
+extern "C" fn idle_entry() -> ! {
+    idle()
+}
+
+/// A physical CPU without a running vCPU: handles its interrupts and waits
+/// until its vCPU is turned on (PSCI `CPU_ON`, or the VM's start).
+fn idle() -> ! {
+    let cpu = smp::this_cpu();
+    loop {
+        for _ in 0..64 {
+            let intid = gic::acknowledge();
+            if intid >= gic::SPURIOUS {
+                break;
+            }
+            gic::priority_drop(intid);
+            match intid {
+                // The UART's receive interrupt is the boot CPU's.
+                qemu_virt::UART_SPI if VM.get().is_some_and(|vm| !vm.lock().uart_hw_irq) => {
+                    gic::deactivate(intid);
+                    if let Some(vm) = VM.get() {
+                        let mut state = vm.lock();
+                        forward_rx(&mut state);
+                        let kicks = state.vgic.take_kicks();
+                        drop(state);
+                        kick_vcpus(vm, kicks);
+                    }
+                }
+                // A vCPU that was turned off left its timer running: it
+                // stops (its next start resets it anyway).
+                qemu_virt::VTIMER_PPI => {
+                    write_sysreg!("cntv_ctl_el0", 0);
+                    gic::deactivate(intid);
+                }
+                _ => gic::deactivate(intid),
+            }
+        }
+        if let Some(vm) = VM.get() {
+            let vcpu = vm.pcpus.iter().position(|&p| p == cpu);
+            // The power lock is released before the start (which never
+            // returns).
+            let start = vcpu.and_then(|v| Some((v, vm.power.lock().take_start(v)?)));
+            if let Some((vcpu, start)) = start {
+                start_vcpu(vm, vcpu, start);
+            }
+        }
+        smp::wait_for_interrupt();
+    }
+}
+
+/// Starts `vcpu` of `vm` on this CPU at `start`: the EL2 controls and
+/// stage 2 of the VM, the vCPU's virtual MPIDR and GIC state, EL1 at reset.
+fn start_vcpu(vm: &'static Vm, vcpu: usize, start: Start) -> ! {
+    let cpu = smp::this_cpu();
+    PCPU_VCPU[cpu].store(vcpu, Ordering::Relaxed);
+    vm.last_vector[vcpu].store(u64::MAX, Ordering::Relaxed);
+    // SAFETY: the VM's stage 2 lives as long as the VM (forever), maps only
+    // its RAM backing and devices; vtcr describes it; fwb matches how its
+    // normal memory is encoded.
+    unsafe {
+        vm::configure(
+            vm.vttbr,
+            vm.vtcr,
+            CPU_ID.get().expect("read at boot"),
+            Vgic::mpidr(vcpu),
+            vm.fwb,
+        );
+    }
+    // The vCPU's timer starts disabled (its EL1 state is at reset).
+    write_sysreg!("cntv_ctl_el0", 0);
+    // The virtual CPU interface starts from the vCPU's state, not from what
+    // reset (or the previous vCPU) left in ICH_VMCR_EL2 and the
+    // active-priority registers.
+    vm.lock().vgic.vcpu_load(vcpu, &mut HwCpuInterface);
+    let mut regs = GuestRegs::default();
+    regs.x[..3].copy_from_slice(&start.args);
+    regs.elr = start.entry;
     regs.spsr = SPSR_EL1H_MASKED;
-    log::info!("entering guest at {entry:#x}");
+    log::info!(
+        "CPU {cpu}: vCPU {vcpu} enters the guest at {:#x}",
+        start.entry
+    );
     vgic_enter();
     debug_assert!(
         MM.get().is_none_or(MmCtx::nothing_pending),
         "entering the guest with mm work pending"
     );
-    // SAFETY: stage 2, EL2 controls and vectors are set up; everything `main`
-    // set up lives in statics, so its stack frames may be discarded.
-    unsafe { vectors::enter_guest(&regs, image.boot_stack.end) }
+    // SAFETY: stage 2, EL2 controls and vectors are set up; nothing on this
+    // CPU's stack is needed again.
+    unsafe { vectors::enter_guest(&regs, stack_top(cpu)) }
+}
+
+/// The executing vCPU stops running (PSCI `CPU_OFF`): its physical CPU
+/// goes back to waiting, on a fresh stack.
+fn park() -> ! {
+    let cpu = smp::this_cpu();
+    if let Some(vm) = VM.get() {
+        let vcpu = current_vcpu();
+        let mut state = vm.lock();
+        state.vgic.vcpu_put(vcpu, &HwCpuInterface);
+    }
+    write_sysreg!("cntv_ctl_el0", 0);
+    PCPU_VCPU[cpu].store(usize::MAX, Ordering::Relaxed);
+    // SAFETY: this CPU's own stack; the trap frame on it belongs to a vCPU
+    // that no longer runs.
+    unsafe { vectors::reset_stack_and_call(stack_top(cpu), idle_entry) }
 }
 
 /// What the payload is.
@@ -312,6 +504,7 @@ fn read_boot_info() -> BootInfo {
     // writes it.
     let fdt = unsafe { fdt::Fdt::from_ptr(DTB_ADDR as *const u8) }
         .unwrap_or_else(|e| setup_error(format_args!("no device tree at {DTB_ADDR:#x}: {e:?}")));
+    let (ncpus, in_tree) = smp::init_cpu_table(&fdt);
     let cmdline = fdt.chosen().bootargs().unwrap_or("");
     // The token first, so that even a bootargs error reaches xtask as this
     // run's marker.
@@ -338,6 +531,11 @@ fn read_boot_info() -> BootInfo {
         .unwrap_or_else(|| setup_error(format_args!("device tree has no memory region")));
     let dtb = DTB_ADDR..align_up(DTB_ADDR + fdt.total_size(), PAGE_SIZE);
     log::info!("RAM {:#x}..{:#x}", ram.start, ram.end);
+    if in_tree > ncpus {
+        log::warn!(
+            "{in_tree} CPUs in the device tree; the hypervisor brings up {ncpus} (MAX_PCPUS)"
+        );
+    }
 
     // The boot map covers the first GiB of RAM: the payload must be there.
     let boot_ram_end = ram.end.min(ram.start + (1 << 30));
@@ -425,9 +623,12 @@ fn switch_to_el2_map(image: &el2map::ImageLayout, boot: &BootInfo, layout: &Layo
     log::info!("EL2 map active");
 }
 
-/// Creates the pool and the guest's stage 2 (guest RAM and the PL011),
-/// stores them in the VM, and returns the `VTTBR_EL2` value.
-fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
+/// Creates the pool and the VM: its stage 2 (guest RAM and, passed
+/// through, the PL011), memory, devices, virtual GIC and vCPUs (vCPU i on
+/// CPU i), with vCPU 0 to start at `start`.
+fn build_vm(layout: &Layout, boot: &BootInfo, vtcr: u64, start: Start) {
+    let args = &boot.args;
+    let guest_ram = boot.guest_ram;
     let guard = args.guard;
     let mm = MM.call_once(|| MmCtx::new(HwMmArch));
     let guard_map: Option<&'static dyn El2PageMap> = if guard {
@@ -488,25 +689,34 @@ fn build_stage2(layout: &Layout, guest_ram: usize, args: &BootArgs) -> u64 {
     mem.set_on_map(|pa, len| coherency().before_guest_map(&cache::HwCacheOps, pa, len));
     let uart = (!args.uart_passthrough).then(|| crate::mmio::Pl011::new(console::putc as fn(u8)));
     let uart_hw_irq = args.uart_passthrough;
-    let mut config = VgicConfig::qemu_virt(1);
+    let mut config = VgicConfig::qemu_virt(args.vcpus);
     for spi in &mut config.spis {
         if spi.intid == qemu_virt::UART_SPI {
             spi.hw = uart_hw_irq;
         }
     }
     let vgic = Vgic::new(&config, HwCpuInterface.vtr());
-    VM.call_once(|| {
-        SpinMutex::new(Vm {
+    let mut power = PowerTable::new((0..args.vcpus).map(Vgic::mpidr).collect());
+    power.power_on(0, start);
+    VM.call_once(|| Vm {
+        state: SpinMutex::new(VmState {
             stage2,
             mem,
             uart,
-            vcpu: Vcpu::default(),
             vgic,
             uart_hw_irq,
             rx_paused: false,
-        })
+            report: None,
+        }),
+        power: SpinMutex::new(power),
+        pcpus: (0..args.vcpus).collect(),
+        vttbr,
+        vtcr,
+        fwb: coherency() == Coherency::ForcedWriteBack,
+        linux: args.linux,
+        ram_ipa: GUEST_RAM_IPA..GUEST_RAM_IPA + guest_ram as u64,
+        last_vector: (0..args.vcpus).map(|_| AtomicU64::new(u64::MAX)).collect(),
     });
-    vttbr
 }
 
 /// `SPSR_EL2` for entering the guest: EL1h, with D, A, I and F masked.
@@ -561,7 +771,9 @@ fn load_linux(
         gicd: (qemu_virt::GICD_BASE, qemu_virt::GICD_SIZE),
         gicr: (qemu_virt::GICR_BASE, 0x2_0000),
         uart: PL011_BASE as u64,
-        mpidr: Vgic::mpidr(VCPU0) & 0xff_00ff_ffff,
+        mpidrs: &(0..boot.args.vcpus)
+            .map(|v| Vgic::mpidr(v) & smp::MPIDR_AFFINITY)
+            .collect::<Vec<_>>(),
     })
     .unwrap_or_else(|e| setup_error(format_args!("{e}")));
     // SAFETY: the backing is ours alone and mapped read-write by the EL2
@@ -630,8 +842,15 @@ fn load_guest(elf: &GuestElf<'_>, backing: &Range<PhysAddr>, guest_ram: usize) -
 /// Called from the lower-EL synchronous vector.
 pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
     vgic_exit();
-    handle_sync(regs);
-    vgic_enter();
+    let suspend = handle_sync(regs);
+    let loaded = vgic_enter();
+    // PSCI CPU_SUSPEND (a standby, as WFI): nothing pending for the vCPU,
+    // so wait here until a physical interrupt (its timer, a kick from
+    // another CPU, a device) is pending; back in the guest, that interrupt
+    // exits to EL2 at once and is handled as any other.
+    if suspend && loaded == 0 {
+        smp::wait_for_interrupt();
+    }
     // Every change the hypervisor made is complete and in effect before the
     // guest runs again: no lazy section open, no barrier or TLBI owed.
     debug_assert!(
@@ -641,35 +860,43 @@ pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
 }
 
 /// Handles one synchronous exit (the virtual GIC's state already folded
-/// back from the list registers).
-fn handle_sync(regs: &mut GuestRegs) {
+/// back from the list registers). Returns whether the vCPU asked to be
+/// suspended (PSCI `CPU_SUSPEND`).
+fn handle_sync(regs: &mut GuestRegs) -> bool {
     let trap = Trap {
         esr: Esr(read_sysreg!("esr_el2")),
         far: read_sysreg!("far_el2"),
         hpfar: read_sysreg!("hpfar_el2"),
     };
+    let vm = current_vm();
+    let vcpu = current_vcpu();
     // Where the previous exit sent the guest with an injected abort,
     // forgotten now: the livelock check looks only at the exit right
     // before this one.
-    let last_vector = LAST_VECTOR.swap(u64::MAX, Ordering::Relaxed);
-    let vm = VM.get().expect("guest traps only after the VM exists");
-    let exit = vm.lock().vcpu.handle_sync(regs, trap, &EXITS);
+    let last_vector = vm.last_vector[vcpu].swap(u64::MAX, Ordering::Relaxed);
+    let exit = Vcpu.handle_sync(regs, trap, &EXITS);
     match exit {
         Exit::Resume => {}
         Exit::Stop(stop) => finish(stop, regs),
+        Exit::Report(report) => vm.lock().report = Some(report),
+        Exit::Psci(call) => return psci(vm, vcpu, call, regs),
         Exit::MmCall(function) => services::mm_call(function, regs),
         Exit::Sysreg(trap, access) => {
             // The virtual GIC's SGI registers first (trapped by IMO/FMO).
-            match vm
+            let sgi = vm
                 .lock()
                 .vgic
-                .handle_sysreg_trap(VCPU0, trap.esr.iss(), regs)
-            {
+                .handle_sysreg_trap(vcpu, trap.esr.iss(), regs);
+            match sgi {
                 SysregTrap::NotVgic => {}
-                SysregTrap::Undefined => return inject_undefined(trap, regs),
-                SysregTrap::SgiSent(_) => {
+                SysregTrap::Undefined => {
+                    inject_undefined(trap, regs);
+                    return false;
+                }
+                SysregTrap::SgiSent(targets) => {
                     crate::mm::counters::inc(&EXITS.sysreg_emulated);
-                    return;
+                    kick_vcpus(vm, targets & !(1 << vcpu));
+                    return false;
                 }
             }
             sysreg(trap, access, regs);
@@ -688,7 +915,7 @@ fn handle_sync(regs: &mut GuestRegs) {
             if !(0x04..=0x0f).contains(&fsc) {
                 log::debug!("guest abort with FSC {fsc:#x} at {:#x}: injected", regs.elr);
                 inject_abort(trap, regs, last_vector);
-                return;
+                return false;
             }
             let ipa = crate::esr::fault_ipa(trap.hpfar, trap.far);
             let mut guard = vm.lock();
@@ -697,11 +924,13 @@ fn handle_sync(regs: &mut GuestRegs) {
             // a stage-1 table walk.
             let mmio = (0x04..=0x07).contains(&fsc) && !trap.esr.s1ptw();
             if mmio && let Some(result) = vgic_mmio(vm, trap, ipa, regs) {
+                let kicks = vm.vgic.take_kicks() & !(1 << vcpu);
                 drop(guard);
+                kick_vcpus(current_vm(), kicks);
                 if result.is_err() {
                     inject_abort(trap, regs, last_vector);
                 }
-                return;
+                return false;
             }
             if let Some(uart) = vm.uart.as_mut().filter(|_| mmio) {
                 let base = PL011_BASE as u64;
@@ -710,7 +939,10 @@ fn handle_sync(regs: &mut GuestRegs) {
                 {
                     crate::mm::counters::inc(&EXITS.mmio_emulated);
                     uart_accessed(vm);
-                    return;
+                    let kicks = vm.vgic.take_kicks() & !(1 << vcpu);
+                    drop(guard);
+                    kick_vcpus(current_vm(), kicks);
+                    return false;
                 }
             }
             let action =
@@ -722,6 +954,45 @@ fn handle_sync(regs: &mut GuestRegs) {
             }
         }
     }
+    false
+}
+
+/// A PSCI call about vCPUs from `vcpu` of `vm`. Returns whether the vCPU
+/// suspends (`CPU_SUSPEND`).
+fn psci(vm: &'static Vm, vcpu: usize, call: PsciCall, regs: &mut GuestRegs) -> bool {
+    let status = |code: i64| u64::from_ne_bytes(code.to_ne_bytes());
+    match call {
+        PsciCall::CpuOn {
+            target,
+            entry,
+            context,
+        } => {
+            let result = vm.power.lock().cpu_on(target, entry, context, &vm.ram_ipa);
+            regs.x[0] = match result {
+                Ok(started) => {
+                    kick_vcpus(vm, 1 << started);
+                    0
+                }
+                Err(code) => status(code),
+            };
+        }
+        PsciCall::AffinityInfo { target, level } => {
+            regs.x[0] = status(vm.power.lock().affinity_info(target, level));
+        }
+        PsciCall::CpuSuspend => {
+            regs.x[0] = 0;
+            return true;
+        }
+        PsciCall::CpuOff => {
+            let all_off = vm.power.lock().cpu_off(vcpu);
+            if all_off {
+                // Nothing of the VM runs any more: it is off.
+                finish(Stop::SystemOff, regs);
+            }
+            park();
+        }
+    }
+    false
 }
 
 /// A trapped system register access the virtual GIC did not take.
@@ -792,13 +1063,7 @@ fn setway_flush() {
 
 /// All of guest RAM to the point of coherency, out of every data cache.
 fn clean_guest_ram() {
-    let backing = VM
-        .get()
-        .expect("guest exists")
-        .lock()
-        .mem
-        .ram
-        .backing_range();
+    let backing = current_vm().lock().mem.ram.backing_range();
     cache::HwCacheOps.clean_invalidate_to_poc(backing.start, backing.end - backing.start);
     crate::mm::counters::inc(&EXITS.setway_flushes);
 }
@@ -889,12 +1154,8 @@ fn inject_abort(trap: Trap, regs: &mut GuestRegs, last_vector: u64) {
     log::debug!("injecting SEA: guest {:#x} at {:#x}", trap.far, regs.elr);
     crate::mm::counters::inc(&EXITS.abort_injected);
     deliver(&inj, regs);
-    LAST_VECTOR.store(inj.elr, Ordering::Relaxed);
+    current_vm().last_vector[current_vcpu()].store(inj.elr, Ordering::Relaxed);
 }
-
-/// The guest vector the previous exit injected an abort to (`u64::MAX`:
-/// it did not).
-static LAST_VECTOR: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(u64::MAX);
 
 /// Called from the lower-EL IRQ, FIQ and SError vectors (and the AArch32
 /// ones, which a guest with an AArch64 EL1 never reaches).
@@ -967,13 +1228,21 @@ pub(crate) fn handle_guest_async(regs: &mut GuestRegs, kind: vectors::Kind) {
 /// the EOI below drops the priority; deactivation is separate).
 fn handle_irq(intid: u32) {
     gic::priority_drop(intid);
-    let mut guard = VM.get().expect("interrupts are enabled with the VM").lock();
+    if intid == smp::KICK_SGI {
+        // Another CPU changed what this vCPU must see (an interrupt for
+        // it, a stop): the exit itself was the point; the entry that
+        // follows loads it.
+        gic::deactivate(intid);
+        return;
+    }
+    let vcpu = current_vcpu();
+    let mut guard = current_vm().lock();
     let vm = &mut *guard;
     match intid {
         // The virtual timer fired for the guest: deliver it hardware-backed;
         // the guest's deactivation deactivates the physical PPI, so it
         // cannot fire again before the guest handled it.
-        qemu_virt::VTIMER_PPI => vm.vgic.inject_hw_ppi(VCPU0, intid),
+        qemu_virt::VTIMER_PPI => vm.vgic.inject_hw_ppi(vcpu, intid),
         // The real UART's interrupt, for a guest that has the UART.
         qemu_virt::UART_SPI if vm.uart_hw_irq => {
             // Routed to no vCPU (the guest's IROUTER): it stays active, so a
@@ -987,10 +1256,14 @@ fn handle_irq(intid: u32) {
             gic::deactivate(intid);
             forward_rx(vm);
         }
+
         // The maintenance interrupt: its purpose, an exit, is served; the
         // refill is the next entry. Anything else: not ours to keep.
         _ => gic::deactivate(intid),
     }
+    let kicks = vm.vgic.take_kicks() & !(1 << vcpu);
+    drop(guard);
+    kick_vcpus(current_vm(), kicks);
 }
 
 /// Moves what the real UART received into the guest's emulated UART, as
@@ -999,7 +1272,7 @@ fn handle_irq(intid: u32) {
 /// (the bytes wait in the real UART, and the level-triggered interrupt
 /// cannot keep firing); a guest read that makes room turns it back on
 /// ([`uart_accessed`]).
-fn forward_rx(vm: &mut Vm) {
+fn forward_rx(vm: &mut VmState) {
     let Some(uart) = vm.uart.as_mut() else {
         return;
     };
@@ -1010,18 +1283,18 @@ fn forward_rx(vm: &mut Vm) {
         console::set_rx_interrupt(false);
         vm.rx_paused = true;
     }
-    vm.vgic.set_spi_level(qemu_virt::UART_SPI, uart.irq_line());
+    let _ = vm.vgic.set_spi_level(qemu_virt::UART_SPI, uart.irq_line());
 }
 
 /// After the guest accessed its emulated UART: its interrupt line follows
 /// the UART's state, and reception resumes if it had paused.
-fn uart_accessed(vm: &mut Vm) {
+fn uart_accessed(vm: &mut VmState) {
     let Some(uart) = vm.uart.as_ref() else {
         return;
     };
     let line = uart.irq_line();
     let room = uart.rx_space() > 0;
-    vm.vgic.set_spi_level(qemu_virt::UART_SPI, line);
+    let _ = vm.vgic.set_spi_level(qemu_virt::UART_SPI, line);
     if vm.rx_paused && room {
         vm.rx_paused = false;
         console::set_rx_interrupt(true);
@@ -1035,16 +1308,12 @@ fn uart_accessed(vm: &mut Vm) {
 /// otherwise the hypervisor's, which forwards received bytes to the guest's
 /// emulated UART).
 fn init_gic() {
-    let gic = gic::Gic::init_distributor()
-        .and_then(gic::Gic::init_cpu)
-        .unwrap_or_else(|e| setup_error(format_args!("{e}")));
-    if let Some(vm) = VM.get() {
-        // The virtual CPU interface starts from the vCPU's state, not from
-        // what reset left in ICH_VMCR_EL2 and the active-priority registers.
-        vm.lock().vgic.vcpu_load(VCPU0, &mut HwCpuInterface);
-    }
+    let lines = gic::Gic::init_distributor().unwrap_or_else(|e| setup_error(format_args!("{e}")));
+    GIC_LINES.store(lines, Ordering::Relaxed);
+    let gic = gic::Gic::init_cpu(lines).unwrap_or_else(|e| setup_error(format_args!("{e}")));
     gic.enable_private(qemu_virt::MAINTENANCE_PPI);
     gic.enable_private(qemu_virt::VTIMER_PPI);
+    gic.enable_private(smp::KICK_SGI);
     gic.enable_spi(qemu_virt::UART_SPI);
     if VM.get().is_some_and(|vm| !vm.lock().uart_hw_irq) {
         console::set_rx_interrupt(true);
@@ -1059,28 +1328,30 @@ fn init_gic() {
 /// registers back into the virtual GIC.
 fn vgic_exit() {
     let Some(vm) = VM.get() else { return };
-    vm.lock().vgic.exit(VCPU0, &mut HwCpuInterface);
+    vm.lock().vgic.exit(current_vcpu(), &mut HwCpuInterface);
 }
 
 /// Before every entry: physically deactivate what the guest deactivated
-/// through the emulated registers, then load the list registers.
-fn vgic_enter() {
-    let Some(vm) = VM.get() else { return };
+/// through the emulated registers, then load the list registers. Returns
+/// how many interrupts are loaded.
+fn vgic_enter() -> usize {
+    let Some(vm) = VM.get() else { return 0 };
+    let vcpu = current_vcpu();
     let mut vm = vm.lock();
-    let ppis = vm.vgic.take_hw_deactivations(VCPU0);
+    let ppis = vm.vgic.take_hw_deactivations(vcpu);
     for intid in (0..32).filter(|i| ppis & (1 << i) != 0) {
         gic::deactivate(intid);
     }
     for intid in vm.vgic.take_hw_spi_deactivations() {
         gic::deactivate(intid);
     }
-    vm.vgic.enter(VCPU0, &mut HwCpuInterface);
+    vm.vgic.enter(vcpu, &mut HwCpuInterface).loaded
 }
 
 /// A trapped access to the virtual GIC's frames: `None` if `ipa` is not in
 /// them; `Some(Err)` if it must be answered with an external abort.
 fn vgic_mmio(
-    vm: &mut Vm,
+    vm: &mut VmState,
     trap: Trap,
     ipa: u64,
     regs: &mut GuestRegs,
@@ -1136,7 +1407,7 @@ fn print_registers(regs: &GuestRegs) {
 /// Ends the run after the guest stopped: its report, the counters, the exit
 /// status.
 fn finish(stop: Stop, regs: &GuestRegs) -> ! {
-    let report = VM.get().and_then(|vm| vm.lock().vcpu.report);
+    let report = VM.get().and_then(|vm| vm.lock().report);
     if let Some(r) = report {
         console::marker(
             "RESULT",
@@ -1152,9 +1423,7 @@ fn finish(stop: Stop, regs: &GuestRegs) -> ! {
             };
             match report {
                 // A Linux guest does not report: powering off is its end.
-                None if LINUX.load(core::sync::atomic::Ordering::Relaxed)
-                    && stop == Stop::SystemOff =>
-                {
+                None if VM.get().is_some_and(|vm| vm.linux) && stop == Stop::SystemOff => {
                     exit(exit_code::PASS, reason)
                 }
                 Some(r) if r.failed == 0 && r.passed > 0 => exit(exit_code::PASS, reason),

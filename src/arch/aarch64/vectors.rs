@@ -42,12 +42,17 @@ impl Kind {
     }
 }
 
-/// Pages of the emergency stack used by EL2-internal exception handlers.
+/// Pages of each CPU's emergency stack used by EL2-internal exception
+/// handlers (a power of two: the vector computes its offset by a shift).
 const EMERGENCY_STACK_PAGES: usize = 4;
+const EMERGENCY_STACK_SHIFT: usize = 14;
+const _: () = assert!(EMERGENCY_STACK_PAGES * 4096 == 1 << EMERGENCY_STACK_SHIFT);
 
+/// One emergency stack per CPU, by index (`TPIDR_EL2`).
 #[unsafe(link_section = ".stack.emergency")]
 #[unsafe(no_mangle)]
-static mut EMERGENCY_STACK: aarch64_rt::Stack<EMERGENCY_STACK_PAGES> = aarch64_rt::Stack::new();
+static mut EMERGENCY_STACK: [aarch64_rt::Stack<EMERGENCY_STACK_PAGES>; super::smp::MAX_PCPUS] =
+    [const { aarch64_rt::Stack::new() }; super::smp::MAX_PCPUS];
 
 global_asm!(
     r#"
@@ -83,13 +88,29 @@ global_asm!(
     b lazyhyp_restore_guest_regs_and_eret
 .endm
 
-/* An exception at EL2: fatal. Report from the emergency stack. */
+/*
+ * An exception at EL2: fatal. The vector entry only branches (a vector has
+ * room for 32 instructions); the report runs from this CPU's emergency
+ * stack, the top of EMERGENCY_STACK[TPIDR_EL2]. SP_EL0 (the guest's EL0
+ * stack pointer) is the scratch register: the run ends here, nothing
+ * resumes the guest.
+ */
 .macro current_vector kind
-    msr tpidr_el2, x0
-    adrp x0, {emergency_stack} + {emergency_size}
-    add x0, x0, :lo12:{emergency_stack} + {emergency_size}
-    mov sp, x0
+    b lazyhyp_current_fatal_\kind
+.endm
+
+.macro current_fatal kind
+lazyhyp_current_fatal_\kind:
+    msr sp_el0, x0
     mrs x0, tpidr_el2
+    and x0, x0, #{cpu_mask}
+    add x0, x0, #1
+    lsl x0, x0, #{emergency_shift}
+    mov sp, x0
+    adrp x0, {emergency_stack}
+    add x0, x0, :lo12:{emergency_stack}
+    add sp, sp, x0
+    mrs x0, sp_el0
     save_guest_regs
     mov x0, sp
     mov x1, #\kind
@@ -144,6 +165,12 @@ lazyhyp_vectors:
     lower_vector 2, {lower_async}
 .balign 0x80
     lower_vector 3, {lower_async}
+
+.balign 4
+current_fatal 0
+current_fatal 1
+current_fatal 2
+current_fatal 3
 
 .balign 4
 .global lazyhyp_restore_guest_regs_and_eret
@@ -217,10 +244,22 @@ lazyhyp_enter_guest:
     subs x3, x3, #1
     b.ne 0b
     b lazyhyp_restore_guest_regs_and_eret
+
+/*
+ * lazyhyp_reset_stack_and_call(stack_top: usize, f: extern "C" fn() -> !) -> !
+ * Discards every frame on this CPU's stack and calls `f` on it afresh.
+ */
+.balign 4
+.global lazyhyp_reset_stack_and_call
+lazyhyp_reset_stack_and_call:
+    mov sp, x0
+    blr x1
+    b .
 "#,
     frame = const GUEST_REGS_SIZE,
     emergency_stack = sym EMERGENCY_STACK,
-    emergency_size = const EMERGENCY_STACK_PAGES * 4096,
+    emergency_shift = const EMERGENCY_STACK_SHIFT,
+    cpu_mask = const super::smp::MAX_PCPUS - 1,
     lower_sync = sym lower_sync,
     lower_async = sym lower_async,
     current_handler = sym current_el_exception,
@@ -255,6 +294,18 @@ pub fn probe_read(addr: usize) -> Option<u64> {
 unsafe extern "C" {
     static lazyhyp_vectors: u8;
     fn lazyhyp_enter_guest(regs: *const GuestRegs, stack_top: usize) -> !;
+    fn lazyhyp_reset_stack_and_call(stack_top: usize, f: extern "C" fn() -> !) -> !;
+}
+
+/// Discards every frame on this CPU's stack (top `stack_top`) and runs `f`.
+///
+/// # Safety
+///
+/// `stack_top` must be the top of the executing CPU's own stack and no live
+/// data may remain on it.
+pub unsafe fn reset_stack_and_call(stack_top: usize, f: extern "C" fn() -> !) -> ! {
+    // SAFETY: as the caller guarantees.
+    unsafe { lazyhyp_reset_stack_and_call(stack_top, f) }
 }
 
 /// Installs the vectors in `VBAR_EL2`.
@@ -275,22 +326,24 @@ pub fn install() {
 /// Stage 2, the guest's EL2 controls and the vectors must be set up, and no
 /// live data may remain on the EL2 stack below `stack_top`.
 pub unsafe fn enter_guest(regs: &GuestRegs, stack_top: usize) -> ! {
-    // `regs` may itself live on the stack about to be reset: stage it in a
-    // static first, so the copy onto the fresh stack never reads memory it
-    // is overwriting.
-    static ENTRY_FRAME: SpinMutex<GuestRegs> = SpinMutex::new(GuestRegs {
-        x: [0; 31],
-        elr: 0,
-        spsr: 0,
-        pad: 0,
-    });
-    let mut frame = ENTRY_FRAME.lock();
+    // `regs` may itself live on the stack about to be reset: stage it in
+    // this CPU's slot of a static first, so the copy onto the fresh stack
+    // never reads memory it is overwriting.
+    static ENTRY_FRAMES: [SpinMutex<GuestRegs>; super::smp::MAX_PCPUS] = [const {
+        SpinMutex::new(GuestRegs {
+            x: [0; 31],
+            elr: 0,
+            spsr: 0,
+            pad: 0,
+        })
+    };
+        super::smp::MAX_PCPUS];
+    let mut frame = ENTRY_FRAMES[super::smp::this_cpu()].lock();
     frame.clone_from(regs);
     let staged: *const GuestRegs = &raw const *frame;
-    // The lock is never released: this CPU leaves for the guest and this
-    // function never returns; no one else reads the staged frame. (A second
-    // entry, for CPU_ON or a reset, would need its own staging slot.)
-    core::mem::forget(frame);
+    // Released before the jump: only this CPU uses its slot, and it reads
+    // the slot in the copy below before anything can stage into it again.
+    drop(frame);
     // SAFETY: the caller guarantees the conditions above; the staged frame
     // is in a static, away from the stack being reset.
     unsafe { lazyhyp_enter_guest(staged, stack_top) }
