@@ -731,9 +731,22 @@ fn distributor_and_redistributor_look_like_a_gicv3() -> TestResult {
         rtyper & gicr::TYPER_PLPIS == 0,
         "GICR_TYPER.PLPIS is set: LPIs offered",
     )?;
+    // Last marks the last vCPU's redistributor only (frames 128 KiB apart).
+    let last = crate::smp_tests::count_vcpus() - 1;
+    if last > 0 {
+        check(
+            rtyper & gicr::TYPER_LAST == 0,
+            "GICR_TYPER.Last is set on the first of several redistributors",
+        )?;
+    }
+    let last_typer = rd64(GICR + last * 0x2_0000 + gicr::TYPER)?;
     check(
-        rtyper & gicr::TYPER_LAST != 0,
-        "GICR_TYPER.Last is 0 for the only redistributor",
+        last_typer >> 32 == last as u64,
+        "the last redistributor's GICR_TYPER affinity is not the last vCPU's",
+    )?;
+    check(
+        last_typer & gicr::TYPER_LAST != 0,
+        "GICR_TYPER.Last is 0 for the last redistributor",
     )?;
     let affinity = my_affinity();
     if rtyper >> 32 != affinity {

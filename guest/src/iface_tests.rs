@@ -464,11 +464,11 @@ pub fn malformed_calls_are_refused() -> TestResult {
             NOT_SUPPORTED,
         ),
         ("other service range", 0xc500_0000, 0, 0, 0, NOT_SUPPORTED),
-        // This VM's one vCPU has MPIDR 0: no vCPU 1 to start; vCPU 0 is on.
+        // No VM has a vCPU with Aff0 = 0xff; vCPU 0 (MPIDR 0) is on.
         (
             "PSCI CPU_ON of a vCPU the VM lacks",
             hyp::PSCI_CPU_ON_64,
-            1,
+            0xff,
             0x4008_0000,
             0,
             INVALID_PARAMETER,

@@ -25,6 +25,8 @@ mod probe;
 #[cfg(target_os = "none")]
 mod rt;
 #[cfg(target_os = "none")]
+mod smp_tests;
+#[cfg(target_os = "none")]
 mod tests;
 
 #[cfg(not(target_os = "none"))]

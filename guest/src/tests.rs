@@ -86,6 +86,14 @@ pub fn run_all(add_failing: bool) -> (u64, u64) {
     for &(name, f) in tests.iter().chain(gic_tests::TESTS).chain(hostile::TESTS) {
         run(name, f);
     }
+    // With more than one vCPU (QEMU -smp and guest.vcpus), the SMP tests.
+    if crate::smp_tests::count_vcpus() > 1 {
+        for &(name, f) in crate::smp_tests::TESTS {
+            run(name, f);
+        }
+    } else {
+        println!("guest: one vCPU: the SMP tests need guest.vcpus >= 2");
+    }
     if add_failing {
         run("deliberate_failure", || Err("asked to fail (guest.fail=1)"));
     }

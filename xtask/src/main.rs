@@ -101,6 +101,11 @@ struct QemuArgs {
     /// Start QEMU's gdb stub on :1234 and wait for gdb (no timeout).
     #[arg(long)]
     gdb: bool,
+    /// QEMU CPUs (`-smp`, 1..=8); the test guest gets as many vCPUs, one
+    /// per CPU, and runs its SMP tests when there are two or more.
+    #[arg(long, default_value_t = 4, value_name = "N",
+          value_parser = clap::value_parser!(u8).range(1..=8))]
+    smp: u8,
     /// Extra bootarg for the hypervisor (repeatable), e.g. `guest.fail=1`.
     #[arg(long = "bootarg", value_name = "KEY=VAL", value_parser = parse_bootarg)]
     bootargs: Vec<String>,
@@ -132,6 +137,7 @@ fn qemu(args: QemuArgs) -> Result<i32> {
         echo: true,
         test_hypercalls: true,
         console_input: Vec::new(),
+        smp: usize::from(args.smp),
     };
     let outcome = xtask::run(&artifacts, &opts)?;
     println!("{}", outcome.stage2_line());

@@ -49,6 +49,9 @@ pub struct RunOptions {
     /// Console input: when an output line contains the first string, type
     /// the second (see [`crate::process::run_with_input`]).
     pub console_input: Vec<(String, Vec<u8>)>,
+    /// QEMU's CPUs (`-smp`); above 1 the guest gets as many vCPUs
+    /// (`guest.vcpus=`) unless the bootargs say otherwise.
+    pub smp: usize,
 }
 
 impl Default for RunOptions {
@@ -62,6 +65,7 @@ impl Default for RunOptions {
             echo: false,
             test_hypercalls: true,
             console_input: Vec::new(),
+            smp: 1,
         }
     }
 }
@@ -82,6 +86,9 @@ impl RunOptions {
                 .any(|a| a.starts_with("test.hypercalls="))
         {
             args.push("test.hypercalls=1".to_owned());
+        }
+        if self.smp > 1 && !self.bootargs.iter().any(|a| a.starts_with("guest.vcpus=")) {
+            args.push(format!("guest.vcpus={}", self.smp));
         }
         args.extend(self.bootargs.iter().cloned());
         args.push(format!("run.token={token}"));
@@ -208,7 +215,7 @@ pub fn qemu_args(artifacts: &Artifacts, opts: &RunOptions, token: &str) -> Vec<O
         "-cpu",
         "max",
         "-smp",
-        "1",
+        &opts.smp.to_string(),
         "-m",
         "1G",
         "-nographic",
