@@ -1,7 +1,8 @@
 //! Boots Debian's arm64 Linux kernel with the busybox initramfs under the
-//! hypervisor (`cargo xtask linux`): it must reach the init's end marker
-//! (after writing and reading back 64 MiB of demand-populated memory) and
-//! power off cleanly, within the timeout. Fetching the kernel needs
+//! hypervisor with 4 vCPUs on 4 CPUs (`cargo xtask linux --smp 4`): it must
+//! show 4 CPUs in /proc/cpuinfo, reach the init's end marker (after four
+//! parallel writers wrote and read back 16 MiB each of demand-populated
+//! memory) and power off cleanly, within the timeout. Fetching the kernel needs
 //! Debian/Ubuntu as root (as CI is); elsewhere the test fails with the
 //! command to run.
 
@@ -17,9 +18,10 @@ fn debian_linux_boots_to_init_end_and_powers_off() {
         xtask::linux::DEFAULT_TIMEOUT,
         false,
         "",
+        4,
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
-    if let Err(why) = xtask::linux::judge(&outcome) {
+    if let Err(why) = xtask::linux::judge(&outcome, 4) {
         panic!("{why}\n---- output ----\n{}", outcome.output);
     }
     let demand: u64 = outcome

@@ -229,10 +229,7 @@ pub fn vcpus_come_up_through_psci() -> Result<(), &'static str> {
             status(hvc(CPU_ON, i, 0x1000, i)) == -9,
             "CPU_ON with an entry outside RAM is not INVALID_ADDRESS",
         )?;
-        check(
-            status(hvc(CPU_ON, i, entry, i)) == 0,
-            "CPU_ON failed",
-        )?;
+        check(status(hvc(CPU_ON, i, entry, i)) == 0, "CPU_ON failed")?;
         let again = status(hvc(CPU_ON, i, entry, i));
         check(
             again == -4 || again == -5,
@@ -319,7 +316,10 @@ const NEW: u64 = 0xb0b0_b0b0_0000_0000;
 /// Runs `reader` on every secondary while this vCPU makes `change` (one
 /// `HYP_MM_BATCH`, one lazy section); then lets them run on for a while
 /// and stops them. Returns (stale uses, accesses after, accesses before).
-fn change_under_readers(change: &[MmOp], reader: fn(usize)) -> Result<(u64, u64, u64), &'static str> {
+fn change_under_readers(
+    change: &[MmOp],
+    reader: fn(usize),
+) -> Result<(u64, u64, u64), &'static str> {
     STALE.store(0, Ordering::Relaxed);
     AFTER.store(0, Ordering::Relaxed);
     BEFORE.store(0, Ordering::Relaxed);
@@ -386,8 +386,14 @@ pub fn remap_under_concurrent_readers() -> Result<(), &'static str> {
     }];
     let (stale, after, before) = change_under_readers(&change, reader)?;
     println!("  remap: {before} reads before, {after} after, {stale} stale");
-    check(after > 0, "no read after the change: the test proves nothing")?;
-    check(stale == 0, "a vCPU read the old backing after the remap returned")
+    check(
+        after > 0,
+        "no read after the change: the test proves nothing",
+    )?;
+    check(
+        stale == 0,
+        "a vCPU read the old backing after the remap returned",
+    )
 }
 
 /// One vCPU write-protects a page while the others write it in a loop:
@@ -423,8 +429,14 @@ pub fn protect_under_concurrent_writers() -> Result<(), &'static str> {
     }];
     let (stale, after, before) = change_under_readers(&change, writer)?;
     println!("  protect: {before} writes before, {after} after, {stale} landed");
-    check(after > 0, "no write after the change: the test proves nothing")?;
-    check(stale == 0, "a vCPU wrote a page after it was made read-only")?;
+    check(
+        after > 0,
+        "no write after the change: the test proves nothing",
+    )?;
+    check(
+        stale == 0,
+        "a vCPU wrote a page after it was made read-only",
+    )?;
     // And none landed in memory either (phase 1 writes the value 2).
     let n = VCPUS.load(Ordering::Relaxed) as u64;
     for i in 1..n {
@@ -468,7 +480,10 @@ pub fn unmap_under_concurrent_readers() -> Result<(), &'static str> {
     }];
     let (stale, after, before) = change_under_readers(&change, reader)?;
     println!("  unmap: {before} reads before, {after} after, {stale} succeeded");
-    check(after > 0, "no read after the change: the test proves nothing")?;
+    check(
+        after > 0,
+        "no read after the change: the test proves nothing",
+    )?;
     check(stale == 0, "a vCPU read a page after it was unmapped")
 }
 
@@ -573,7 +588,10 @@ pub fn suspend_wakes_on_an_sgi() -> Result<(), &'static str> {
     let woke = WOKE.load(Ordering::Acquire);
     mmio_write(0x0800_0000, ctlr);
     check(woke != 2, "CPU_SUSPEND did not return SUCCESS")?;
-    check(woke == 1, "vCPU 1 acknowledged something other than the SGI")?;
+    check(
+        woke == 1,
+        "vCPU 1 acknowledged something other than the SGI",
+    )?;
     check(
         wait_until(10, || DONE.load(Ordering::Acquire) == n - 1),
         "a vCPU did not finish",

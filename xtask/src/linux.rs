@@ -27,7 +27,8 @@ pub fn console_input() -> Vec<(String, Vec<u8>)> {
         format!("{RX_LINE}\n").into_bytes(),
     )]
 }
-/// Printed after the 64 MiB write and read-back succeeded.
+/// Printed after the four writers (16 MiB each, in parallel) wrote and
+/// read back their files.
 pub const END_MARKER: &str = "LINUX-INIT-END";
 
 /// The `/init` of the initramfs.
@@ -36,8 +37,14 @@ pub const INIT_SCRIPT: &str = "#!/bin/busybox sh
 /bin/busybox mount -t tmpfs -o size=96m tmpfs /tmp
 echo LINUX-INIT-START
 /bin/busybox grep MemTotal /proc/meminfo
-/bin/busybox yes lazyhyp | /bin/busybox head -c 67108864 > /tmp/blob
-if /bin/busybox yes lazyhyp | /bin/busybox head -c 67108864 | /bin/busybox cmp - /tmp/blob; then echo LINUX-INIT-END; else echo LINUX-INIT-FAILED; fi
+echo LINUX-CPUS: $(/bin/busybox grep -c ^processor /proc/cpuinfo)
+for i in 1 2 3 4; do
+  ( /bin/busybox yes lazyhyp$i | /bin/busybox head -c 16777216 > /tmp/blob$i &&
+    /bin/busybox yes lazyhyp$i | /bin/busybox head -c 16777216 | /bin/busybox cmp - /tmp/blob$i &&
+    /bin/busybox touch /tmp/ok$i ) &
+done
+wait
+if [ -e /tmp/ok1 ] && [ -e /tmp/ok2 ] && [ -e /tmp/ok3 ] && [ -e /tmp/ok4 ]; then echo LINUX-INIT-END; else echo LINUX-INIT-FAILED; fi
 echo LINUX-RX-READY
 if read -t 60 line; then echo \"LINUX-RX-GOT:$line\"; else echo LINUX-RX-NOTHING; fi
 echo LINUX-INTERRUPTS-START
@@ -286,6 +293,7 @@ pub fn boot(
     timeout: Duration,
     echo: bool,
     append: &str,
+    smp: usize,
 ) -> Result<RunOutcome> {
     let size = std::fs::metadata(initrd)?.len();
     let artifacts = Artifacts {
@@ -315,6 +323,7 @@ pub fn boot(
         echo,
         test_hypercalls: false,
         console_input: console_input(),
+        smp,
         ..RunOptions::default()
     };
     run(&artifacts, &opts)
@@ -339,7 +348,13 @@ pub struct Sample {
 /// # Errors
 ///
 /// If QEMU cannot run, or the run does not reach the end marker.
-pub fn bare_boot(kernel: &Path, initrd: &Path, timeout: Duration, append: &str) -> Result<Sample> {
+pub fn bare_boot(
+    kernel: &Path,
+    initrd: &Path,
+    timeout: Duration,
+    append: &str,
+    smp: usize,
+) -> Result<Sample> {
     let mut cmd = Command::new(crate::QEMU);
     let cmdline = if append.trim().is_empty() {
         CMDLINE.to_owned()
@@ -352,7 +367,7 @@ pub fn bare_boot(kernel: &Path, initrd: &Path, timeout: Duration, append: &str) 
         "-cpu",
         "max,sve=off,sme=off",
         "-smp",
-        "1",
+        &smp.to_string(),
         "-m",
         "256M",
     ])
@@ -408,7 +423,10 @@ pub fn exit_rates(outcome: &RunOutcome) -> String {
 pub fn phase(output: &str) -> &'static str {
     let last = |m: &str| output.rfind(m);
     let phases = [
-        (START_MARKER, "init: the 64 MiB tmpfs write and compare"),
+        (
+            START_MARKER,
+            "init: the four parallel 16 MiB tmpfs writers and compares",
+        ),
         (END_MARKER, "init: waiting for the console line"),
         (RX_READY_MARKER, "init: waiting for the console line"),
         (
@@ -432,7 +450,7 @@ pub fn phase(output: &str) -> &'static str {
 /// # Errors
 ///
 /// What went wrong with the run.
-pub fn judge(outcome: &RunOutcome) -> Result<(), String> {
+pub fn judge(outcome: &RunOutcome, smp: usize) -> Result<(), String> {
     if outcome.timed_out {
         return Err(format!(
             "timed out after {:.0} s, in phase: {} (raise --timeout on a slow machine)",
@@ -447,6 +465,14 @@ pub fn judge(outcome: &RunOutcome) -> Result<(), String> {
         if !outcome.output.contains(marker) {
             return Err(format!("no `{marker}` in the output"));
         }
+    }
+    // Every vCPU came up (PSCI CPU_ON through the hypervisor).
+    let cpus = format!("LINUX-CPUS: {smp}\n");
+    if !outcome.output.replace('\r', "").contains(&cpus) {
+        return Err(format!(
+            "/proc/cpuinfo does not show {smp} CPUs (want the line `{}`)",
+            cpus.trim_end()
+        ));
     }
     // The guest's interrupts arrived through the virtual GIC: the arch
     // timer's count in /proc/interrupts is not zero.

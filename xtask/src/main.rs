@@ -51,6 +51,10 @@ enum Cmd {
         /// (`console=ttyAMA0 earlycon=... panic=-1 rdinit=/init`).
         #[arg(long, value_name = "WORDS", default_value = "")]
         append: String,
+        /// QEMU CPUs (`-smp`, 1..=8), each one vCPU of the Linux guest.
+        #[arg(long, default_value_t = 1, value_name = "N",
+              value_parser = clap::value_parser!(u8).range(1..=8))]
+        smp: u8,
     },
     /// Run the benchmarks: W1..W5 in eager mode and under every nesting
     /// policy in one QEMU boot (correctness from the host model), then the
@@ -190,6 +194,7 @@ fn linux(
     timeout: u64,
     compare: Option<usize>,
     append: &str,
+    smp: usize,
 ) -> Result<bool> {
     use xtask::linux::{Sample, spread};
     xtask::ensure_qemu()?;
@@ -199,9 +204,17 @@ fn linux(
         _ => xtask::linux::fetch()?,
     };
     let t = Duration::from_secs(timeout);
-    let outcome = xtask::linux::boot(&artifacts.hypervisor, &kernel, &initrd, t, true, append)?;
+    let outcome = xtask::linux::boot(
+        &artifacts.hypervisor,
+        &kernel,
+        &initrd,
+        t,
+        true,
+        append,
+        smp,
+    )?;
     println!("{}", outcome.stage2_line());
-    if let Err(why) = xtask::linux::judge(&outcome) {
+    if let Err(why) = xtask::linux::judge(&outcome, smp) {
         println!("xtask linux: FAIL");
         eprintln!("xtask linux: {why}");
         return Ok(false);
@@ -219,15 +232,23 @@ fn linux(
     // change on the machine hits both sides alike.
     let (mut hyp, mut bare): (Vec<Sample>, Vec<Sample>) = (Vec::new(), Vec::new());
     for i in 0..n {
-        let o = xtask::linux::boot(&artifacts.hypervisor, &kernel, &initrd, t, false, append)?;
-        if let Err(why) = xtask::linux::judge(&o) {
+        let o = xtask::linux::boot(
+            &artifacts.hypervisor,
+            &kernel,
+            &initrd,
+            t,
+            false,
+            append,
+            smp,
+        )?;
+        if let Err(why) = xtask::linux::judge(&o, smp) {
             anyhow::bail!("hypervisor run {i}: {why}");
         }
         hyp.push(Sample {
             wall: o.elapsed,
             cpu: o.cpu,
         });
-        bare.push(xtask::linux::bare_boot(&kernel, &initrd, t, append)?);
+        bare.push(xtask::linux::bare_boot(&kernel, &initrd, t, append, smp)?);
         println!(
             "xtask linux: run {i}: hypervisor {:.2} s wall / {:.2} s CPU, bare QEMU {:.2} s wall / {:.2} s CPU",
             hyp[i].wall.as_secs_f64(),
@@ -351,7 +372,8 @@ fn main() -> ExitCode {
             timeout,
             compare,
             append,
-        } => linux(kernel, initrd, timeout, compare, &append),
+            smp,
+        } => linux(kernel, initrd, timeout, compare, &append, usize::from(smp)),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -769,7 +769,7 @@ fn load_linux(
         initrd: (initrd_len > 0).then(|| initrd_ipa..initrd_ipa + boot.args.initrd.1 as u64),
         bootargs: &cmdline,
         gicd: (qemu_virt::GICD_BASE, qemu_virt::GICD_SIZE),
-        gicr: (qemu_virt::GICR_BASE, 0x2_0000),
+        gicr: (qemu_virt::GICR_BASE, 0x2_0000 * boot.args.vcpus as u64),
         uart: PL011_BASE as u64,
         mpidrs: &(0..boot.args.vcpus)
             .map(|v| Vgic::mpidr(v) & smp::MPIDR_AFFINITY)
