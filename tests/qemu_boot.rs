@@ -39,10 +39,16 @@ fn boot(bootargs: &[&str]) -> RunOutcome {
 }
 
 fn boot_with(artifacts: &Artifacts, bootargs: &[&str]) -> RunOutcome {
+    boot_smp(artifacts, 1, bootargs)
+}
+
+/// A run on `smp` CPUs; the test guest gets as many vCPUs.
+fn boot_smp(artifacts: &Artifacts, smp: usize, bootargs: &[&str]) -> RunOutcome {
     let opts = RunOptions {
         timeout: TIMEOUT,
         bootargs: bootargs.iter().map(|&a| a.to_owned()).collect(),
         echo: false,
+        smp,
         ..RunOptions::default()
     };
     xtask::run(artifacts, &opts).unwrap_or_else(|e| panic!("could not run QEMU: {e:#}"))
@@ -175,9 +181,37 @@ fn lazy_sections_with_guard_mode_take_effect_in_qemu() {
 /// TLBI pending) whenever it enters or returns to the guest.
 #[test]
 fn debug_build_passes_with_its_assertions() {
-    let outcome = boot_with(debug_artifacts(), &["mm.guard=1"]);
+    let outcome = boot_smp(debug_artifacts(), 4, &["mm.guard=1"]);
     let report = report(&outcome);
     assert_eq!(outcome.verdict(), Verdict::Pass, "{report}");
+}
+
+/// The test guest on 4 CPUs with 4 vCPUs: they come up through PSCI, fault
+/// concurrently, and no vCPU uses a stale translation once another vCPU's
+/// remap, protect or unmap call returned (QEMU keeps stale translations
+/// until the broadcast TLBI: a local `TLBI VMALLE1` instead fails all
+/// three); a suspended vCPU wakes for an SGI.
+#[test]
+fn smp_guest_with_four_vcpus() {
+    let outcome = boot_smp(artifacts(), 4, &[]);
+    let report = report(&outcome);
+    assert_eq!(outcome.verdict(), Verdict::Pass, "{report}");
+    assert_guest_tests_passed(
+        &outcome,
+        &report,
+        &[
+            "smp_vcpus_come_up_through_psci",
+            "smp_concurrent_demand_faults_on_one_region",
+            "smp_remap_under_concurrent_readers",
+            "smp_protect_under_concurrent_writers",
+            "smp_unmap_under_concurrent_readers",
+            "smp_suspend_wakes_on_an_sgi",
+        ],
+    );
+    assert!(
+        outcome.output.contains("4 of 4 CPUs online"),
+        "not every CPU came up\n{report}"
+    );
 }
 
 /// The guest-interface suite: every memory call checked by touching memory,

@@ -534,7 +534,7 @@ mod tests {
             "quiet%20%20loglevel=3%25"
         );
         assert!(phase("booting...").starts_with("kernel boot"));
-        assert!(phase("LINUX-INIT-START\n").contains("64 MiB"));
+        assert!(phase("LINUX-INIT-START\n").contains("parallel 16 MiB"));
         assert!(
             phase("LINUX-INIT-START\nLINUX-INIT-END\nLINUX-RX-READY\n").contains("console line")
         );

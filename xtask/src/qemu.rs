@@ -337,6 +337,26 @@ mod tests {
     }
 
     #[test]
+    fn smp_gives_the_guest_as_many_vcpus_unless_told() {
+        let opts = RunOptions {
+            smp: 4,
+            ..RunOptions::default()
+        };
+        let args = strings(&qemu_args(&artifacts(), &opts, "t"));
+        assert!(args.windows(2).any(|w| w == ["-smp", "4"]));
+        assert_eq!(
+            opts.append_line("t"),
+            "log=info test.hypercalls=1 guest.vcpus=4 run.token=t"
+        );
+        let two = RunOptions {
+            smp: 4,
+            bootargs: vec!["guest.vcpus=2".into()],
+            ..RunOptions::default()
+        };
+        assert!(!two.append_line("t").contains("guest.vcpus=4"));
+    }
+
+    #[test]
     fn gdb_adds_the_stub() {
         let opts = RunOptions {
             gdb: true,
