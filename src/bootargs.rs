@@ -71,6 +71,13 @@ pub struct BootArgs {
     /// `guest.vcpus=<1..=8>`: the guest's vCPUs, vCPU i pinned to physical
     /// CPU i (default 1).
     pub vcpus: usize,
+    /// `vms=KIND:CPUS:RAM_MIB,...`: several VMs side by side (see
+    /// [`crate::vm::config`]); without it, one VM from `guest.kind`,
+    /// `guest.vcpus` and `guest.ram_mib`.
+    pub vms: Option<crate::vm::config::VmConfig>,
+    /// `linux.payload=<PA>`: where the Linux Image is when `vms=` has both a
+    /// test VM (its ELF at `payload=`) and a Linux VM.
+    pub linux_payload: Option<PhysAddr>,
 }
 
 /// The run's secret token: up to 32 hex digits from the bootargs, which
@@ -122,6 +129,8 @@ impl Default for BootArgs {
             linux: false,
             initrd: (0, 0),
             vcpus: 1,
+            vms: None,
+            linux_payload: None,
             run_token: RunToken::default(),
             test_hypercalls: false,
             fwb: true,
@@ -152,7 +161,7 @@ impl core::fmt::Display for BootArgsError<'_> {
             Self::NotKeyValue(w) => write!(f, "boot argument `{w}` is not key=value"),
             Self::UnknownKey(k) => write!(
                 f,
-                "unknown boot argument `{k}` (known: log, payload, mm.guard, mm.fwb, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.kind, linux.initrd, linux.initrd_size, guest.fail, guest.bench, guest.unmap_bench_mib, guest.vcpus, linux.append, run.token, test.hypercalls)"
+                "unknown boot argument `{k}` (known: log, payload, mm.guard, mm.fwb, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.kind, linux.initrd, linux.initrd_size, guest.fail, guest.bench, guest.unmap_bench_mib, guest.vcpus, vms, linux.payload, linux.append, run.token, test.hypercalls)"
             ),
             Self::BadValue { key, value } => write!(f, "bad value `{value}` for `{key}`"),
         }
@@ -160,6 +169,25 @@ impl core::fmt::Display for BootArgsError<'_> {
 }
 
 impl BootArgs {
+    /// The VMs to run: `vms=`, or the one VM `guest.kind`, `guest.vcpus`
+    /// and `guest.ram_mib` describe (on CPUs 0..vcpus).
+    #[must_use]
+    pub fn vm_config(&self) -> crate::vm::config::VmConfig {
+        use crate::vm::config::{VmConfig, VmKind, VmSpec};
+        self.vms.unwrap_or_else(|| {
+            VmConfig::single(VmSpec {
+                kind: if self.linux {
+                    VmKind::Linux
+                } else {
+                    VmKind::Test
+                },
+                first_cpu: 0,
+                vcpus: self.vcpus,
+                ram_mib: self.guest_ram_mib,
+            })
+        })
+    }
+
     /// Parses a command line.
     ///
     /// # Errors
@@ -175,6 +203,12 @@ impl BootArgs {
             match key {
                 "log" => args.log = parse_level(value).ok_or(bad)?,
                 "payload" => args.payload = parse_number(value).ok_or(bad)?,
+                "vms" => {
+                    args.vms = Some(crate::vm::config::VmConfig::parse(value).map_err(|_| bad)?);
+                }
+                "linux.payload" => {
+                    args.linux_payload = Some(parse_number(value).ok_or(bad)?);
+                }
                 "guest.vcpus" => {
                     args.vcpus = parse_number(value)
                         .filter(|n| (1..=8).contains(n))

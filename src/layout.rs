@@ -31,7 +31,7 @@ pub struct LayoutInput {
     pub ram: Range<PhysAddr>,
     /// Regions in use that must not be given out (empty ranges are
     /// ignored).
-    pub in_use: [(&'static str, Range<PhysAddr>); 4],
+    pub in_use: [(&'static str, Range<PhysAddr>); 5],
     /// Guest RAM size to back.
     pub guest_ram: usize,
 }
@@ -123,7 +123,7 @@ impl Layout {
         }
         // Runs before the heap exists: no allocation. The in-use regions,
         // then each region placed, in a fixed array.
-        let mut taken: [Range<PhysAddr>; 7] = core::array::from_fn(|_| 0..0);
+        let mut taken: [Range<PhysAddr>; 8] = core::array::from_fn(|_| 0..0);
         for (slot, (_, r)) in taken.iter_mut().zip(&input.in_use) {
             *slot = r.clone();
         }
@@ -157,6 +157,7 @@ mod tests {
                 ("device tree", 0x4000_0000..0x4010_0000),
                 ("hypervisor image", 0x4020_0000..0x4031_0000),
                 ("guest payload", 0x4800_0000..0x4802_0000),
+                ("Linux payload", 0..0),
                 ("initrd", 0..0),
             ],
             guest_ram,

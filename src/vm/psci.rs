@@ -123,6 +123,11 @@ impl PowerTable {
         self.state[vcpu] = Power::OnPending(start);
     }
 
+    /// Every vCPU off: the VM stops (or resets).
+    pub fn power_off_all(&mut self) {
+        self.state.fill(Power::Off);
+    }
+
     /// `CPU_ON(target, entry, context)`. `ram`: the IPA range the entry
     /// must lie in. `Ok(vcpu)`: `vcpu` is now pending on, its physical CPU
     /// to be kicked; `Err`: the PSCI error code.

@@ -30,7 +30,7 @@ impl crate::coherency::CacheOps for HwCacheOps {
         // point of coherency for every observer in the inner shareable
         // domain, a Non-cacheable guest view included) before what follows.
         unsafe { core::arch::asm!("dsb ish", options(nostack, preserves_flags)) };
-        crate::mm::counters::add(&super::EXITS.cmo_lines, lines);
+        crate::mm::counters::add(&super::exits().cmo_lines, lines);
     }
 
     fn invalidate_icache(&self) {
@@ -57,6 +57,6 @@ impl crate::coherency::CacheOps for HwCacheOps {
                 options(nostack, preserves_flags),
             );
         }
-        crate::mm::counters::inc(&super::EXITS.icache_invalidations);
+        crate::mm::counters::inc(&super::exits().icache_invalidations);
     }
 }

@@ -17,29 +17,29 @@ use spin::mutex::SpinMutex;
 /// Physical (and EL2 virtual) address of the PL011 on QEMU `virt`.
 pub const PL011_BASE: usize = 0x0900_0000;
 
-/// The console: the UART, and whether a guest line is open (guest bytes
-/// printed since the guest's last newline).
+/// The console: the UART, and which VM's line is open (its bytes printed
+/// since its last newline), if any.
 struct Console {
     uart: Uart<'static>,
-    guest_line_open: bool,
+    guest_line_open: Option<usize>,
 }
 
 impl Console {
     /// Ends an open guest line, so what the hypervisor prints next starts a
     /// line of its own: no guest byte can precede a marker on its line.
     fn end_guest_line(&mut self) {
-        if self.guest_line_open {
+        if self.guest_line_open.take().is_some() {
             self.uart.write_word(b'\n');
-            self.guest_line_open = false;
         }
     }
 }
 
 static CONSOLE: SpinMutex<Option<Console>> = SpinMutex::new(None);
 
-/// The prefix of every line of guest output on the console. A guest can
-/// therefore never print a line that starts like one of the hypervisor's
-/// (`LAZYHYP-...`, log lines), and xtask reads guest lines only after it.
+/// The prefix of every line of VM 1's output on the console (VM n's is
+/// `vm<n>| `). A guest can therefore never print a line that starts like
+/// one of the hypervisor's (`LAZYHYP-...`, log lines), and xtask reads
+/// guest lines only after it.
 pub const GUEST_PREFIX: &str = "vm1| ";
 
 /// The run's token (`run.token=`), carried by every marker line.
@@ -61,7 +61,7 @@ pub fn init(level: LevelFilter) {
     };
     *CONSOLE.lock() = Some(Console {
         uart: Uart::new(regs),
-        guest_line_open: false,
+        guest_line_open: None,
     });
     // Only fails if a logger is already set, which would mean init ran twice.
     log::set_logger(&LOGGER).expect("console::init called twice");
@@ -101,7 +101,13 @@ pub fn marker(kind: &str, args: fmt::Arguments<'_>) {
 /// the prefix); every other byte (escape sequences, control characters,
 /// non-ASCII) and the backslash written as `\xNN` / `\\`, so a guest
 /// cannot drive the host's terminal or forge a hypervisor line.
-pub fn putc(byte: u8) {
+///
+/// `vm` is the VM's index (0 for VM 1). Another VM's open line is ended
+/// first, so lines of different VMs never mix.
+pub fn putc(vm: usize, byte: u8) {
+    if LINE_BUFFERED.load(core::sync::atomic::Ordering::Relaxed) {
+        return buffered_putc(vm, byte);
+    }
     let mut guard = CONSOLE.lock();
     let Some(console) = guard.as_mut() else {
         return;
@@ -109,16 +115,17 @@ pub fn putc(byte: u8) {
     if byte == b'\r' {
         return;
     }
-    if !console.guest_line_open {
-        for b in GUEST_PREFIX.bytes() {
-            console.uart.write_word(b);
-        }
-        console.guest_line_open = true;
+    if console.guest_line_open.is_some_and(|open| open != vm) {
+        console.end_guest_line();
+    }
+    if console.guest_line_open.is_none() {
+        let _ = write!(console.uart, "vm{}| ", vm + 1);
+        console.guest_line_open = Some(vm);
     }
     match byte {
         b'\n' => {
             console.uart.write_word(b'\n');
-            console.guest_line_open = false;
+            console.guest_line_open = None;
         }
         b'\\' => {
             console.uart.write_word(b'\\');
@@ -129,6 +136,68 @@ pub fn putc(byte: u8) {
             let _ = write!(console.uart, "\\x{byte:02x}");
         }
     }
+}
+
+/// With several VMs their output is line-buffered ([`buffered_putc`]), so
+/// that the lines of VMs printing at the same time never mix.
+static LINE_BUFFERED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Longest line a VM's buffer holds; a longer one is printed in pieces.
+const LINE_MAX: usize = 200;
+
+/// One VM's line in the making.
+struct LineBuffer {
+    bytes: [u8; LINE_MAX],
+    len: usize,
+}
+
+static LINES: [SpinMutex<LineBuffer>; crate::vm::config::MAX_VMS] = [const {
+    SpinMutex::new(LineBuffer {
+        bytes: [0; LINE_MAX],
+        len: 0,
+    })
+}; crate::vm::config::MAX_VMS];
+
+/// Line-buffers guest output (several VMs): call once, before any VM runs.
+pub fn set_line_buffered(on: bool) {
+    LINE_BUFFERED.store(on, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Adds `byte` to VM `vm`'s line; a newline (or a full buffer) prints the
+/// line whole, through [`putc`]'s escaping, under one console lock.
+fn buffered_putc(vm: usize, byte: u8) {
+    let Some(line) = LINES.get(vm) else { return };
+    let mut line = line.lock();
+    if byte != b'\n' {
+        let len = line.len;
+        line.bytes[len] = byte;
+        line.len += 1;
+        if line.len < LINE_MAX {
+            return;
+        }
+    }
+    let mut guard = CONSOLE.lock();
+    let Some(console) = guard.as_mut() else {
+        line.len = 0;
+        return;
+    };
+    console.end_guest_line();
+    let _ = write!(console.uart, "vm{}| ", vm + 1);
+    for &b in &line.bytes[..line.len] {
+        match b {
+            b'\r' => {}
+            b'\\' => {
+                console.uart.write_word(b'\\');
+                console.uart.write_word(b'\\');
+            }
+            b' '..=b'~' | b'\t' => console.uart.write_word(b),
+            _ => {
+                let _ = write!(console.uart, "\\x{b:02x}");
+            }
+        }
+    }
+    console.uart.write_word(b'\n');
+    line.len = 0;
 }
 
 /// Turns the real UART's receive interrupt on or off (the hypervisor takes

@@ -106,8 +106,9 @@ impl ImageLayout {
 /// Regions of the EL2 map besides the image.
 #[derive(Debug)]
 pub struct El2Regions {
-    /// Read-only: device tree, guest payload, initrd (empty: none).
-    pub read_only: [Range<PhysAddr>; 3],
+    /// Read-only: device tree, test guest payload, Linux payload, initrd
+    /// (empty: none).
+    pub read_only: [Range<PhysAddr>; 4],
     /// Read-write: heap, guest RAM backing.
     pub read_write: [Range<PhysAddr>; 2],
     /// The page-table pool: read-write, mapped with pages (no blocks) so

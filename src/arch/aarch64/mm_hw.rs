@@ -258,8 +258,8 @@ impl MmArch for HwMmArch {
     }
 
     fn cpu_id(&self) -> usize {
-        // Single cluster on QEMU virt: Aff0 numbers the CPUs.
-        (read_sysreg!("mpidr_el1") & 0xff) as usize
+        // The dense index from the full MPIDR affinity (super::smp).
+        super::smp::this_cpu()
     }
 
     fn tlbi_vae2is(&self, va: u64) {

@@ -25,6 +25,7 @@ pub mod vm;
 use aarch64_paging::idmap::IdMap;
 use aarch64_paging::paging::El2;
 use aarch64_rt::InitialPagetable;
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 use buddy_system_allocator::LockedHeap;
 use core::fmt::Write;
@@ -49,6 +50,7 @@ use crate::vcpu::{
     Exit, ExitCounters, GuestRegs, GuestReport, Injection, PsciCall, Stop, Trap, TrapReport, Vcpu,
 };
 use crate::vgic::{CpuInterface, SysregTrap, Vgic, VgicConfig, qemu_virt};
+use crate::vm::config::{VmKind, VmSpec};
 use crate::vm::psci::{PowerTable, Start};
 use console::{PL011_BASE, println};
 use mm_hw::HwMmArch;
@@ -63,9 +65,6 @@ const MAX_PAYLOAD: usize = 64 << 20;
 
 /// Where QEMU places the device tree for an ELF kernel: the start of RAM.
 const DTB_ADDR: usize = 0x4000_0000;
-
-/// The guest's VMID.
-const GUEST_VMID: Vmid = Vmid(1);
 
 /// Exit statuses of QEMU, as documented in `docs/run-contract.md`.
 mod exit_code {
@@ -119,7 +118,7 @@ unsafe impl core::alloc::GlobalAlloc for TrackedHeap {
         let p = unsafe { self.heap.alloc(layout) };
         if !p.is_null() {
             let now = self.in_use.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
-            EXITS
+            exits()
                 .heap_peak_bytes
                 .fetch_max(now as u64, Ordering::Relaxed);
         }
@@ -147,13 +146,51 @@ static POOL: Once<PagePool<'static, HwMmArch>> = Once::new();
 static GUARD: Once<el2map::GuardPages> = Once::new();
 /// The mm core's context: lazy state, policy, counters.
 static MM: Once<MmCtx<HwMmArch>> = Once::new();
-/// Guest exit counters.
-static EXITS: ExitCounters = ExitCounters::new();
-/// The guest.
-static VM: Once<Vm> = Once::new();
-/// The vCPU each physical CPU runs (`usize::MAX`: none), by CPU index.
-static PCPU_VCPU: [AtomicUsize; smp::MAX_PCPUS] =
+/// Guest exit counters, per physical CPU (a VM's are those of its CPUs).
+static EXITS: [ExitCounters; smp::MAX_PCPUS] = [const { ExitCounters::new() }; smp::MAX_PCPUS];
+
+/// The executing CPU's exit counters.
+pub(crate) fn exits() -> &'static ExitCounters {
+    &EXITS[smp::this_cpu() % smp::MAX_PCPUS]
+}
+
+/// Calls `f` with each counter's name (mm counters, then exit counters)
+/// and its total over the CPUs `cpus` (`heap_peak_bytes`: the maximum).
+pub(crate) fn for_each_counter(cpus: Range<usize>, mut f: impl FnMut(&'static str, u64)) {
+    let mut names = [""; 128];
+    let mut totals = [0u64; 128];
+    let mut n = 0;
+    for cpu in cpus.filter(|&c| c < smp::MAX_PCPUS) {
+        let mut i = 0;
+        let mut add = |name: &'static str, v: u64| {
+            if i < names.len() {
+                names[i] = name;
+                totals[i] = if name == "heap_peak_bytes" {
+                    totals[i].max(v)
+                } else {
+                    totals[i] + v
+                };
+                i += 1;
+            }
+        };
+        if let Some(mm) = MM.get() {
+            mm.cpu_counters(cpu).for_each(&mut add);
+        }
+        EXITS[cpu].for_each(&mut add);
+        n = i;
+    }
+    for i in 0..n {
+        f(names[i], totals[i]);
+    }
+}
+/// The VMs (VM 1 first): the only VM state outside the VMs themselves.
+static VMS: Once<Vec<Vm>> = Once::new();
+/// The VM (index in [`VMS`]) each physical CPU serves (`usize::MAX`:
+/// none), fixed at boot (static partitioning).
+static PCPU_VM: [AtomicUsize; smp::MAX_PCPUS] =
     [const { AtomicUsize::new(usize::MAX) }; smp::MAX_PCPUS];
+/// What boot found (kept for VM resets, which reload a VM's image).
+static BOOT: Once<BootInfo> = Once::new();
 /// Interrupt lines of the physical distributor (for each CPU's setup).
 static GIC_LINES: AtomicU32 = AtomicU32::new(0);
 /// The CPU's ID registers, read once at boot.
@@ -179,31 +216,57 @@ static FREE_TABLES: fn(&[PhysAddr]) = |pages| {
 /// A VM: its shared state under one lock, its vCPUs' power states, and
 /// what each of its physical CPUs needs to enter it.
 pub(crate) struct Vm {
+    /// Index in [`VMS`] (the VM's name is `vm<index + 1>`).
+    index: usize,
+    /// What it runs, where, with how much RAM.
+    spec: VmSpec,
     /// Stage 2, memory, devices, virtual GIC: the VM lock. Every exit that
     /// touches them takes it; stage-2 changes are serialised by it (the
     /// locking design: docs/lazy-mmu.md, "SMP").
     state: SpinMutex<VmState>,
     /// The vCPUs' PSCI power states (never held with `state`).
     power: SpinMutex<PowerTable>,
-    /// The physical CPU of each vCPU (static partitioning).
-    pcpus: Vec<usize>,
-    /// `VTTBR_EL2`, `VTCR_EL2` and `HCR_EL2.FWB` for its vCPUs.
+    /// `VTTBR_EL2` (its VMID and root), `VTCR_EL2` and `HCR_EL2.FWB`.
     vttbr: u64,
     vtcr: u64,
     fwb: bool,
-    /// The guest is Linux (its power-off is the end of a good run).
-    linux: bool,
     /// Guest RAM's IPA range (where `CPU_ON` entry points may be).
     ram_ipa: Range<u64>,
+    /// Where the VM's RAM lives (its own slice of the guest backing).
+    backing: Range<PhysAddr>,
     /// Where each vCPU's previous exit sent it with an injected abort
     /// (`u64::MAX`: it did not).
     last_vector: Vec<AtomicU64>,
+    /// Set while the VM stops or resets: its vCPUs leave for the idle loop
+    /// at their next exit (each is kicked).
+    stopping: AtomicBool,
+    /// Its vCPUs in a guest or a trap handler (not parked).
+    running: AtomicU32,
+    /// The VM ended: (status as in `exit_code`, reason).
+    ended: SpinMutex<Option<(u32, &'static str)>>,
+    /// Times it was reset (PSCI `SYSTEM_RESET`).
+    resets: AtomicU32,
 }
 
 impl Vm {
     /// Takes the VM lock.
     pub(crate) fn lock(&self) -> spin::mutex::SpinMutexGuard<'_, VmState> {
         self.state.lock()
+    }
+
+    /// Whether it runs Linux.
+    pub(crate) fn is_linux(&self) -> bool {
+        self.spec.kind == VmKind::Linux
+    }
+
+    /// Its physical CPUs.
+    pub(crate) fn cpus(&self) -> Range<usize> {
+        self.spec.cpus()
+    }
+
+    /// The physical CPU of `vcpu`.
+    fn pcpu(&self, vcpu: usize) -> usize {
+        self.spec.first_cpu + vcpu
     }
 }
 
@@ -214,7 +277,7 @@ pub(crate) struct VmState {
     /// The guest's RAM: backing, given-back pages, fault-around.
     mem: GuestMemory,
     /// The emulated PL011 (`None` with `guest.uart=passthrough`).
-    uart: Option<crate::mmio::Pl011<fn(u8)>>,
+    uart: Option<crate::mmio::Pl011<Box<dyn FnMut(u8) + Send>>>,
     /// The virtual GIC: the guest's distributor and redistributors are
     /// emulated here, its interrupts delivered through list registers.
     vgic: Vgic,
@@ -228,24 +291,35 @@ pub(crate) struct VmState {
     report: Option<GuestReport>,
 }
 
+/// The VM CPU `cpu` serves, if any.
+fn vm_of(cpu: usize) -> Option<&'static Vm> {
+    let index = PCPU_VM.get(cpu)?.load(Ordering::Relaxed);
+    VMS.get()?.get(index)
+}
+
 /// The VM the executing CPU runs.
 pub(crate) fn current_vm() -> &'static Vm {
-    VM.get().expect("a guest exists while one runs")
+    vm_of(smp::this_cpu()).expect("a guest exists while one runs")
 }
 
 /// The vCPU (index in its VM) the executing CPU runs.
 fn current_vcpu() -> usize {
-    PCPU_VCPU[smp::this_cpu()].load(Ordering::Relaxed)
+    smp::this_cpu() - current_vm().spec.first_cpu
+}
+
+/// The VM that receives what is typed on the console (the real UART's
+/// input): the Linux VM if there is one, else VM 1.
+fn rx_vm() -> Option<&'static Vm> {
+    let vms = VMS.get()?;
+    vms.iter().find(|vm| vm.is_linux()).or_else(|| vms.first())
 }
 
 /// Kicks the physical CPUs of the vCPUs in `mask` (bit i = vCPU i), other
 /// than the executing one: each exits its guest (or wakes from its wait)
 /// and loads what is now pending for it.
 fn kick_vcpus(vm: &Vm, mask: u128) {
-    for (vcpu, &pcpu) in vm.pcpus.iter().enumerate() {
-        if mask & (1 << vcpu) != 0 {
-            smp::kick(pcpu);
-        }
+    for vcpu in (0..vm.spec.vcpus).filter(|v| mask & (1 << v) != 0) {
+        smp::kick(vm.pcpu(vcpu));
     }
 }
 
@@ -272,25 +346,25 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
             sysreg::current_el()
         ));
     }
-    let boot = read_boot_info();
+    let boot = BOOT.call_once(read_boot_info);
     let image = el2map::ImageLayout::get();
     let layout = Layout::new(&LayoutInput {
         ram: boot.ram.clone(),
         in_use: [
             ("device tree", boot.dtb.clone()),
             ("hypervisor image", image.whole()),
-            ("guest payload", boot.payload.clone()),
+            ("test guest payload", boot.test_payload.clone()),
+            ("Linux payload", boot.linux_payload.clone()),
             ("initrd", boot.initrd.clone()),
         ],
         guest_ram: boot.guest_ram,
     })
     .unwrap_or_else(|e| setup_error(format_args!("memory layout: {e}")));
     log::info!(
-        "heap {:#x?}, pool {:#x?}, guest RAM backing {:#x?}, payload {:#x?}",
+        "heap {:#x?}, pool {:#x?}, guest RAM backing {:#x?}",
         layout.heap,
         layout.pool,
         layout.guest_backing,
-        boot.payload
     );
     let pa_range = sysreg::pa_range();
     switch_to_el2_map(&image, &boot, &layout, pa_range);
@@ -303,48 +377,42 @@ pub fn main(_x0: u64, _x1: u64, _x2: u64, _x3: u64) -> ! {
         if cpu.has_fwb() { "present" } else { "absent" },
         u8::from(boot.args.fwb)
     );
-
-    let (entry, x0) = match &boot.kind {
-        Payload::Elf(elf) => (load_guest(elf, &layout.guest_backing, boot.guest_ram), 0),
-        Payload::Linux { header, image } => load_linux(header, image, &boot, &layout),
-    };
     if !sysreg::has_gic_sysregs() {
         setup_error(format_args!(
             "the CPU has no GICv3 system register interface"
         ));
     }
-    // Before any ICC_*/ICH_* access (build_stage2 reads ICH_VTR_EL2).
+    // Before any ICC_*/ICH_* access (building a VM reads ICH_VTR_EL2).
     gic::enable_sysregs();
     let ncpus = smp::cpu_count();
-    if boot.args.vcpus > ncpus {
+    let config = boot.args.vm_config();
+    if config.cpus_needed() > ncpus {
         setup_error(format_args!(
-            "guest.vcpus={} but the machine has {ncpus} CPUs (QEMU -smp)",
-            boot.args.vcpus
+            "the VMs need {} CPUs but the machine has {ncpus} (QEMU -smp)",
+            config.cpus_needed()
         ));
     }
     let vtcr = vm::vtcr_el2(pa_range)
         .unwrap_or_else(|| setup_error(format_args!("PARange {pa_range} is below 40 bits")));
-    // Linux: the device tree's IPA (x1..x3 zero, as the boot protocol
-    // says). The test guest: no device tree, its flags in x1.
-    let args = if boot.args.linux {
-        [x0, 0, 0]
-    } else {
-        [x0, boot.args.guest_flags, boot.args.unmap_bench_mib as u64]
-    };
-    build_vm(&layout, &boot, vtcr, Start { entry, args });
+    build_vms(&layout, &boot, vtcr);
     init_gic();
     let online = smp::start_secondaries();
+    let needed = (1u32 << config.cpus_needed()) - 1;
     log::info!(
-        "{} of {ncpus} CPUs online (mask {online:#x}); guest with {} vCPUs",
+        "{} of {ncpus} CPUs online (mask {online:#x}); {} VMs",
         online.count_ones(),
-        boot.args.vcpus
+        config.len()
     );
-    let needed = (1u32 << boot.args.vcpus) - 1;
     if online & needed != needed {
         setup_error(format_args!(
-            "CPUs {:#x} did not come up for the guest's vCPUs",
+            "CPUs {:#x} did not come up for the VMs",
             needed & !online
         ));
+    }
+    // Every VM's vCPU 0 starts; its CPU (idle, or this one below) picks
+    // the start up.
+    for vm in VMS.get().expect("built above") {
+        kick_vcpus(vm, 1);
     }
     // SAFETY: this CPU's own stack; nothing on it is needed again
     // (everything `main` set up lives in statics).
@@ -370,7 +438,7 @@ extern "C" fn idle_entry() -> ! {
 }
 
 /// A physical CPU without a running vCPU: handles its interrupts and waits
-/// until its vCPU is turned on (PSCI `CPU_ON`, or the VM's start).
+/// until its vCPU is turned on (PSCI `CPU_ON`, the VM's start or reset).
 fn idle() -> ! {
     let cpu = smp::this_cpu();
     loop {
@@ -381,10 +449,11 @@ fn idle() -> ! {
             }
             gic::priority_drop(intid);
             match intid {
-                // The UART's receive interrupt is the boot CPU's.
-                qemu_virt::UART_SPI if VM.get().is_some_and(|vm| !vm.lock().uart_hw_irq) => {
+                // Bytes for the emulated UART of the VM that gets console
+                // input (the boot CPU takes the real UART's interrupt).
+                qemu_virt::UART_SPI => {
                     gic::deactivate(intid);
-                    if let Some(vm) = VM.get() {
+                    if let Some(vm) = rx_vm() {
                         let mut state = vm.lock();
                         forward_rx(&mut state);
                         let kicks = state.vgic.take_kicks();
@@ -401,12 +470,14 @@ fn idle() -> ! {
                 _ => gic::deactivate(intid),
             }
         }
-        if let Some(vm) = VM.get() {
-            let vcpu = vm.pcpus.iter().position(|&p| p == cpu);
+        if let Some(vm) = vm_of(cpu)
+            && !vm.stopping.load(Ordering::Acquire)
+        {
+            let vcpu = cpu - vm.spec.first_cpu;
             // The power lock is released before the start (which never
             // returns).
-            let start = vcpu.and_then(|v| Some((v, vm.power.lock().take_start(v)?)));
-            if let Some((vcpu, start)) = start {
+            let start = vm.power.lock().take_start(vcpu);
+            if let Some(start) = start {
                 start_vcpu(vm, vcpu, start);
             }
         }
@@ -418,7 +489,7 @@ fn idle() -> ! {
 /// stage 2 of the VM, the vCPU's virtual MPIDR and GIC state, EL1 at reset.
 fn start_vcpu(vm: &'static Vm, vcpu: usize, start: Start) -> ! {
     let cpu = smp::this_cpu();
-    PCPU_VCPU[cpu].store(vcpu, Ordering::Relaxed);
+    vm.running.fetch_add(1, Ordering::AcqRel);
     vm.last_vector[vcpu].store(u64::MAX, Ordering::Relaxed);
     // SAFETY: the VM's stage 2 lives as long as the VM (forever), maps only
     // its RAM backing and devices; vtcr describes it; fwb matches how its
@@ -440,10 +511,13 @@ fn start_vcpu(vm: &'static Vm, vcpu: usize, start: Start) -> ! {
     vm.lock().vgic.vcpu_load(vcpu, &mut HwCpuInterface);
     let mut regs = GuestRegs::default();
     regs.x[..3].copy_from_slice(&start.args);
+    // x3: how many times the VM was reset before this start.
+    regs.x[3] = u64::from(vm.resets.load(Ordering::Relaxed));
     regs.elr = start.entry;
     regs.spsr = SPSR_EL1H_MASKED;
     log::info!(
-        "CPU {cpu}: vCPU {vcpu} enters the guest at {:#x}",
+        "CPU {cpu}: vm{} vCPU {vcpu} enters the guest at {:#x}",
+        vm.index + 1,
         start.entry
     );
     vgic_enter();
@@ -456,42 +530,143 @@ fn start_vcpu(vm: &'static Vm, vcpu: usize, start: Start) -> ! {
     unsafe { vectors::enter_guest(&regs, stack_top(cpu)) }
 }
 
-/// The executing vCPU stops running (PSCI `CPU_OFF`): its physical CPU
-/// goes back to waiting, on a fresh stack.
+/// The executing vCPU stops running (PSCI `CPU_OFF`, or its VM stops or
+/// resets): its physical CPU goes back to waiting, on a fresh stack.
 fn park() -> ! {
     let cpu = smp::this_cpu();
-    if let Some(vm) = VM.get() {
-        let vcpu = current_vcpu();
-        let mut state = vm.lock();
-        state.vgic.vcpu_put(vcpu, &HwCpuInterface);
-    }
+    let vm = current_vm();
+    let vcpu = current_vcpu();
+    vm.lock().vgic.vcpu_put(vcpu, &HwCpuInterface);
     write_sysreg!("cntv_ctl_el0", 0);
-    PCPU_VCPU[cpu].store(usize::MAX, Ordering::Relaxed);
+    vm.running.fetch_sub(1, Ordering::AcqRel);
     // SAFETY: this CPU's own stack; the trap frame on it belongs to a vCPU
     // that no longer runs.
     unsafe { vectors::reset_stack_and_call(stack_top(cpu), idle_entry) }
 }
 
-/// What the payload is.
-enum Payload {
-    /// The test guest's ELF.
-    Elf(GuestElf<'static>),
-    /// An arm64 Linux Image.
-    Linux {
-        header: crate::linux::ImageHeader,
-        image: &'static [u8],
-    },
+/// After an exit: if the vCPU's VM is stopping, the vCPU parks.
+fn park_if_stopping() {
+    if current_vm().stopping.load(Ordering::Acquire) {
+        park();
+    }
 }
 
-/// What boot finds in the device tree and the payload.
+/// Asks every other vCPU of `vm` to park (they exit at the kick and see
+/// `stopping`), and waits, bounded, until they did. Returns whether they
+/// all parked.
+fn stop_other_vcpus(vm: &Vm) -> bool {
+    vm.stopping.store(true, Ordering::Release);
+    // No vCPU starts from here on (an idle CPU checks `stopping` first,
+    // and finds nothing pending).
+    vm.power.lock().power_off_all();
+    kick_vcpus(vm, u128::MAX);
+    let freq = read_sysreg!("cntfrq_el0");
+    let start = read_sysreg!("cntpct_el0");
+    // This vCPU is the one left running.
+    while vm.running.load(Ordering::Acquire) > 1 {
+        if read_sysreg!("cntpct_el0").wrapping_sub(start) > freq {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+    true
+}
+
+/// `vm` ended (`status` as in [`exit_code`], `reason`): its verdict is
+/// printed, its vCPUs stop; when every VM has ended, so does the run
+/// (with the worst status). The calling vCPU (of `vm`) parks.
+fn end_vm(vm: &'static Vm, status: u32, reason: &'static str) -> ! {
+    {
+        let mut ended = vm.ended.lock();
+        if ended.is_none() {
+            *ended = Some((status, reason));
+            let report = vm.lock().report;
+            let (passed, failed) = report.map_or((0, 0), |r| (r.passed, r.failed));
+            console::marker(
+                "VM",
+                format_args!(
+                    "vm={} kind={} status={status} reason={reason} passed={passed} failed={failed} resets={}",
+                    vm.index + 1,
+                    vm.spec.kind.name(),
+                    vm.resets.load(Ordering::Relaxed)
+                ),
+            );
+        }
+    }
+    let all = VMS.get().expect("VMs exist");
+    let worst = all
+        .iter()
+        .map(|v| *v.ended.lock())
+        .try_fold((0, reason), |(w, r), e| {
+            e.map(|(s, why)| if s > w { (s, why) } else { (w, r) })
+        });
+    if let Some((worst, why)) = worst {
+        // Every VM has ended: the run's verdict. For one test VM the
+        // report is also printed as the run's result.
+        if all.len() == 1
+            && let Some(r) = all[0].lock().report
+        {
+            console::marker(
+                "RESULT",
+                format_args!("passed={} failed={}", r.passed, r.failed),
+            );
+        }
+        exit(worst, why);
+    }
+    let _ = stop_other_vcpus(vm);
+    park()
+}
+
+/// `vm` resets (PSCI `SYSTEM_RESET` from a vCPU): every other vCPU parks,
+/// its stage 2 is emptied (tables freed, TLB entries of its VMID
+/// invalidated), its RAM zeroed and its image reloaded, its devices and
+/// virtual GIC made anew, and vCPU 0 started as at boot. The other VMs run
+/// on throughout.
+fn reset_vm(vm: &'static Vm) -> ! {
+    if !stop_other_vcpus(vm) {
+        end_vm(vm, exit_code::CRASH, "reset-timeout");
+    }
+    let boot = BOOT.get().expect("kept at boot");
+    {
+        let mut state = vm.lock();
+        let mm = MM.get().expect("mm exists");
+        let size = vm.ram_ipa.end - vm.ram_ipa.start;
+        if let Err(e) = state.stage2.unmap(vm.ram_ipa.start, size as usize) {
+            log::warn!("vm{}: reset: emptying stage 2: {e:?}", vm.index + 1);
+        }
+        debug_assert!(mm.nothing_pending());
+        let ram = state.mem.ram.clone();
+        state.mem = new_guest_memory(ram, &boot.args);
+        state.vgic = new_vgic(vm.spec.vcpus, state.uart_hw_irq);
+        if state.uart.is_some() {
+            state.uart = Some(new_uart(vm.index));
+        }
+        state.rx_paused = false;
+        state.report = None;
+    }
+    let resets = vm.resets.fetch_add(1, Ordering::AcqRel) + 1;
+    log::info!("vm{}: reset {resets}: reloading its image", vm.index + 1);
+    let start = load_image(vm, boot);
+    vm.power.lock().power_on(0, start);
+    vm.stopping.store(false, Ordering::Release);
+    kick_vcpus(vm, 1);
+    park()
+}
+
+/// What boot finds in the device tree and the payloads.
 struct BootInfo {
     args: BootArgs,
     ram: Range<PhysAddr>,
     dtb: Range<PhysAddr>,
-    payload: Range<PhysAddr>,
+    /// The test guest's ELF (if a VM runs it) and where it lies.
+    test_elf: Option<GuestElf<'static>>,
+    test_payload: Range<PhysAddr>,
+    /// The Linux Image (if a VM runs it) and where it lies.
+    linux: Option<(crate::linux::ImageHeader, &'static [u8])>,
+    linux_payload: Range<PhysAddr>,
     /// The initramfs xtask loaded (empty: none).
     initrd: Range<PhysAddr>,
-    kind: Payload,
+    /// All VMs' RAM together (each rounded up to 2 MiB).
     guest_ram: usize,
     /// `linux.append=`, still percent-encoded (empty: none).
     linux_append: &'static str,
@@ -537,43 +712,59 @@ fn read_boot_info() -> BootInfo {
         );
     }
 
-    // The boot map covers the first GiB of RAM: the payload must be there.
+    // The boot map covers the first GiB of RAM: the payloads must be there.
     let boot_ram_end = ram.end.min(ram.start + (1 << 30));
-    if !(ram.start..boot_ram_end).contains(&args.payload) {
-        setup_error(format_args!(
-            "payload address {:#x} is not in the first GiB of RAM",
-            args.payload
-        ));
-    }
-    let payload_len = (boot_ram_end - args.payload).min(MAX_PAYLOAD);
-    // SAFETY: the range is RAM covered by the boot map and the EL2 map (read
-    // only); the layout keeps everything else out of the payload's extent.
-    let bytes = unsafe { core::slice::from_raw_parts(args.payload as *const u8, payload_len) };
-    let (kind, payload_size) = if args.linux {
-        let header = crate::linux::parse_image_header(bytes).unwrap_or_else(|e| {
+    let config = args.vm_config();
+    // The payload at `addr`, read-only, up to the end of the first GiB.
+    let payload_at = |addr: PhysAddr, what: &str| -> &'static [u8] {
+        if !(ram.start..boot_ram_end).contains(&addr) {
+            setup_error(format_args!(
+                "{what} address {addr:#x} is not in the first GiB of RAM"
+            ));
+        }
+        let len = (boot_ram_end - addr).min(MAX_PAYLOAD);
+        // SAFETY: the range is RAM covered by the boot map and the EL2 map
+        // (read only); the layout keeps everything else out of the
+        // payload's extent.
+        unsafe { core::slice::from_raw_parts(addr as *const u8, len) }
+    };
+    let (mut test_elf, mut test_payload) = (None, 0..0);
+    if config.has(VmKind::Test) {
+        let elf = GuestElf::parse(payload_at(args.payload, "payload")).unwrap_or_else(|e| {
             setup_error(format_args!("guest payload at {:#x}: {e}", args.payload))
         });
+        test_payload = args.payload..align_up(args.payload + elf.file_size(), PAGE_SIZE);
+        test_elf = Some(elf);
+    }
+    let (mut linux, mut linux_payload) = (None, 0..0);
+    if config.has(VmKind::Linux) {
+        // With a test VM too, the test guest is at `payload=` and the
+        // kernel at `linux.payload=`.
+        let addr = if config.has(VmKind::Test) {
+            args.linux_payload.unwrap_or_else(|| {
+                setup_error(format_args!(
+                    "a test VM and a Linux VM need linux.payload= for the kernel"
+                ))
+            })
+        } else {
+            args.linux_payload.unwrap_or(args.payload)
+        };
+        let bytes = payload_at(addr, "linux.payload");
+        let header = crate::linux::parse_image_header(bytes)
+            .unwrap_or_else(|e| setup_error(format_args!("guest payload at {addr:#x}: {e}")));
         let size = usize::try_from(header.image_size).unwrap_or(usize::MAX);
         if size > bytes.len() {
             setup_error(format_args!(
                 "kernel image_size {size:#x} reaches past the first GiB of RAM"
             ));
         }
-        (
-            Payload::Linux {
-                header,
-                image: &bytes[..size],
-            },
-            size,
-        )
-    } else {
-        let elf = GuestElf::parse(bytes).unwrap_or_else(|e| {
-            setup_error(format_args!("guest payload at {:#x}: {e}", args.payload))
-        });
-        let size = elf.file_size();
-        (Payload::Elf(elf), size)
-    };
-    let payload = args.payload..align_up(args.payload + payload_size, PAGE_SIZE);
+        linux_payload = addr..align_up(addr + size, PAGE_SIZE);
+        linux = Some((header, &bytes[..size]));
+    }
+    let guest_ram = config
+        .iter()
+        .map(|v| align_up(v.ram_mib << 20, 2 << 20))
+        .sum();
     let (initrd_pa, initrd_size) = args.initrd;
     let initrd = if initrd_size == 0 {
         0..0
@@ -589,13 +780,15 @@ fn read_boot_info() -> BootInfo {
     };
     BootInfo {
         linux_append,
-        guest_ram: args.guest_ram_mib << 20,
+        guest_ram,
         args,
         ram,
         dtb,
-        payload,
+        test_elf,
+        test_payload,
+        linux,
+        linux_payload,
         initrd,
-        kind,
     }
 }
 
@@ -611,7 +804,12 @@ fn switch_to_el2_map(image: &el2map::ImageLayout, boot: &BootInfo, layout: &Layo
     let map = el2map::build(
         image,
         &el2map::El2Regions {
-            read_only: [boot.dtb.clone(), boot.payload.clone(), boot.initrd.clone()],
+            read_only: [
+                boot.dtb.clone(),
+                boot.test_payload.clone(),
+                boot.linux_payload.clone(),
+                boot.initrd.clone(),
+            ],
             read_write: [layout.heap.clone(), layout.guest_backing.clone()],
             pool: layout.pool.clone(),
         },
@@ -623,15 +821,13 @@ fn switch_to_el2_map(image: &el2map::ImageLayout, boot: &BootInfo, layout: &Layo
     log::info!("EL2 map active");
 }
 
-/// Creates the pool and the VM: its stage 2 (guest RAM and, passed
-/// through, the PL011), memory, devices, virtual GIC and vCPUs (vCPU i on
-/// CPU i), with vCPU 0 to start at `start`.
-fn build_vm(layout: &Layout, boot: &BootInfo, vtcr: u64, start: Start) {
+/// Creates the page pool and the VMs of the configuration: for each, its
+/// own VMID, stage 2, slice of the guest backing, image, devices, virtual
+/// GIC and vCPUs (vCPU i on CPU `first_cpu + i`), with vCPU 0 to start.
+fn build_vms(layout: &Layout, boot: &BootInfo, vtcr: u64) {
     let args = &boot.args;
-    let guest_ram = boot.guest_ram;
-    let guard = args.guard;
     let mm = MM.call_once(|| MmCtx::new(HwMmArch));
-    let guard_map: Option<&'static dyn El2PageMap> = if guard {
+    let guard_map: Option<&'static dyn El2PageMap> = if args.guard {
         let el2 = EL2_MAP.get().expect("EL2 map built before the pool");
         Some(GUARD.call_once(|| el2map::GuardPages(el2)))
     } else {
@@ -640,13 +836,49 @@ fn build_vm(layout: &Layout, boot: &BootInfo, vtcr: u64, start: Start) {
     // SAFETY: the layout gave the pool region to the pool alone; the EL2 map
     // maps it read-write, page by page, at the same addresses, and with guard
     // mode the pool alone toggles those entries.
-    let pool = POOL.call_once(|| unsafe { PagePool::new(layout.pool.clone(), mm, guard_map) });
+    POOL.call_once(|| unsafe { PagePool::new(layout.pool.clone(), mm, guard_map) });
     mm.set_free_hook(&FREE_TABLES);
-    let mut stage2 = Stage2::new(GUEST_VMID, mm, pool)
+    let config = args.vm_config();
+    console::set_line_buffered(config.len() > 1);
+    let vmid_bits = crate::mm::arch::MmArch::vmid_bits(&HwMmArch);
+    let mut vms = Vec::new();
+    let mut next_backing = layout.guest_backing.start;
+    for (index, spec) in config.iter().enumerate() {
+        // VMID 0 is never a guest's; each VM its own, within the width.
+        let vmid = Vmid(u16::try_from(index + 1).expect("at most MAX_VMS"));
+        if u32::from(vmid.0) >= 1 << vmid_bits {
+            setup_error(format_args!("VMID {} beyond {vmid_bits} bits", vmid.0));
+        }
+        let size = align_up(spec.ram_mib << 20, 2 << 20);
+        let backing = next_backing..next_backing + size;
+        next_backing += size;
+        vms.push(build_vm(index, spec, vmid, backing, boot, vtcr));
+        for cpu in spec.cpus() {
+            PCPU_VM[cpu].store(index, Ordering::Relaxed);
+        }
+    }
+    VMS.call_once(|| vms);
+}
+
+/// Builds VM `index` (VMID `vmid`) over `backing` and loads its image.
+fn build_vm(
+    index: usize,
+    spec: VmSpec,
+    vmid: Vmid,
+    backing: Range<PhysAddr>,
+    boot: &BootInfo,
+    vtcr: u64,
+) -> Vm {
+    let args = &boot.args;
+    let mm = MM.get().expect("made by build_vms");
+    let pool = POOL.get().expect("made by build_vms");
+    let guest_ram = spec.ram_mib << 20;
+    let ram_ipa = GUEST_RAM_IPA..GUEST_RAM_IPA + guest_ram as u64;
+    let mut stage2 = Stage2::new(vmid, mm, pool)
         .unwrap_or_else(|e| setup_error(format_args!("stage-2 root table: {e:?}")));
     let ram = crate::guest_mm::GuestRam {
-        ipa: GUEST_RAM_IPA..GUEST_RAM_IPA + guest_ram as u64,
-        backing: layout.guest_backing.start,
+        ipa: ram_ipa.clone(),
+        backing: backing.start,
         mem: if coherency() == Coherency::ForcedWriteBack {
             crate::mm::stage2::MemType::NormalForcedWriteBack
         } else {
@@ -657,25 +889,27 @@ fn build_vm(layout: &Layout, boot: &BootInfo, vtcr: u64, start: Start) {
         // All of guest RAM in one lazy section (blocks where aligned).
         mm.enter();
         stage2
-            .map(
-                GUEST_RAM_IPA,
-                guest_ram,
-                layout.guest_backing.start,
-                ram.attrs(),
-            )
+            .map(GUEST_RAM_IPA, guest_ram, backing.start, ram.attrs())
             .unwrap_or_else(|e| setup_error(format_args!("mapping guest RAM: {e:?}")));
         mm.leave();
     }
+    // Only one VM may have the real UART; the others get emulated ones.
+    let uart_passthrough = args.uart_passthrough && index == 0;
     // The GIC frames are not mapped: every access traps to the virtual GIC.
-    if args.uart_passthrough {
+    if uart_passthrough {
         stage2
             .map(PL011_BASE as u64, PAGE_SIZE, PL011_BASE, S2Attrs::DEVICE)
             .unwrap_or_else(|e| setup_error(format_args!("mapping the PL011: {e:?}")));
     }
     log::info!(
-        "guest RAM IPA {GUEST_RAM_IPA:#x}..{:#x} -> PA {:#x}, populated {}",
-        GUEST_RAM_IPA + guest_ram as u64,
-        layout.guest_backing.start,
+        "vm{}: {} on CPUs {:?}, RAM IPA {:#x}..{:#x} -> PA {:#x}, VMID {}, populated {}",
+        index + 1,
+        spec.kind.name(),
+        spec.cpus(),
+        ram_ipa.start,
+        ram_ipa.end,
+        backing.start,
+        vmid.0,
         if args.populate_at_boot {
             "at boot"
         } else {
@@ -683,40 +917,89 @@ fn build_vm(layout: &Layout, boot: &BootInfo, vtcr: u64, start: Start) {
         }
     );
     let vttbr = stage2.vttbr();
+    let vm = Vm {
+        index,
+        spec,
+        state: SpinMutex::new(VmState {
+            stage2,
+            mem: new_guest_memory(ram, args),
+            uart: None,
+            vgic: new_vgic(spec.vcpus, uart_passthrough),
+            uart_hw_irq: uart_passthrough,
+            rx_paused: false,
+            report: None,
+        }),
+        power: SpinMutex::new(PowerTable::new((0..spec.vcpus).map(Vgic::mpidr).collect())),
+        vttbr,
+        vtcr,
+        fwb: coherency() == Coherency::ForcedWriteBack,
+        ram_ipa,
+        backing,
+        last_vector: (0..spec.vcpus).map(|_| AtomicU64::new(u64::MAX)).collect(),
+        stopping: AtomicBool::new(false),
+        running: AtomicU32::new(0),
+        ended: SpinMutex::new(None),
+        resets: AtomicU32::new(0),
+    };
+    let start = load_image(&vm, boot);
+    {
+        let mut state = vm.lock();
+        state.uart = (!uart_passthrough).then(|| new_uart(index));
+    }
+    vm.power.lock().power_on(0, start);
+    vm
+}
+
+/// Guest memory over `ram`, with the coherency hook.
+fn new_guest_memory(ram: crate::guest_mm::GuestRam, args: &BootArgs) -> GuestMemory {
     let mut mem = GuestMemory::new(ram, args.fault_around_kib << 10);
     // Each run of backing newly mapped for the guest is cleaned first
     // (without FEAT_S2FWB): bounded by what is mapped.
     mem.set_on_map(|pa, len| coherency().before_guest_map(&cache::HwCacheOps, pa, len));
-    let uart = (!args.uart_passthrough).then(|| crate::mmio::Pl011::new(console::putc as fn(u8)));
-    let uart_hw_irq = args.uart_passthrough;
-    let mut config = VgicConfig::qemu_virt(args.vcpus);
+    mem
+}
+
+/// A virtual GIC for `vcpus` vCPUs (the UART's SPI hardware-backed if the
+/// VM has the real UART).
+fn new_vgic(vcpus: usize, uart_hw_irq: bool) -> Vgic {
+    let mut config = VgicConfig::qemu_virt(vcpus);
     for spi in &mut config.spis {
         if spi.intid == qemu_virt::UART_SPI {
             spi.hw = uart_hw_irq;
         }
     }
-    let vgic = Vgic::new(&config, HwCpuInterface.vtr());
-    let mut power = PowerTable::new((0..args.vcpus).map(Vgic::mpidr).collect());
-    power.power_on(0, start);
-    VM.call_once(|| Vm {
-        state: SpinMutex::new(VmState {
-            stage2,
-            mem,
-            uart,
-            vgic,
-            uart_hw_irq,
-            rx_paused: false,
-            report: None,
-        }),
-        power: SpinMutex::new(power),
-        pcpus: (0..args.vcpus).collect(),
-        vttbr,
-        vtcr,
-        fwb: coherency() == Coherency::ForcedWriteBack,
-        linux: args.linux,
-        ram_ipa: GUEST_RAM_IPA..GUEST_RAM_IPA + guest_ram as u64,
-        last_vector: (0..args.vcpus).map(|_| AtomicU64::new(u64::MAX)).collect(),
-    });
+    Vgic::new(&config, HwCpuInterface.vtr())
+}
+
+/// VM `index`'s emulated PL011: what the guest writes goes to the console
+/// behind `vm<index + 1>| `.
+fn new_uart(index: usize) -> crate::mmio::Pl011<Box<dyn FnMut(u8) + Send>> {
+    crate::mmio::Pl011::new(Box::new(move |b| console::putc(index, b)))
+}
+
+/// (Re)loads `vm`'s image into its backing, which it zeroes first, and
+/// returns where vCPU 0 starts. The test guest gets its flags in `x1`, the
+/// unmap benchmark size in `x2`; Linux the device tree in `x0`.
+fn load_image(vm: &Vm, boot: &BootInfo) -> Start {
+    let args = &boot.args;
+    match vm.spec.kind {
+        VmKind::Test => {
+            let elf = boot.test_elf.as_ref().expect("parsed for a test VM");
+            let entry = load_guest(elf, &vm.backing, vm.spec.ram_mib << 20);
+            Start {
+                entry,
+                args: [0, args.guest_flags, args.unmap_bench_mib as u64],
+            }
+        }
+        VmKind::Linux => {
+            let (header, image) = boot.linux.as_ref().expect("parsed for a Linux VM");
+            let (entry, dtb) = load_linux(header, image, boot, vm);
+            Start {
+                entry,
+                args: [dtb, 0, 0],
+            }
+        }
+    }
 }
 
 /// `SPSR_EL2` for entering the guest: EL1h, with D, A, I and F masked.
@@ -733,10 +1016,11 @@ fn load_linux(
     header: &crate::linux::ImageHeader,
     image: &[u8],
     boot: &BootInfo,
-    layout: &Layout,
+    vm: &Vm,
 ) -> (u64, u64) {
-    let backing = &layout.guest_backing;
-    let ram_end = GUEST_RAM_IPA + boot.guest_ram as u64;
+    let backing = &vm.backing;
+    let guest_ram = vm.spec.ram_mib << 20;
+    let ram_end = GUEST_RAM_IPA + guest_ram as u64;
     let to_pa = |ipa: u64| backing.start + (ipa - GUEST_RAM_IPA) as usize;
     let dtb_ipa = ram_end - (2 << 20);
     let initrd_ipa = ram_end.saturating_sub(64 << 20);
@@ -769,9 +1053,9 @@ fn load_linux(
         initrd: (initrd_len > 0).then(|| initrd_ipa..initrd_ipa + boot.args.initrd.1 as u64),
         bootargs: &cmdline,
         gicd: (qemu_virt::GICD_BASE, qemu_virt::GICD_SIZE),
-        gicr: (qemu_virt::GICR_BASE, 0x2_0000 * boot.args.vcpus as u64),
+        gicr: (qemu_virt::GICR_BASE, 0x2_0000 * vm.spec.vcpus as u64),
         uart: PL011_BASE as u64,
-        mpidrs: &(0..boot.args.vcpus)
+        mpidrs: &(0..vm.spec.vcpus)
             .map(|v| Vgic::mpidr(v) & smp::MPIDR_AFFINITY)
             .collect::<Vec<_>>(),
     })
@@ -781,7 +1065,7 @@ fn load_linux(
     // on the heap) are disjoint from it, and every destination range was
     // checked to lie in guest RAM above.
     unsafe {
-        core::ptr::write_bytes(backing.start as *mut u8, 0, boot.guest_ram);
+        core::ptr::write_bytes(backing.start as *mut u8, 0, guest_ram);
         core::ptr::copy_nonoverlapping(image.as_ptr(), to_pa(kernel) as *mut u8, image.len());
         core::ptr::copy_nonoverlapping(
             boot.initrd.start as *const u8,
@@ -792,19 +1076,15 @@ fn load_linux(
     }
     // The image, initramfs and tree reach a guest that starts with its
     // caches off.
-    coherency().after_code_load(&cache::HwCacheOps, backing.start, boot.guest_ram);
+    coherency().after_code_load(&cache::HwCacheOps, backing.start, guest_ram);
     log::info!(
         "Linux: kernel at IPA {kernel:#x}, initramfs {initrd_ipa:#x} ({initrd_len:#x} bytes), tree {dtb_ipa:#x}"
     );
-    LINUX.store(true, core::sync::atomic::Ordering::Relaxed);
     (kernel, dtb_ipa)
 }
 
 /// `test.hypercalls=1`: the test-only hypercalls are answered.
 pub(crate) static TEST_HYPERCALLS: AtomicBool = AtomicBool::new(false);
-
-/// Set when the guest is Linux: its power-off is the end of a good run.
-static LINUX: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 /// Copies the guest's segments into its RAM backing and zeroes the rest of
 /// it, then makes it all visible to a guest running with caches off.
@@ -843,6 +1123,7 @@ fn load_guest(elf: &GuestElf<'_>, backing: &Range<PhysAddr>, guest_ram: usize) -
 pub(crate) fn handle_guest_sync(regs: &mut GuestRegs) {
     vgic_exit();
     let suspend = handle_sync(regs);
+    park_if_stopping();
     let loaded = vgic_enter();
     // PSCI CPU_SUSPEND (a standby, as WFI): nothing pending for the vCPU,
     // so wait here until a physical interrupt (its timer, a kick from
@@ -874,7 +1155,7 @@ fn handle_sync(regs: &mut GuestRegs) -> bool {
     // forgotten now: the livelock check looks only at the exit right
     // before this one.
     let last_vector = vm.last_vector[vcpu].swap(u64::MAX, Ordering::Relaxed);
-    let exit = Vcpu.handle_sync(regs, trap, &EXITS);
+    let exit = Vcpu.handle_sync(regs, trap, exits());
     match exit {
         Exit::Resume => {}
         Exit::Stop(stop) => finish(stop, regs),
@@ -894,7 +1175,7 @@ fn handle_sync(regs: &mut GuestRegs) -> bool {
                     return false;
                 }
                 SysregTrap::SgiSent(targets) => {
-                    crate::mm::counters::inc(&EXITS.sysreg_emulated);
+                    crate::mm::counters::inc(&exits().sysreg_emulated);
                     kick_vcpus(vm, targets & !(1 << vcpu));
                     return false;
                 }
@@ -937,7 +1218,7 @@ fn handle_sync(regs: &mut GuestRegs) -> bool {
                 if (base..base + PAGE_SIZE as u64).contains(&ipa)
                     && crate::mmio::emulate(uart, trap.esr, ipa - base, regs)
                 {
-                    crate::mm::counters::inc(&EXITS.mmio_emulated);
+                    crate::mm::counters::inc(&exits().mmio_emulated);
                     uart_accessed(vm);
                     let kicks = vm.vgic.take_kicks() & !(1 << vcpu);
                     drop(guard);
@@ -1027,7 +1308,7 @@ fn sysreg(trap: Trap, access: crate::sysreg_emul::SysregAccess, regs: &mut Guest
             {
                 regs.x[usize::from(access.rt)] = v;
             }
-            crate::mm::counters::inc(&EXITS.sysreg_emulated);
+            crate::mm::counters::inc(&exits().sysreg_emulated);
             // A trapped MSR/MRS leaves ELR at the instruction.
             regs.elr = regs.elr.wrapping_add(4);
         }
@@ -1065,7 +1346,7 @@ fn setway_flush() {
 fn clean_guest_ram() {
     let backing = current_vm().lock().mem.ram.backing_range();
     cache::HwCacheOps.clean_invalidate_to_poc(backing.start, backing.end - backing.start);
-    crate::mm::counters::inc(&EXITS.setway_flushes);
+    crate::mm::counters::inc(&exits().setway_flushes);
 }
 
 /// `SCTLR_EL1.M` and `C`: the guest's data accesses are cacheable.
@@ -1131,7 +1412,7 @@ fn inject_undefined(trap: Trap, regs: &mut GuestRegs) {
         read_sysreg!("sctlr_el1"),
     );
     log::debug!("UNDEFINED injected: {:?} at {:#x}", trap.esr, regs.elr);
-    crate::mm::counters::inc(&EXITS.undef_injected);
+    crate::mm::counters::inc(&exits().undef_injected);
     deliver(&inj, regs);
 }
 
@@ -1152,7 +1433,7 @@ fn inject_abort(trap: Trap, regs: &mut GuestRegs, last_vector: u64) {
         read_sysreg!("sctlr_el1"),
     );
     log::debug!("injecting SEA: guest {:#x} at {:#x}", trap.far, regs.elr);
-    crate::mm::counters::inc(&EXITS.abort_injected);
+    crate::mm::counters::inc(&exits().abort_injected);
     deliver(&inj, regs);
     current_vm().last_vector[current_vcpu()].store(inj.elr, Ordering::Relaxed);
 }
@@ -1169,7 +1450,7 @@ pub(crate) fn handle_guest_async(regs: &mut GuestRegs, kind: vectors::Kind) {
     vgic_exit();
     match kind {
         vectors::Kind::Irq | vectors::Kind::Fiq => {
-            crate::mm::counters::inc(&EXITS.exits_irq);
+            crate::mm::counters::inc(&exits().exits_irq);
             // Bounded: at most as many as could be pending at once; a
             // flood of one source cannot keep EL2 here, because each one
             // handled stays active (or is masked) until the guest is done.
@@ -1178,13 +1459,13 @@ pub(crate) fn handle_guest_async(regs: &mut GuestRegs, kind: vectors::Kind) {
                 if intid >= gic::SPURIOUS {
                     break;
                 }
-                crate::mm::counters::inc(&EXITS.irqs_taken);
+                crate::mm::counters::inc(&exits().irqs_taken);
                 handle_irq(intid);
             }
         }
         vectors::Kind::SError => {
             let esr = read_sysreg!("esr_el2");
-            let n = EXITS.serrors.fetch_add(1, Ordering::Relaxed);
+            let n = exits().serrors.fetch_add(1, Ordering::Relaxed);
             let has_ras = CPU_ID
                 .get()
                 .is_some_and(crate::el2_controls::CpuIdRegs::has_ras);
@@ -1221,6 +1502,7 @@ pub(crate) fn handle_guest_async(regs: &mut GuestRegs, kind: vectors::Kind) {
             exit(exit_code::CRASH, "guest-unexpected-exception");
         }
     }
+    park_if_stopping();
     vgic_enter();
 }
 
@@ -1235,8 +1517,14 @@ fn handle_irq(intid: u32) {
         gic::deactivate(intid);
         return;
     }
-    let vcpu = current_vcpu();
-    let mut guard = current_vm().lock();
+    // The real UART's interrupt is for the VM that takes console input,
+    // whichever CPU (the boot CPU) it is routed to; the rest is this vCPU's.
+    let (target, vcpu) = if intid == qemu_virt::UART_SPI {
+        (rx_vm().expect("VMs exist"), usize::MAX)
+    } else {
+        (current_vm(), current_vcpu())
+    };
+    let mut guard = target.lock();
     let vm = &mut *guard;
     match intid {
         // The virtual timer fired for the guest: deliver it hardware-backed;
@@ -1256,14 +1544,19 @@ fn handle_irq(intid: u32) {
             gic::deactivate(intid);
             forward_rx(vm);
         }
-
         // The maintenance interrupt: its purpose, an exit, is served; the
         // refill is the next entry. Anything else: not ours to keep.
         _ => gic::deactivate(intid),
     }
-    let kicks = vm.vgic.take_kicks() & !(1 << vcpu);
+    let kicks = vm.vgic.take_kicks();
     drop(guard);
-    kick_vcpus(current_vm(), kicks);
+    // This vCPU loads its own at the next entry.
+    let me = if core::ptr::eq(target, current_vm()) {
+        1u128.checked_shl(vcpu as u32).unwrap_or(0)
+    } else {
+        0
+    };
+    kick_vcpus(target, kicks & !me);
 }
 
 /// Moves what the real UART received into the guest's emulated UART, as
@@ -1315,7 +1608,7 @@ fn init_gic() {
     gic.enable_private(qemu_virt::VTIMER_PPI);
     gic.enable_private(smp::KICK_SGI);
     gic.enable_spi(qemu_virt::UART_SPI);
-    if VM.get().is_some_and(|vm| !vm.lock().uart_hw_irq) {
+    if rx_vm().is_some_and(|vm| !vm.lock().uart_hw_irq) {
         console::set_rx_interrupt(true);
     }
     log::info!(
@@ -1327,7 +1620,9 @@ fn init_gic() {
 /// After every exit, before anything may inject or emulate: fold the list
 /// registers back into the virtual GIC.
 fn vgic_exit() {
-    let Some(vm) = VM.get() else { return };
+    let Some(vm) = vm_of(smp::this_cpu()) else {
+        return;
+    };
     vm.lock().vgic.exit(current_vcpu(), &mut HwCpuInterface);
 }
 
@@ -1335,7 +1630,9 @@ fn vgic_exit() {
 /// through the emulated registers, then load the list registers. Returns
 /// how many interrupts are loaded.
 fn vgic_enter() -> usize {
-    let Some(vm) = VM.get() else { return 0 };
+    let Some(vm) = vm_of(smp::this_cpu()) else {
+        return 0;
+    };
     let vcpu = current_vcpu();
     let mut vm = vm.lock();
     let ppis = vm.vgic.take_hw_deactivations(vcpu);
@@ -1367,7 +1664,7 @@ fn vgic_mmio(
     } else {
         return None;
     };
-    crate::mm::counters::inc(&EXITS.mmio_emulated);
+    crate::mm::counters::inc(&exits().mmio_emulated);
     Some(result)
 }
 
@@ -1407,35 +1704,28 @@ fn print_registers(regs: &GuestRegs) {
 /// Ends the run after the guest stopped: its report, the counters, the exit
 /// status.
 fn finish(stop: Stop, regs: &GuestRegs) -> ! {
-    let report = VM.get().and_then(|vm| vm.lock().report);
-    if let Some(r) = report {
-        console::marker(
-            "RESULT",
-            format_args!("passed={} failed={}", r.passed, r.failed),
-        );
-    }
+    let vm = current_vm();
     match stop {
-        Stop::SystemOff | Stop::SystemReset => {
-            let reason = if stop == Stop::SystemOff {
-                "system-off"
-            } else {
-                "system-reset"
-            };
-            match report {
+        Stop::SystemReset => reset_vm(vm),
+        Stop::SystemOff => {
+            let report = vm.lock().report;
+            let status = match report {
                 // A Linux guest does not report: powering off is its end.
-                None if VM.get().is_some_and(|vm| vm.linux) && stop == Stop::SystemOff => {
-                    exit(exit_code::PASS, reason)
-                }
-                Some(r) if r.failed == 0 && r.passed > 0 => exit(exit_code::PASS, reason),
-                Some(_) => exit(exit_code::GUEST_FAILED, reason),
-                None => exit(exit_code::NO_REPORT, reason),
-            }
+                None if vm.is_linux() => exit_code::PASS,
+                Some(r) if r.failed == 0 && r.passed > 0 => exit_code::PASS,
+                Some(_) => exit_code::GUEST_FAILED,
+                None => exit_code::NO_REPORT,
+            };
+            end_vm(vm, status, "system-off")
         }
         Stop::UnhandledTrap(trap) => {
             // The guest's own failure (its vector faults at once, so it can
             // take no exception): not a hypervisor crash. Reported, and the
-            // run ends without the guest's report.
-            println!("lazyhyp: the guest cannot take exceptions (its vector faults); stopping it");
+            // VM ends without the guest's report.
+            println!(
+                "lazyhyp: vm{}: the guest cannot take exceptions (its vector faults); stopping it",
+                vm.index + 1
+            );
             let report = TrapReport {
                 origin: "guest (EL1)",
                 trap,
@@ -1444,7 +1734,7 @@ fn finish(stop: Stop, regs: &GuestRegs) -> ! {
             };
             println!("{report}");
             print_registers(regs);
-            exit(exit_code::NO_REPORT, "guest-vector-faults")
+            end_vm(vm, exit_code::NO_REPORT, "guest-vector-faults")
         }
     }
 }
@@ -1454,10 +1744,7 @@ fn print_stats() {
     let mut add = |name: &str, value: u64| {
         let _ = write!(line, " {name}={value}");
     };
-    if let Some(mm) = MM.get() {
-        mm.for_each_total(&mut add);
-    }
-    EXITS.for_each(&mut add);
+    for_each_counter(0..smp::MAX_PCPUS, &mut add);
     console::marker("STATS", format_args!("{}", line.as_str().trim_start()));
 }
 

@@ -7,7 +7,7 @@ use crate::guest_mm::{self, BatchError, MAX_BATCH_OPS, MmOp, kind};
 use crate::mm::lazy::NestPolicy;
 use crate::vcpu::{GuestRegs, smccc};
 
-use super::{EXITS, MM, POOL, VM, vectors};
+use super::{MM, POOL, current_vm, for_each_counter, vectors};
 
 /// A signed SMCCC status in a register.
 fn status(code: i64) -> u64 {
@@ -27,7 +27,7 @@ pub(super) fn mm_call(function: u32, regs: &mut GuestRegs) {
     // shared table pool, swap VTTBR_EL2, and so on).
     let test = cfg!(feature = "test-hypercalls")
         && super::TEST_HYPERCALLS.load(core::sync::atomic::Ordering::Relaxed)
-        && !super::LINUX.load(core::sync::atomic::Ordering::Relaxed);
+        && !current_vm().is_linux();
     let (x0, x1) = match function {
         smccc::HYP_STATS => stats(a1, a2),
         smccc::HYP_MM_BATCH => batch(a1, a2),
@@ -59,18 +59,10 @@ pub(super) fn mm_call(function: u32, regs: &mut GuestRegs) {
         smccc::HYP_TEST_SET_FAULT_AROUND if test => set_fault_around(a1),
         smccc::HYP_TEST_RUN_WORKLOAD if test => bench::run_workload(a1, a2),
         smccc::HYP_TEST_BENCH_MARK if test => bench::mark(a1, a2, a3),
-        smccc::HYP_TEST_FORGET if test => {
-            match VM
-                .get()
-                .expect("guest exists")
-                .lock()
-                .mem
-                .forget_given_back(a1, a2)
-            {
-                Ok(()) => (smccc::SUCCESS, 0),
-                Err(e) => (status(e.code()), 0),
-            }
-        }
+        smccc::HYP_TEST_FORGET if test => match current_vm().lock().mem.forget_given_back(a1, a2) {
+            Ok(()) => (smccc::SUCCESS, 0),
+            Err(e) => (status(e.code()), 0),
+        },
         smccc::HYP_TEST_CHECKSUM if test => {
             regs.x[2] = core::ptr::from_ref(&CANARY) as u64;
             (smccc::SUCCESS, checksum())
@@ -138,7 +130,7 @@ fn write_backing(pa: usize, bytes: &[u8]) {
 fn batch(list_ipa: u64, count: u64) -> (u64, u64) {
     let mut ops = [MmOp::default(); MAX_BATCH_OPS];
     let n = {
-        let vm = VM.get().expect("guest exists").lock();
+        let vm = current_vm().lock();
         match guest_mm::read_ops(
             &vm.stage2,
             &vm.mem.ram,
@@ -160,7 +152,7 @@ fn single(op: MmOp) -> (u64, u64) {
 
 fn run(ops: &[MmOp]) -> (u64, u64) {
     let mm = MM.get().expect("mm exists while the guest runs");
-    let mut guard = VM.get().expect("guest exists").lock();
+    let mut guard = current_vm().lock();
     let vm = &mut *guard;
     let result = vm.mem.run_batch(&mut vm.stage2, mm, ops);
     // Executable content that moved (also after a failure: the operations
@@ -194,8 +186,8 @@ fn stats(buf_ipa: u64, buf_len: u64) -> (u64, u64) {
             n += 1;
         }
     };
-    MM.get().expect("mm exists").for_each_total(&mut push);
-    EXITS.for_each(&mut push);
+    // This VM's CPUs only: its counters are its own.
+    for_each_counter(current_vm().cpus(), &mut push);
     // The buffer holds whole counters (docs/hypercalls.md).
     let Ok(len) = usize::try_from(buf_len) else {
         return invalid();
@@ -211,7 +203,7 @@ fn stats(buf_ipa: u64, buf_len: u64) -> (u64, u64) {
     for (chunk, v) in bytes.chunks_exact_mut(8).zip(&values[..count]) {
         chunk.copy_from_slice(&v.to_le_bytes());
     }
-    let vm = VM.get().expect("guest exists").lock();
+    let vm = current_vm().lock();
     match guest_mm::copy_to_guest(
         &vm.stage2,
         &vm.mem.ram,
@@ -239,11 +231,7 @@ fn set_policy(raw: u64) -> (u64, u64) {
 fn set_fault_around(bytes: u64) -> (u64, u64) {
     match usize::try_from(bytes) {
         Ok(b) if b <= 1 << 30 && (b == 0 || b.is_power_of_two()) => {
-            VM.get()
-                .expect("guest exists")
-                .lock()
-                .mem
-                .set_fault_around(b);
+            current_vm().lock().mem.set_fault_around(b);
             (smccc::SUCCESS, 0)
         }
         _ => invalid(),
@@ -285,10 +273,13 @@ pub(super) mod bench {
 
     use super::super::mm_hw::HwMmArch;
     use super::super::sysreg::{read_sysreg, write_sysreg};
-    use super::super::{EXITS, MM, POOL, VM};
+    use super::super::{MM, POOL, current_vm, for_each_counter};
     use super::{invalid, status};
 
-    /// A stage 2 no guest ever runs on (VMID 2): workloads may map any PA.
+    /// A stage 2 no guest ever runs on: workloads may map any PA. Its VMID
+    /// is the last 8-bit one, which no VM gets (VMs have 1..=MAX_VMS).
+    const SCRATCH_VMID: Vmid = Vmid(0xff);
+    /// The scratch stage 2.
     static SCRATCH: Once<SpinMutex<Stage2<'static, HwMmArch>>> = Once::new();
     /// Physical addresses the scratch tables point at: never accessed.
     const SCRATCH_PA: usize = 0x40_0020_0000;
@@ -308,8 +299,7 @@ pub(super) mod bench {
             values[i] = v;
             i += 1;
         };
-        MM.get().expect("mm exists").for_each_total(&mut push);
-        EXITS.for_each(&mut push);
+        for_each_counter(current_vm().cpus(), &mut push);
         Snapshot {
             values,
             ticks: read_sysreg!("cntpct_el0"),
@@ -325,8 +315,7 @@ pub(super) mod bench {
             names[i] = n;
             i += 1;
         };
-        MM.get().expect("mm exists").for_each_total(&mut name);
-        EXITS.for_each(&mut name);
+        for_each_counter(current_vm().cpus(), &mut name);
         let delta = |key: &str| {
             names[..i]
                 .iter()
@@ -404,12 +393,12 @@ pub(super) mod bench {
         let mm = MM.get().expect("mm exists");
         let pool = POOL.get().expect("pool exists");
         let Ok(scratch) =
-            SCRATCH.try_call_once(|| Stage2::new(Vmid(2), mm, pool).map(SpinMutex::new))
+            SCRATCH.try_call_once(|| Stage2::new(SCRATCH_VMID, mm, pool).map(SpinMutex::new))
         else {
             return (status(-4), 0);
         };
         let mut s2 = scratch.lock();
-        let guest_vttbr = VM.get().expect("guest exists").lock().stage2.vttbr();
+        let guest_vttbr = current_vm().lock().stage2.vttbr();
         // The stage-2 TLBIs act on the VMID in VTTBR_EL2: install the
         // scratch tables while the workload runs (no guest runs meanwhile).
         write_sysreg!("vttbr_el2", s2.vttbr());
