@@ -84,8 +84,9 @@ use super::arch::{MmArch, Vmid};
 use super::counters::{MmCounters, add, inc};
 use super::{BLOCK_1G, BLOCK_2M, PAGE_SIZE, PhysAddr};
 
-/// Most CPUs the per-CPU state is sized for.
-pub const MAX_CPUS: usize = 4;
+/// Most CPUs the per-CPU state is sized for (issue 12: up to 8 physical
+/// CPUs, each running one vCPU).
+pub const MAX_CPUS: usize = 8;
 
 /// At this many by-address TLBIs queued for one VMID (one per page, one per
 /// block for a block removal), a flush without FEAT_TLBIRANGE invalidates
