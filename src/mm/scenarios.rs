@@ -284,11 +284,11 @@ fn remap_of_touched_blocks_reaches_only_the_new_backing() {
 // Random sequences.
 
 /// The IPA window the random operations act on: 8 MiB from 1 GiB.
-const WINDOW: Range<u64> = GIB..GIB + 8 * MIB as u64;
-const WINDOW_PAGES: u64 = (8 * MIB / PAGE_SIZE) as u64;
+pub(super) const WINDOW: Range<u64> = GIB..GIB + 8 * MIB as u64;
+pub(super) const WINDOW_PAGES: u64 = (8 * MIB / PAGE_SIZE) as u64;
 
 #[derive(Clone, Debug)]
-enum Op {
+pub(super) enum Op {
     Map {
         page: u64,
         pages: u64,
@@ -331,7 +331,7 @@ fn perm_of(p: u8) -> S2Perm {
     }
 }
 
-fn op() -> impl Strategy<Value = Op> {
+pub(super) fn op() -> impl Strategy<Value = Op> {
     // Sizes and placements biased towards 2 MiB alignment, so blocks,
     // splits and merges all happen.
     let page = prop_oneof![
@@ -402,7 +402,7 @@ fn assert_query_matches(kit: &Kit, page: u64) {
 
 /// Runs one operation on the kit and the reference, asserting the manager's
 /// answer matches what the reference predicts.
-fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
+pub(super) fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
     let clip = |page: u64, pages: u64| {
         let end = (page + pages).min(WINDOW_PAGES);
         (
@@ -531,7 +531,7 @@ fn run_sequence(policy: NestPolicy, sections: &[(bool, Vec<Op>)]) -> Result<(), 
     Ok(())
 }
 
-fn sections() -> impl Strategy<Value = Vec<(bool, Vec<Op>)>> {
+pub(super) fn sections() -> impl Strategy<Value = Vec<(bool, Vec<Op>)>> {
     proptest::collection::vec((any::<bool>(), proptest::collection::vec(op(), 1..8)), 1..8)
 }
 
