@@ -121,7 +121,7 @@ pub struct Kit {
     /// The hardware model.
     pub model: Model,
     /// The mm context.
-    pub mm: &'static MmCtx<Model>,
+    pub mm: &'static MmCtx<'static, Model>,
     /// The table pool (guarded or not).
     pub pool: &'static PagePool<'static, Model>,
     /// The guest's stage 2.
