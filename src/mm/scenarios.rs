@@ -1252,3 +1252,42 @@ fn deferred_breaks_complete_before_anything_touches_their_range() {
     kit.ref_map(GIB + 4 * block, block as usize, 0xd020_0000, S2Perm::RW);
     kit.check(&window).expect("after the section");
 }
+
+/// What `Changed` reports, against what the tables show: tables taken for
+/// a page map, the table an unmap of all its pages detaches, a block, a
+/// split.
+#[test]
+fn changed_reports_pages_blocks_splits_and_tables() {
+    let mut kit = Kit::new(16, true, NestPolicy::Flatten);
+    let block = 2 * MIB;
+    let c = kit
+        .s2
+        .map(GIB, block, 0x8000_1000, ram(S2Perm::RW))
+        .expect("pages");
+    assert_eq!(
+        (c.pages, c.blocks, c.tables_allocated, c.tables_detached),
+        (512, 0, 2, 0)
+    );
+    // 512 pages, 2 table entries, and guard mode's EL2 entry of each of
+    // the 2 table pages.
+    assert_eq!(c.descriptors, 512 + 2 + 2);
+    let c = kit.s2.unmap(GIB, block).expect("unmap");
+    // One run over the whole table replaces its entry: the table detached.
+    assert_eq!((c.pages, c.tables_detached), (512, 1));
+    assert_eq!(kit.table_pages(), 2);
+    let c = kit
+        .s2
+        .map(GIB, block, 0x8020_0000, ram(S2Perm::RW))
+        .expect("block");
+    assert_eq!(
+        (c.pages, c.blocks, c.tables_allocated, c.tables_detached),
+        (512, 1, 0, 0)
+    );
+    kit.mm.enter();
+    let c = kit.s2.unmap(GIB + 0x3000, PAGE_SIZE).expect("split");
+    kit.mm.leave();
+    assert_eq!((c.pages, c.splits, c.tables_allocated), (1, 1, 1));
+    kit.ref_map(GIB, block, 0x8020_0000, S2Perm::RW);
+    kit.ref_unmap(GIB + 0x3000, PAGE_SIZE);
+    kit.check(&(GIB..GIB + block as u64)).expect("check");
+}

@@ -243,8 +243,9 @@ pub struct Changed {
     pub blocks: u64,
     /// Blocks split because the range cut through them.
     pub splits: u64,
-    /// Descriptors written during the call (deferred makes are written,
-    /// and counted, by the flush that completes them).
+    /// Descriptors written during the call, guard mode's EL2 entries of
+    /// the table pages included (deferred makes are written, and counted,
+    /// by the flush that completes them).
     pub descriptors: u64,
     /// Table pages taken from the pool.
     pub tables_allocated: u64,
