@@ -221,12 +221,14 @@ fn run_op<A: MmArch>(
             }
             Ok(())
         }
-        kind::UNMAP => s2.unmap(op.ipa, size).map_err(stage2_error),
+        kind::UNMAP => s2.unmap(op.ipa, size).map(|_| ()).map_err(stage2_error),
         kind::PROTECT => s2
             .protect(op.ipa, size, perm_of(op.perm))
+            .map(|_| ())
             .map_err(stage2_error),
         kind::REMAP_ALIAS => s2
             .remap(op.ipa, size, ram.backing_of(op.src_ipa), ram_attrs)
+            .map(|_| ())
             .map_err(stage2_error),
         kind::MERGE => s2.merge(op.ipa, size).map(|_| ()).map_err(stage2_error),
         _ => Err(BatchError::UnknownKind),

@@ -126,6 +126,7 @@ pub fn run<A: MmArch>(
                 let r = (0..512u64).try_for_each(|i| {
                     let ipa = base + (i / 64) * 2 * MIB + (i % 64) * PAGE;
                     s2.map(ipa, PAGE_SIZE, page_pa + i as usize * PAGE_SIZE, RW)
+                        .map(|_| ())
                 });
                 section(false);
                 measure(false);
@@ -140,8 +141,8 @@ pub fn run<A: MmArch>(
                 s2.map(base, GIB as usize, page_pa, RW)?;
                 measure(true);
                 section(true);
-                let r =
-                    (0..512u64).try_for_each(|i| s2.unmap(base + i * 2 * MIB, 2 * MIB as usize));
+                let r = (0..512u64)
+                    .try_for_each(|i| s2.unmap(base + i * 2 * MIB, 2 * MIB as usize).map(|_| ()));
                 section(false);
                 measure(false);
                 r?;
@@ -153,8 +154,10 @@ pub fn run<A: MmArch>(
                 s2.map(base, 256 * MIB as usize, page_pa, RW)?;
                 measure(true);
                 section(true);
-                let r = (0..128u64)
-                    .try_for_each(|i| s2.protect(base + i * 2 * MIB, 2 * MIB as usize, S2Perm::RO));
+                let r = (0..128u64).try_for_each(|i| {
+                    s2.protect(base + i * 2 * MIB, 2 * MIB as usize, S2Perm::RO)
+                        .map(|_| ())
+                });
                 section(false);
                 measure(false);
                 r?;
@@ -175,6 +178,7 @@ pub fn run<A: MmArch>(
                         new + (i * 2 * MIB) as usize,
                         RW,
                     )
+                    .map(|_| ())
                 });
                 section(false);
                 measure(false);

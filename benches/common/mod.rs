@@ -38,7 +38,7 @@ pub fn host_region(pages: usize) -> std::ops::Range<usize> {
 
 /// The manager's side: context, pool, one guest's tables.
 pub struct Ours {
-    pub mm: &'static MmCtx<NoopArch>,
+    pub mm: &'static MmCtx<'static, NoopArch>,
     pub pool: &'static PagePool<'static, NoopArch>,
     pub s2: Stage2<'static, NoopArch>,
 }

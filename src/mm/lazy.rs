@@ -84,7 +84,8 @@ use super::arch::{MmArch, Vmid};
 use super::counters::{MmCounters, add, inc};
 use super::{BLOCK_1G, BLOCK_2M, PAGE_SIZE, PhysAddr};
 
-/// Most CPUs the per-CPU state is sized for.
+/// Most CPUs the per-CPU state is sized for (issue 12: up to 8 physical
+/// CPUs, each running one vCPU).
 pub const MAX_CPUS: usize = 8;
 
 /// At this many by-address TLBIs queued for one VMID (one per page, one per
@@ -539,7 +540,24 @@ struct LazyCpu {
 }
 
 /// Frees table pages whose TLB maintenance has completed (the pool's free).
-pub type FreeHook = &'static (dyn Fn(&[PhysAddr]) + Sync);
+///
+/// Borrowed for `'h`, the lifetime parameter of [`MmCtx`]: a hook that
+/// frees into a pool living on the stack, next to the context, works (no
+/// `'static` or leaked pool needed):
+///
+/// ```
+/// use lazyhyp::mm::{arch::NoopArch, lazy::MmCtx, pool::{PagePool, PageBuffer}};
+/// let mut mem = PageBuffer::new(4).expect("host memory");
+/// let mm = MmCtx::new(NoopArch);
+/// let pool = PagePool::with_buffer(&mut mem, &mm);
+/// let free = |pages: &[usize]| {
+///     // SAFETY: the mm core hands over only detached tables whose TLB
+///     // maintenance has completed.
+///     unsafe { pool.free_many(pages) }
+/// };
+/// mm.set_free_hook(&free);
+/// ```
+pub type FreeHook<'h> = &'h (dyn Fn(&[PhysAddr]) + Sync);
 
 /// What [`MmCtx::pause`] set aside.
 #[derive(Debug)]
@@ -555,7 +573,11 @@ pub struct Paused {
 /// The mm core's context: the arch boundary, the counters, and each CPU's
 /// lazy state. One per system; shared by the stage-2 managers, the pool and
 /// the EL2-map updater.
-pub struct MmCtx<A: MmArch> {
+///
+/// `'h` is how long the free hook ([`set_free_hook`](Self::set_free_hook))
+/// is borrowed; the pool and the stage 2s borrow the context for the same
+/// lifetime (`&'h MmCtx<'h, A>`), so all of them may live on the stack.
+pub struct MmCtx<'h, A: MmArch> {
     /// The arch boundary.
     pub arch: A,
     cpus: [SpinMutex<LazyCpu>; MAX_CPUS],
@@ -564,10 +586,10 @@ pub struct MmCtx<A: MmArch> {
     /// Whether sections exist at all (off: eager mode, for comparison).
     lazy_enabled: core::sync::atomic::AtomicBool,
     /// Called to free table pages whose TLB maintenance completed.
-    free_hook: SpinMutex<Option<FreeHook>>,
+    free_hook: SpinMutex<Option<FreeHook<'h>>>,
 }
 
-impl<A: MmArch> core::fmt::Debug for MmCtx<A> {
+impl<A: MmArch> core::fmt::Debug for MmCtx<'_, A> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("MmCtx")
             .field("policy", &self.policy())
@@ -575,7 +597,7 @@ impl<A: MmArch> core::fmt::Debug for MmCtx<A> {
     }
 }
 
-impl<A: MmArch> MmCtx<A> {
+impl<'h, A: MmArch> MmCtx<'h, A> {
     /// A context with lazy mode off everywhere and the `Flatten` policy.
     pub fn new(arch: A) -> Self {
         Self {
@@ -606,7 +628,7 @@ impl<A: MmArch> MmCtx<A> {
     }
 
     /// Sets what frees table pages after their TLB maintenance (the pool).
-    pub fn set_free_hook(&self, hook: FreeHook) {
+    pub fn set_free_hook(&self, hook: FreeHook<'h>) {
         *self.free_hook.lock() = Some(hook);
     }
 
@@ -1250,7 +1272,7 @@ mod tests {
         );
     }
 
-    fn counts(mm: &MmCtx<NoopArch>) -> (u64, u64, u64) {
+    fn counts(mm: &MmCtx<'_, NoopArch>) -> (u64, u64, u64) {
         (
             mm.total("dsb_ishst") + mm.total("dsb_ish"),
             mm.total("isb"),

@@ -12,6 +12,8 @@ pub mod model;
 pub mod pool;
 #[cfg(test)]
 mod scenarios;
+#[cfg(test)]
+mod smp_scenarios;
 pub mod stage2;
 #[cfg(any(test, feature = "model"))]
 pub mod testkit;

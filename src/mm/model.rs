@@ -43,13 +43,23 @@
 //!   access reports [`Fault::TlbConflict`] (a TLB conflict abort, one of the
 //!   outcomes the architecture allows then).
 //!
+//! - **Several CPUs** ([`Model::new_smp`], up to [`MAX_MODEL_CPUS`]), one
+//!   running at a time ([`Model::set_cpu_id`]). Each has its own TLB, walk
+//!   cache, `ISB` context, `VTTBR_EL2`, *store buffer* (the descriptor
+//!   words it wrote, published to every walker by its own `DSB` only) and
+//!   *pending TLBIs* (a broadcast TLBI acts on every CPU's TLB and walk
+//!   cache, and is complete only at the issuing CPU's `DSB ISH`). A step
+//!   hook ([`Model::set_step_hook`]) lets other CPUs run their guests
+//!   between every barrier and TLBI of the changing CPU.
+//!
 //! # Not modelled
 //!
-//! Walk caches (intermediate table entries), the contiguous hint, partial or
-//! reordered visibility of stores before a `DSB` (all of them become visible
-//! at once), `DMB`, memory attributes and shareability, hardware
-//! access-flag/dirty updates, the guest's own stage 1, and reordering of
-//! TLBIs completed by one `DSB` (they complete in issue order).
+//! The contiguous hint, partial or reordered visibility of one CPU's stores
+//! before its `DSB` (all of them become visible at once), `DMB`, memory
+//! attributes and shareability, hardware access-flag/dirty updates, the
+//! guest's own stage 1, reordering of TLBIs completed by one `DSB` (they
+//! complete in issue order), and truly simultaneous execution (the CPUs
+//! interleave at barrier and access granularity).
 //!
 //! # Use
 //!
@@ -452,9 +462,26 @@ impl Cached {
     }
 }
 
-/// CPUs the model has: the one running the mm core and an observer (ready
-/// for SMP: its own TLB, walk cache and context).
+/// CPUs a model has unless made with [`Model::new_smp`]: the one running
+/// the mm core and an observer.
 pub const MODEL_CPUS: usize = 2;
+
+/// Most CPUs a model can have (as many as the mm core's per-CPU state).
+pub const MAX_MODEL_CPUS: usize = crate::mm::lazy::MAX_CPUS;
+
+/// Called after every barrier and TLBI the model executes, with the CPU
+/// that executed it (see [`Model::set_step_hook`]).
+pub type StepHook = Arc<dyn Fn(usize) + Send + Sync>;
+
+/// A [`StepHook`] in the state (which is `Debug`).
+#[derive(Clone)]
+struct HookSlot(StepHook);
+
+impl core::fmt::Debug for HookSlot {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("StepHook")
+    }
+}
 
 /// A walk-cache key: the table descriptor at `level` that translates
 /// `[base, base + size of a level-`level` entry)` in `regime` (stage-2
@@ -477,30 +504,57 @@ struct CpuCaches {
     walk: BTreeMap<WalkKey, usize>,
     /// The committed view as of this CPU's last `ISB` (its EL2 accesses).
     isb_view: Arc<Snapshot>,
+    /// This CPU's store buffer: descriptor words it wrote (address, value)
+    /// that no `DSB` of its own has made visible to the walkers yet.
+    store_buf: BTreeMap<usize, u64>,
+    /// TLBIs this CPU issued that no `DSB ISH` of its own has completed.
+    pending: Vec<Pending>,
+    /// Whether this CPU issued a TLBI since its last DSB (the store-buffer
+    /// check at TLBI issue is made for the first one only).
+    tlbi_since_dsb: bool,
+    /// The VMID its `VTTBR_EL2` holds (the guest it runs, or last ran):
+    /// only CPUs with a VMID installed walk (and refill from) its tables.
+    vttbr: Option<Vmid>,
+}
+
+impl CpuCaches {
+    fn new(view: &Arc<Snapshot>) -> Self {
+        Self {
+            tlb: BTreeMap::new(),
+            walk: BTreeMap::new(),
+            isb_view: Arc::clone(view),
+            store_buf: BTreeMap::new(),
+            pending: Vec::new(),
+            tlbi_since_dsb: false,
+            vttbr: None,
+        }
+    }
 }
 
 #[derive(Debug)]
 struct State {
     regions: Vec<Range<usize>>,
     committed: Arc<Snapshot>,
+    /// Live memory as of the last attribution of stores to a CPU: what
+    /// changed since was written by `cpu` (see `State::attribute`).
+    seen: Arc<Snapshot>,
     s2_roots: BTreeMap<Vmid, usize>,
     el2_root: Option<usize>,
     cpus: Vec<CpuCaches>,
-    pending: Vec<Pending>,
     stats: ModelStats,
     /// What `has_tlbi_range` answers.
     tlbi_range: bool,
     /// What `cpu_id` answers: the CPU the mm core runs on.
     cpu: usize,
-    /// Whether a TLBI was issued since the last DSB (the store-buffer check
-    /// at TLBI issue is made for the first one only).
-    tlbi_since_dsb: bool,
     /// Rule violations seen (see [`Model::violations`]).
     violations: Vec<alloc::string::String>,
-    /// The VMID each CPU's `VTTBR_EL2` holds (the guest it runs, or last
-    /// ran): only those CPUs' walkers may walk (and refill from) that
-    /// VMID's tables.
-    vttbr: [Option<Vmid>; MODEL_CPUS],
+    /// Broken hardware, for tests of the tests: TLBIs act on the issuing
+    /// CPU only (as the non-broadcast `TLBI VMALLE1` etc. would).
+    local_tlbis: bool,
+    /// See [`Model::set_step_hook`].
+    step_hook: Option<HookSlot>,
+    /// The step hook is running (its own accesses call no hook).
+    in_hook: bool,
 }
 
 /// The model: a cloneable handle (all clones share one state), usable as the
@@ -518,7 +572,7 @@ impl core::fmt::Debug for Model {
         f.debug_struct("Model")
             .field("regions", &st.regions)
             .field("tlb_keys", &st.cpus[0].tlb.len())
-            .field("pending_tlbis", &st.pending.len())
+            .field("pending_tlbis", &st.pending_count())
             .field("stats", &st.stats)
             .finish_non_exhaustive()
     }
@@ -542,6 +596,27 @@ impl Model {
     /// If a region is empty, not page-aligned, or overlaps another.
     #[must_use]
     pub unsafe fn new(regions: &[Range<usize>]) -> Self {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { Self::new_smp(regions, MODEL_CPUS) }
+    }
+
+    /// [`new`](Self::new) with `cpus` CPUs (2 ..= [`MAX_MODEL_CPUS`]),
+    /// each with its own TLB, walk cache, store buffer, pending TLBIs,
+    /// `ISB` context and `VTTBR_EL2`.
+    ///
+    /// # Safety
+    ///
+    /// As for [`new`](Self::new).
+    ///
+    /// # Panics
+    ///
+    /// As for [`new`](Self::new), and if `cpus` is out of range.
+    #[must_use]
+    pub unsafe fn new_smp(regions: &[Range<usize>], cpus: usize) -> Self {
+        assert!(
+            (1..=MAX_MODEL_CPUS).contains(&cpus),
+            "model CPUs {cpus} not in 1..={MAX_MODEL_CPUS}"
+        );
         let mut sorted: Vec<Range<usize>> = regions.to_vec();
         sorted.sort_by_key(|r| r.start);
         for r in &sorted {
@@ -569,14 +644,15 @@ impl Model {
             regions: sorted,
             s2_roots: BTreeMap::new(),
             el2_root: None,
+            seen: Arc::new(Snapshot { pages: Vec::new() }),
             cpus: Vec::new(),
-            pending: Vec::new(),
             stats: ModelStats::default(),
             tlbi_range: true,
             cpu: 0,
-            tlbi_since_dsb: false,
             violations: Vec::new(),
-            vttbr: [None; MODEL_CPUS],
+            local_tlbis: false,
+            step_hook: None,
+            in_hook: false,
         };
         let initial = Snapshot {
             pages: state
@@ -591,12 +667,9 @@ impl Model {
                 .collect(),
         };
         state.committed = Arc::new(initial);
-        state.cpus = (0..MODEL_CPUS)
-            .map(|_| CpuCaches {
-                tlb: BTreeMap::new(),
-                walk: BTreeMap::new(),
-                isb_view: Arc::clone(&state.committed),
-            })
+        state.seen = Arc::clone(&state.committed);
+        state.cpus = (0..cpus)
+            .map(|_| CpuCaches::new(&state.committed))
             .collect();
         Self(Arc::new(Mutex::new(state)))
     }
@@ -669,10 +742,13 @@ impl Model {
         ipa: u64,
         write: bool,
     ) -> Result<Access, Fault> {
-        assert!(cpu < MODEL_CPUS, "model CPU {cpu} beyond MODEL_CPUS");
         let mut st = self.0.lock();
+        assert!(
+            cpu < st.cpus.len(),
+            "model CPU {cpu} beyond the model's CPUs"
+        );
         // The guest runs there: its VTTBR is installed.
-        st.vttbr[cpu] = Some(vmid);
+        st.cpus[cpu].vttbr = Some(vmid);
         st.stats.guest_accesses += 1;
         let combined = Regime::Combined(vmid);
         let stage2 = Regime::Stage2(vmid);
@@ -816,7 +892,7 @@ impl Model {
     #[must_use]
     pub fn is_quiescent(&self) -> bool {
         let st = self.0.lock();
-        st.pending.is_empty() && st.changed_pages().is_empty()
+        st.pending_count() == 0 && st.changed_pages().is_empty()
     }
 
     /// Whether the EL2 view lags behind committed memory: a `DSB` published
@@ -835,7 +911,7 @@ impl Model {
     /// TLBIs issued and not yet completed by a `DSB ISH`.
     #[must_use]
     pub fn pending_tlbis(&self) -> usize {
-        self.0.lock().pending.len()
+        self.0.lock().pending_count()
     }
 
     /// Every TLB entry of every CPU, CPU by CPU, in (regime, size, base)
@@ -874,18 +950,74 @@ impl Model {
     }
 
     /// Sets what [`MmArch::cpu_id`] answers (default 0): the CPU the mm
-    /// core runs on, whose `ISB`s and EL2 accesses these are. Each of the
-    /// [`MODEL_CPUS`] CPUs has its own TLB, walk cache and context; the store
-    /// buffer is one (the writing CPU's), and broadcast TLBIs act on every
-    /// CPU. The model checks the barriers a CPU issues, not races between
-    /// CPUs.
+    /// core runs on, whose stores, barriers, TLBIs, `ISB`s and EL2 accesses
+    /// these are. Table stores made since the last switch (or barrier) are
+    /// put in the store buffer of the CPU that was running: only that CPU's
+    /// `DSB` makes them visible to the walkers. A broadcast TLBI acts on
+    /// every CPU's TLB and walk cache, and is complete only once the issuing
+    /// CPU executes a `DSB ISH`.
     ///
     /// # Panics
     ///
-    /// If `cpu` is not below [`MODEL_CPUS`].
+    /// If `cpu` is not one of the model's CPUs.
     pub fn set_cpu_id(&self, cpu: usize) {
-        assert!(cpu < MODEL_CPUS, "model CPU {cpu} beyond MODEL_CPUS");
-        self.0.lock().cpu = cpu;
+        let mut st = self.0.lock();
+        assert!(
+            cpu < st.cpus.len(),
+            "model CPU {cpu} beyond the model's CPUs"
+        );
+        st.attribute();
+        st.cpu = cpu;
+    }
+
+    /// How many CPUs the model has.
+    #[must_use]
+    pub fn cpus(&self) -> usize {
+        self.0.lock().cpus.len()
+    }
+
+    /// Broken hardware, to show the tests need the broadcast: with `true`,
+    /// every TLBI acts on the issuing CPU's TLB and walk cache only (as a
+    /// non-shareable `TLBI VMALLE1` / `IPAS2E1` would), so other CPUs keep
+    /// what they cached.
+    pub fn set_local_tlbis(&self, local: bool) {
+        self.0.lock().local_tlbis = local;
+    }
+
+    /// Installs `hook`, called after every barrier and TLBI the model
+    /// executes (with the executing CPU), outside the model's lock: a test
+    /// lets other CPUs run their guests between every step of an operation
+    /// (interleaving at barrier granularity). Barriers and TLBIs the hook
+    /// itself executes call no hook.
+    pub fn set_step_hook(&self, hook: Option<StepHook>) {
+        self.0.lock().step_hook = hook.map(HookSlot);
+    }
+
+    /// Walk-cache entries of any CPU that live memory no longer has: the
+    /// table descriptor they cache no longer points at that table (the
+    /// table was detached or replaced). Each as (CPU, regime, level, base,
+    /// cached next-level table). Empty once every removal's invalidation
+    /// has completed.
+    #[must_use]
+    pub fn stale_walks(&self) -> Vec<(usize, Regime, u8, u64, usize)> {
+        let st = self.0.lock();
+        let mut out = Vec::new();
+        for (cpu, c) in st.cpus.iter().enumerate() {
+            for (k, &next) in &c.walk {
+                let Ok((root, _, first)) = st.root_of(k.regime) else {
+                    out.push((cpu, k.regime, k.level, k.base, next));
+                    continue;
+                };
+                let mut path = Vec::new();
+                let _ = st.walk_from(View::Live, k.regime, k.base, first, root, &mut |l, t| {
+                    path.push((l, t));
+                });
+                if !path.contains(&(k.level, next)) {
+                    out.push((cpu, k.regime, k.level, k.base, next));
+                }
+            }
+        }
+        out
     }
 
     /// Sets what CPU `cpu`'s `VTTBR_EL2` holds: `vmid`'s tables, or
@@ -899,7 +1031,7 @@ impl Model {
     ///
     /// If `cpu` is not below [`MODEL_CPUS`].
     pub fn set_vttbr(&self, cpu: usize, vmid: Option<Vmid>) {
-        self.0.lock().vttbr[cpu] = vmid;
+        self.0.lock().cpus[cpu].vttbr = vmid;
     }
 
     /// Every walk-cache entry of CPU `cpu`: (regime, level, base, next
@@ -927,19 +1059,42 @@ impl Model {
     }
 
     fn issue(&self, op: TlbiOp) {
-        let mut st = self.0.lock();
-        if !st.tlbi_since_dsb {
-            st.tlbi_since_dsb = true;
-            let unsynced = st.changed_pages().len();
-            if unsynced > 0 {
-                let msg = alloc::format!(
-                    "TLBI {op:?} issued with {unsynced} table page(s) written since the last DSB"
-                );
-                st.violations.push(msg);
+        {
+            let mut st = self.0.lock();
+            let cpu = st.cpu;
+            if !st.cpus[cpu].tlbi_since_dsb {
+                st.cpus[cpu].tlbi_since_dsb = true;
+                st.attribute();
+                let unsynced = st.cpus[cpu].store_buf.len();
+                if unsynced > 0 {
+                    let msg = alloc::format!(
+                        "TLBI {op:?} issued by CPU {cpu} with {unsynced} descriptor(s) it wrote since its last DSB"
+                    );
+                    st.violations.push(msg);
+                }
             }
+            let view = Arc::clone(&st.committed);
+            st.cpus[cpu].pending.push(Pending { op, view });
         }
-        let view = Arc::clone(&st.committed);
-        st.pending.push(Pending { op, view });
+        self.step();
+    }
+
+    /// Runs the step hook (if any, and not from inside it) for the CPU that
+    /// just executed a barrier or TLBI.
+    fn step(&self) {
+        let (hook, cpu) = {
+            let mut st = self.0.lock();
+            if st.in_hook {
+                return;
+            }
+            let Some(HookSlot(hook)) = st.step_hook.clone() else {
+                return;
+            };
+            st.in_hook = true;
+            (hook, st.cpu)
+        };
+        hook(cpu);
+        self.0.lock().in_hook = false;
     }
 }
 
@@ -1032,16 +1187,70 @@ impl State {
         changed
     }
 
-    /// A DSB's effect on stores: everything written so far becomes visible
-    /// to the walkers.
+    fn pending_count(&self) -> usize {
+        self.cpus.iter().map(|c| c.pending.len()).sum()
+    }
+
+    /// Puts every descriptor word that changed in live memory since the last
+    /// attribution in the store buffer of the CPU running now (`cpu`): the
+    /// model runs one CPU at a time, so what changed since the last switch
+    /// or barrier was written by it.
+    fn attribute(&mut self) {
+        let cpu = self.cpu;
+        let mut seen: Option<Snapshot> = None;
+        for (r, region) in self.regions.iter().enumerate() {
+            for (p, old) in self.seen.pages[r].iter().enumerate() {
+                let addr = region.start + p * PAGE_SIZE;
+                if self.live_page(addr) == &old[..] {
+                    continue;
+                }
+                let live: Arc<[u8]> = Arc::from(self.live_page(addr));
+                for (i, (new, was)) in live.chunks_exact(8).zip(old.chunks_exact(8)).enumerate() {
+                    if new != was {
+                        let mut word = [0; 8];
+                        word.copy_from_slice(new);
+                        self.cpus[cpu]
+                            .store_buf
+                            .insert(addr + i * 8, u64::from_ne_bytes(word));
+                    }
+                }
+                seen.get_or_insert_with(|| (*self.seen).clone()).pages[r][p] = live;
+            }
+        }
+        if let Some(seen) = seen {
+            self.seen = Arc::new(seen);
+        }
+    }
+
+    /// A DSB's effect on stores, on the CPU running now: everything it wrote
+    /// so far becomes visible to every walker (other CPUs' buffered stores
+    /// stay buffered).
     fn commit(&mut self) {
-        let changed = self.changed_pages();
-        if changed.is_empty() {
+        self.attribute();
+        let cpu = self.cpu;
+        let buf = core::mem::take(&mut self.cpus[cpu].store_buf);
+        if buf.is_empty() {
             return;
         }
         let mut snap = (*self.committed).clone();
-        for (r, p, page) in changed {
-            snap.pages[r][p] = page;
+        let mut page: Option<(usize, usize, Vec<u8>)> = None;
+        for (addr, value) in buf {
+            let (r, off) = self
+                .locate(addr, 8)
+                .expect("buffered store inside a region");
+            let p = off / PAGE_SIZE;
+            if page.as_ref().is_none_or(|(pr, pp, _)| (*pr, *pp) != (r, p)) {
+                if let Some((pr, pp, bytes)) = page.take() {
+                    snap.pages[pr][pp] = Arc::from(bytes);
+                }
+                page = Some((r, p, snap.pages[r][p].to_vec()));
+            }
+            let bytes = &mut page.as_mut().expect("page just set").2;
+            let at = off % PAGE_SIZE;
+            bytes[at..at + 8].copy_from_slice(&value.to_ne_bytes());
+        }
+        if let Some((pr, pp, bytes)) = page {
+            snap.pages[pr][pp] = Arc::from(bytes);
         }
         self.committed = Arc::new(snap);
         self.stats.commits += 1;
@@ -1297,8 +1506,8 @@ impl State {
         if self.s2_roots.values().any(|&r| r == pa) || self.el2_root == Some(pa) {
             why.push("it is a registered root (a VTTBR may hold it)".into());
         }
-        for (cpu, vmid) in self.vttbr.iter().enumerate() {
-            if vmid.and_then(|v| self.s2_roots.get(&v)) == Some(&pa) {
+        for (cpu, c) in self.cpus.iter().enumerate() {
+            if c.vttbr.and_then(|v| self.s2_roots.get(&v)) == Some(&pa) {
                 why.push(alloc::format!("CPU {cpu}'s VTTBR_EL2 holds it"));
             }
         }
@@ -1317,10 +1526,11 @@ impl State {
                 ));
             }
         }
-        if !self.pending.is_empty() {
+        let mine = self.cpus[self.cpu].pending.len();
+        if mine > 0 {
             why.push(alloc::format!(
-                "{} TLBI(s) still pending (no DSB ISH since)",
-                self.pending.len()
+                "{mine} TLBI(s) of CPU {} (the freeing CPU) still pending (no DSB ISH of its own since)",
+                self.cpu
             ));
         }
         if !why.is_empty() {
@@ -1335,7 +1545,7 @@ impl State {
     fn may_walk(&self, cpu: usize, regime: Regime) -> bool {
         match regime {
             Regime::El2 => true,
-            Regime::Stage2(vmid) | Regime::Combined(vmid) => self.vttbr[cpu] == Some(vmid),
+            Regime::Stage2(vmid) | Regime::Combined(vmid) => self.cpus[cpu].vttbr == Some(vmid),
         }
     }
 
@@ -1499,11 +1709,17 @@ impl State {
         }
     }
 
-    /// A DSB ISH's effect on TLB maintenance: completes every pending TLBI,
-    /// in issue order, on every CPU (they are broadcast).
+    /// A DSB ISH's effect on TLB maintenance: completes every TLBI the
+    /// running CPU issued and has not completed yet, in issue order, on
+    /// every CPU (they are broadcast; with `local_tlbis`, on the issuing
+    /// CPU only). Other CPUs' pending TLBIs wait for their own `DSB ISH`.
     fn complete_tlbis(&mut self) {
-        for Pending { op, view } in core::mem::take(&mut self.pending) {
+        let issuer = self.cpu;
+        for Pending { op, view } in core::mem::take(&mut self.cpus[issuer].pending) {
             for cpu in 0..self.cpus.len() {
+                if self.local_tlbis && cpu != issuer {
+                    continue;
+                }
                 self.complete_one(cpu, op, &view);
             }
         }
@@ -1589,25 +1805,36 @@ fn entry_size(level: u8) -> u64 {
 
 impl MmArch for Model {
     fn dsb_ishst(&self) {
-        let mut st = self.0.lock();
-        st.stats.dsb_ishst += 1;
-        st.tlbi_since_dsb = false;
-        st.commit();
+        {
+            let mut st = self.0.lock();
+            st.stats.dsb_ishst += 1;
+            let cpu = st.cpu;
+            st.cpus[cpu].tlbi_since_dsb = false;
+            st.commit();
+        }
+        self.step();
     }
 
     fn dsb_ish(&self) {
-        let mut st = self.0.lock();
-        st.stats.dsb_ish += 1;
-        st.tlbi_since_dsb = false;
-        st.complete_tlbis();
-        st.commit();
+        {
+            let mut st = self.0.lock();
+            st.stats.dsb_ish += 1;
+            let cpu = st.cpu;
+            st.cpus[cpu].tlbi_since_dsb = false;
+            st.complete_tlbis();
+            st.commit();
+        }
+        self.step();
     }
 
     fn isb(&self) {
-        let mut st = self.0.lock();
-        st.stats.isb += 1;
-        let cpu = st.cpu;
-        st.cpus[cpu].isb_view = Arc::clone(&st.committed);
+        {
+            let mut st = self.0.lock();
+            st.stats.isb += 1;
+            let cpu = st.cpu;
+            st.cpus[cpu].isb_view = Arc::clone(&st.committed);
+        }
+        self.step();
     }
 
     fn tlbi_ipas2e1is(&self, vmid: Vmid, ipa: u64, ttl: Option<u8>) {

@@ -81,7 +81,7 @@ pub struct PagePool<'m, A: MmArch> {
     /// [`alloc_zeroed`](Self::alloc_zeroed).
     reserve: [SpinMutex<Vec<PhysAddr>>; MAX_CPUS],
     region: Range<PhysAddr>,
-    mm: &'m MmCtx<A>,
+    mm: &'m MmCtx<'m, A>,
     guard: Option<&'m dyn El2PageMap>,
 }
 
@@ -98,7 +98,81 @@ impl<A: MmArch> core::fmt::Debug for PagePool<'_, A> {
     }
 }
 
+/// Page-aligned, zeroed memory from the global allocator (`alloc::alloc`,
+/// a 4096-aligned `Layout`), freed when dropped: table memory for a pool
+/// outside the hypervisor (a host harness, another hypervisor's heap).
+///
+/// Its addresses are used as the tables' addresses: on hardware the memory
+/// must be identity-mapped (virtual = physical) for a walker to use tables
+/// built in it; on the host nothing walks them but the model.
+#[derive(Debug)]
+pub struct PageBuffer {
+    base: core::ptr::NonNull<u8>,
+    pages: usize,
+}
+
+// SAFETY: the buffer is plain memory owned by this value alone; moving it to
+// another thread moves that ownership, and `&PageBuffer` only hands out its
+// address range.
+unsafe impl Send for PageBuffer {}
+// SAFETY: as above: shared references give out only the address range.
+unsafe impl Sync for PageBuffer {}
+
+impl PageBuffer {
+    fn layout(pages: usize) -> Option<alloc::alloc::Layout> {
+        let size = pages.checked_mul(PAGE_SIZE)?;
+        alloc::alloc::Layout::from_size_align(size, PAGE_SIZE).ok()
+    }
+
+    /// `pages` zeroed 4 KiB pages, 4 KiB-aligned; `None` if `pages` is 0,
+    /// the size overflows, or the allocator has no memory.
+    #[must_use]
+    pub fn new(pages: usize) -> Option<Self> {
+        if pages == 0 {
+            return None;
+        }
+        let layout = Self::layout(pages)?;
+        // SAFETY: the layout has a non-zero size (pages > 0).
+        let base = core::ptr::NonNull::new(unsafe { alloc::alloc::alloc_zeroed(layout) })?;
+        Some(Self { base, pages })
+    }
+
+    /// The buffer's address range (page-aligned).
+    #[must_use]
+    pub fn range(&self) -> Range<PhysAddr> {
+        let start = self.base.as_ptr() as PhysAddr;
+        start..start + self.pages * PAGE_SIZE
+    }
+
+    /// Pages in the buffer.
+    #[must_use]
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+}
+
+impl Drop for PageBuffer {
+    fn drop(&mut self) {
+        let layout = Self::layout(self.pages).expect("the layout `new` allocated with");
+        // SAFETY: `base` came from `alloc_zeroed` with this layout and is
+        // freed once, here; nothing borrows the buffer any more (a pool made
+        // by `PagePool::with_buffer` borrowed it mutably for its lifetime).
+        unsafe { alloc::alloc::dealloc(self.base.as_ptr(), layout) };
+    }
+}
+
 impl<'m, A: MmArch> PagePool<'m, A> {
+    /// A pool over `buffer`, without guard mode: the safe way to get a pool
+    /// from host memory. The pool borrows the buffer mutably for as long as
+    /// it (and every table built from it) lives, so nothing else uses the
+    /// memory and it is not freed under them.
+    pub fn with_buffer(buffer: &'m mut PageBuffer, mm: &'m MmCtx<'m, A>) -> Self {
+        // SAFETY: the buffer is memory nothing else uses while the mutable
+        // borrow lasts (as long as the pool), readable and writable at its
+        // own addresses (it is ours), and page-aligned and non-empty.
+        unsafe { Self::new(buffer.range(), mm, None) }
+    }
+
     /// Creates a pool over `region` (page-aligned physical addresses). With
     /// `guard`, every page of the region is made invalid in the EL2 map now
     /// (one flush), and pages are mapped one by one as they are allocated.
@@ -115,7 +189,7 @@ impl<'m, A: MmArch> PagePool<'m, A> {
     /// If `region` is empty or not page-aligned.
     pub unsafe fn new(
         region: Range<PhysAddr>,
-        mm: &'m MmCtx<A>,
+        mm: &'m MmCtx<'m, A>,
         guard: Option<&'m dyn El2PageMap>,
     ) -> Self {
         assert!(
@@ -416,7 +490,7 @@ pub mod test_support {
     }
 
     /// A pool of `pages` pages of host memory, without guard mode.
-    pub fn host_pool<A: MmArch>(pages: usize, mm: &MmCtx<A>) -> PagePool<'_, A> {
+    pub fn host_pool<'m, A: MmArch>(pages: usize, mm: &'m MmCtx<'m, A>) -> PagePool<'m, A> {
         // SAFETY: the memory was just allocated, is page-aligned and is never
         // freed or used by anything but this pool.
         unsafe { PagePool::new(host_region(pages), mm, None) }

@@ -41,7 +41,7 @@ fn seed_scenario_naive_goes_wrong_the_others_do_not() {
                 "Naive: zeroing the new table page must fault in the model"
             );
         } else {
-            assert_eq!(r, Ok(()), "{policy:?}");
+            assert!(r.is_ok(), "{policy:?}: {r:?}");
             kit.ref_map(GIB, 64 * PAGE_SIZE, 0x8000_0000, S2Perm::RW);
             kit.check(&(GIB..GIB + 2 * MIB as u64))
                 .unwrap_or_else(|e| panic!("{policy:?}: {e}"));
@@ -284,11 +284,11 @@ fn remap_of_touched_blocks_reaches_only_the_new_backing() {
 // Random sequences.
 
 /// The IPA window the random operations act on: 8 MiB from 1 GiB.
-const WINDOW: Range<u64> = GIB..GIB + 8 * MIB as u64;
-const WINDOW_PAGES: u64 = (8 * MIB / PAGE_SIZE) as u64;
+pub(super) const WINDOW: Range<u64> = GIB..GIB + 8 * MIB as u64;
+pub(super) const WINDOW_PAGES: u64 = (8 * MIB / PAGE_SIZE) as u64;
 
 #[derive(Clone, Debug)]
-enum Op {
+pub(super) enum Op {
     Map {
         page: u64,
         pages: u64,
@@ -331,7 +331,7 @@ fn perm_of(p: u8) -> S2Perm {
     }
 }
 
-fn op() -> impl Strategy<Value = Op> {
+pub(super) fn op() -> impl Strategy<Value = Op> {
     // Sizes and placements biased towards 2 MiB alignment, so blocks,
     // splits and merges all happen.
     let page = prop_oneof![
@@ -402,7 +402,7 @@ fn assert_query_matches(kit: &Kit, page: u64) {
 
 /// Runs one operation on the kit and the reference, asserting the manager's
 /// answer matches what the reference predicts.
-fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
+pub(super) fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
     let clip = |page: u64, pages: u64| {
         let end = (page + pages).min(WINDOW_PAGES);
         (
@@ -430,8 +430,9 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
             let r = kit.s2.map(ipa, size, pa, ram(perm_of(perm)));
             kit.pool.fail_after(None);
             match r {
-                Ok(()) => {
+                Ok(c) => {
                     assert_eq!(mapped(kit, ipa, size), 0, "map succeeded over mapped pages");
+                    assert_eq!(c.pages, (size / PAGE_SIZE) as u64, "{c:?}");
                     kit.ref_map(ipa, size, pa, perm_of(perm));
                     assert_blocks_where_aligned(kit, ipa, size, pa);
                 }
@@ -443,21 +444,20 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
         }
         Op::Unmap { page, pages } => {
             let (ipa, size) = clip(page, pages);
-            kit.s2.unmap(ipa, size).expect("unmap");
+            let was = mapped(kit, ipa, size) as u64;
+            let c = kit.s2.unmap(ipa, size).expect("unmap");
+            assert_eq!(c.pages, was, "pages unmapped: {c:?}");
             kit.ref_unmap(ipa, size);
         }
         Op::Protect { page, pages, perm } => {
             let (ipa, size) = clip(page, pages);
             match kit.s2.protect(ipa, size, perm_of(perm)) {
-                Ok(()) => {
-                    for i in 0..size / PAGE_SIZE {
-                        let key = ipa + (i * PAGE_SIZE) as u64;
-                        let e = kit
-                            .reference
-                            .get_mut(&key)
-                            .expect("protect succeeded over a hole");
-                        e.1 = perm_of(perm);
+                Ok(c) => {
+                    assert_eq!(c.pages, (size / PAGE_SIZE) as u64, "{c:?}");
+                    for e in kit.reference.range_mut(ipa..ipa + size as u64) {
+                        e.1.1 = perm_of(perm);
                     }
+                    assert_eq!(mapped(kit, ipa, size), size / PAGE_SIZE, "protected a hole");
                 }
                 Err(Stage2Error::NotMapped) => assert!(mapped(kit, ipa, size) < size / PAGE_SIZE),
                 Err(e) => panic!("protect: {e:?}"),
@@ -476,7 +476,8 @@ fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bool) {
             let r = kit.s2.remap(ipa, size, pa, ram(S2Perm::RW));
             kit.pool.fail_after(None);
             match r {
-                Ok(()) => {
+                Ok(c) => {
+                    assert_eq!(c.pages, (size / PAGE_SIZE) as u64, "{c:?}");
                     kit.ref_map(ipa, size, pa, S2Perm::RW);
                     if !lazy {
                         assert_blocks_where_aligned(kit, ipa, size, pa);
@@ -531,7 +532,7 @@ fn run_sequence(policy: NestPolicy, sections: &[(bool, Vec<Op>)]) -> Result<(), 
     Ok(())
 }
 
-fn sections() -> impl Strategy<Value = Vec<(bool, Vec<Op>)>> {
+pub(super) fn sections() -> impl Strategy<Value = Vec<(bool, Vec<Op>)>> {
     proptest::collection::vec((any::<bool>(), proptest::collection::vec(op(), 1..8)), 1..8)
 }
 
@@ -1250,4 +1251,43 @@ fn deferred_breaks_complete_before_anything_touches_their_range() {
     kit.ref_map(GIB + 3 * block, block as usize, 0xd000_0000, S2Perm::RW);
     kit.ref_map(GIB + 4 * block, block as usize, 0xd020_0000, S2Perm::RW);
     kit.check(&window).expect("after the section");
+}
+
+/// What `Changed` reports, against what the tables show: tables taken for
+/// a page map, the table an unmap of all its pages detaches, a block, a
+/// split.
+#[test]
+fn changed_reports_pages_blocks_splits_and_tables() {
+    let mut kit = Kit::new(16, true, NestPolicy::Flatten);
+    let block = 2 * MIB;
+    let c = kit
+        .s2
+        .map(GIB, block, 0x8000_1000, ram(S2Perm::RW))
+        .expect("pages");
+    assert_eq!(
+        (c.pages, c.blocks, c.tables_allocated, c.tables_detached),
+        (512, 0, 2, 0)
+    );
+    // 512 pages, 2 table entries, and guard mode's EL2 entry of each of
+    // the 2 table pages.
+    assert_eq!(c.descriptors, 512 + 2 + 2);
+    let c = kit.s2.unmap(GIB, block).expect("unmap");
+    // One run over the whole table replaces its entry: the table detached.
+    assert_eq!((c.pages, c.tables_detached), (512, 1));
+    assert_eq!(kit.table_pages(), 2);
+    let c = kit
+        .s2
+        .map(GIB, block, 0x8020_0000, ram(S2Perm::RW))
+        .expect("block");
+    assert_eq!(
+        (c.pages, c.blocks, c.tables_allocated, c.tables_detached),
+        (512, 1, 0, 0)
+    );
+    kit.mm.enter();
+    let c = kit.s2.unmap(GIB + 0x3000, PAGE_SIZE).expect("split");
+    kit.mm.leave();
+    assert_eq!((c.pages, c.splits, c.tables_allocated), (1, 1, 1));
+    kit.ref_map(GIB, block, 0x8020_0000, S2Perm::RW);
+    kit.ref_unmap(GIB + 0x3000, PAGE_SIZE);
+    kit.check(&(GIB..GIB + block as u64)).expect("check");
 }

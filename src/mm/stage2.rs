@@ -228,6 +228,44 @@ pub enum Stage2Error {
     BadVmid,
 }
 
+/// What a stage-2 operation did ([`Stage2::map`], [`unmap`](Stage2::unmap),
+/// [`protect`](Stage2::protect), [`remap`](Stage2::remap)). Counted from
+/// this CPU's counters around the call and a count the stage 2 keeps: a few
+/// loads, nothing walked again.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq, Hash)]
+pub struct Changed {
+    /// 4 KiB pages whose translation the call changed: mapped, unmapped
+    /// (only those that were mapped), re-protected or re-pointed.
+    pub pages: u64,
+    /// Block entries (2 MiB, 1 GiB) the call wrote for its range (map and
+    /// remap; the parts of a split block re-made around an unmap or a
+    /// protect are not counted here but in `descriptors`).
+    pub blocks: u64,
+    /// Blocks split because the range cut through them.
+    pub splits: u64,
+    /// Descriptors written during the call, guard mode's EL2 entries of
+    /// the table pages included (deferred makes are written, and counted,
+    /// by the flush that completes them).
+    pub descriptors: u64,
+    /// Table pages taken from the pool.
+    pub tables_allocated: u64,
+    /// Table pages detached from the tables. They go back to the pool once
+    /// their invalidation has completed: before the call returns when it
+    /// runs eagerly, at the section's end inside one.
+    pub tables_detached: u64,
+}
+
+/// The counts [`Changed`] is the difference of.
+#[derive(Clone, Copy)]
+struct Tally {
+    pages_mapped: u64,
+    blocks: u64,
+    splits: u64,
+    descriptors: u64,
+    allocs: u64,
+    detached: u64,
+}
+
 /// Pages a [`TableReserve`] holds.
 #[derive(Debug, Default)]
 struct ReservePages {
@@ -323,8 +361,10 @@ pub struct Stage2<'m, A: MmArch> {
     mapping: ManuallyDrop<Mapping<TableReserve, paging::Stage2>>,
     pages: Arc<SpinMutex<ReservePages>>,
     vmid: Vmid,
-    mm: &'m MmCtx<A>,
+    mm: &'m MmCtx<'m, A>,
     pool: &'m PagePool<'m, A>,
+    /// Table pages detached so far (for [`Changed::tables_detached`]).
+    detached: u64,
 }
 
 impl<A: MmArch> core::fmt::Debug for Stage2<'_, A> {
@@ -350,7 +390,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     /// the root.
     pub fn new(
         vmid: Vmid,
-        mm: &'m MmCtx<A>,
+        mm: &'m MmCtx<'m, A>,
         pool: &'m PagePool<'m, A>,
     ) -> Result<Self, Stage2Error> {
         if u32::from(vmid.0) >> mm.arch.vmid_bits().min(16) != 0 {
@@ -369,7 +409,35 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             vmid,
             mm,
             pool,
+            detached: 0,
         })
+    }
+
+    fn tally(&self) -> Tally {
+        use core::sync::atomic::Ordering::Relaxed;
+        let c = self.mm.counters();
+        Tally {
+            pages_mapped: c.pages_mapped.load(Relaxed),
+            blocks: c.blocks_mapped.load(Relaxed),
+            splits: c.splits.load(Relaxed),
+            descriptors: c.pte_writes.load(Relaxed),
+            allocs: c.pool_allocs.load(Relaxed),
+            detached: self.detached,
+        }
+    }
+
+    /// What changed since `before`, with `pages` as the call counts them
+    /// (`None`: the pages it unmapped, from the mapped-pages gauge).
+    fn changed_since(&self, before: Tally, pages: Option<u64>) -> Changed {
+        let now = self.tally();
+        Changed {
+            pages: pages.unwrap_or_else(|| before.pages_mapped.wrapping_sub(now.pages_mapped)),
+            blocks: now.blocks.wrapping_sub(before.blocks),
+            splits: now.splits.wrapping_sub(before.splits),
+            descriptors: now.descriptors.wrapping_sub(before.descriptors),
+            tables_allocated: now.allocs.wrapping_sub(before.allocs),
+            tables_detached: now.detached - before.detached,
+        }
     }
 
     /// The VMID these tables are tagged with.
@@ -403,6 +471,18 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     /// Any [`Stage2Error`] but `NotMapped`; on error the tables are as they
     /// were before the call.
     pub fn map(
+        &mut self,
+        ipa: Ipa,
+        size: usize,
+        pa: PhysAddr,
+        attrs: S2Attrs,
+    ) -> Result<Changed, Stage2Error> {
+        let before = self.tally();
+        self.map_range(ipa, size, pa, attrs)?;
+        Ok(self.changed_since(before, Some((size / PAGE_SIZE) as u64)))
+    }
+
+    fn map_range(
         &mut self,
         ipa: Ipa,
         size: usize,
@@ -522,8 +602,10 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     ///
     /// Range errors, or [`Stage2Error::OutOfTableMemory`] when a split needs
     /// tables the pool cannot give; then nothing has changed.
-    pub fn unmap(&mut self, ipa: Ipa, size: usize) -> Result<(), Stage2Error> {
-        self.change(ipa, size, Change::Unmap)
+    pub fn unmap(&mut self, ipa: Ipa, size: usize) -> Result<Changed, Stage2Error> {
+        let before = self.tally();
+        self.change(ipa, size, Change::Unmap)?;
+        Ok(self.changed_since(before, None))
     }
 
     /// Changes the permissions of every page in `[ipa, ipa + size)`, which
@@ -534,8 +616,10 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     ///
     /// Range errors, [`Stage2Error::NotMapped`], or
     /// [`Stage2Error::OutOfTableMemory`]; then nothing has changed.
-    pub fn protect(&mut self, ipa: Ipa, size: usize, perm: S2Perm) -> Result<(), Stage2Error> {
-        self.change(ipa, size, Change::Protect(perm))
+    pub fn protect(&mut self, ipa: Ipa, size: usize, perm: S2Perm) -> Result<Changed, Stage2Error> {
+        let before = self.tally();
+        self.change(ipa, size, Change::Protect(perm))?;
+        Ok(self.changed_since(before, Some((size / PAGE_SIZE) as u64)))
     }
 
     /// Points the wholly mapped range `[ipa, ipa + size)` at new backing `pa`
@@ -553,9 +637,11 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         size: usize,
         pa: PhysAddr,
         attrs: S2Attrs,
-    ) -> Result<(), Stage2Error> {
+    ) -> Result<Changed, Stage2Error> {
         check_pa(pa, size)?;
-        self.change(ipa, size, Change::Remap { pa, attrs })
+        let before = self.tally();
+        self.change(ipa, size, Change::Remap { pa, attrs })?;
+        Ok(self.changed_since(before, Some((size / PAGE_SIZE) as u64)))
     }
 
     /// Merges every 2 MiB region inside `[ipa, ipa + size)` whose 512 pages
@@ -1289,6 +1375,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     /// deferred-free list: they are freed after the next flush's TLBIs.
     fn hand_over_detached(&mut self) {
         let detached = core::mem::take(&mut self.reserve_pages().detached);
+        self.detached += detached.len() as u64;
         for pa in detached {
             self.mm.defer_free(pa);
         }
@@ -1604,7 +1691,7 @@ mod tests {
     const MIB: usize = 1 << 20;
 
     struct Fixture {
-        mm: &'static MmCtx<NoopArch>,
+        mm: &'static MmCtx<'static, NoopArch>,
         pool: &'static PagePool<'static, NoopArch>,
         s2: Stage2<'static, NoopArch>,
     }
@@ -1933,7 +2020,7 @@ mod unmap_cost {
     const IPA: Ipa = 1 << 30;
     const PA: PhysAddr = 0x8000_1000;
 
-    fn fixture() -> (&'static MmCtx<NoopArch>, Stage2<'static, NoopArch>) {
+    fn fixture() -> (&'static MmCtx<'static, NoopArch>, Stage2<'static, NoopArch>) {
         let mm = leak(MmCtx::new(NoopArch));
         // SAFETY: fresh host memory used only by this pool.
         let pool = leak(unsafe { PagePool::new(host_region(256), mm, None) });

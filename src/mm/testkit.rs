@@ -121,7 +121,7 @@ pub struct Kit {
     /// The hardware model.
     pub model: Model,
     /// The mm context.
-    pub mm: &'static MmCtx<Model>,
+    pub mm: &'static MmCtx<'static, Model>,
     /// The table pool (guarded or not).
     pub pool: &'static PagePool<'static, Model>,
     /// The guest's stage 2.
@@ -131,12 +131,18 @@ pub struct Kit {
 }
 
 impl Kit {
-    /// A kit with `pool_pages` pages of table memory.
+    /// A kit with `pool_pages` pages of table memory, on a model of two
+    /// CPUs (the mm core's and an observer).
     pub fn new(pool_pages: usize, guard: bool, policy: NestPolicy) -> Self {
+        Self::new_smp(pool_pages, guard, policy, super::model::MODEL_CPUS)
+    }
+
+    /// [`new`](Self::new) on a model of `cpus` CPUs.
+    pub fn new_smp(pool_pages: usize, guard: bool, policy: NestPolicy, cpus: usize) -> Self {
         let pool_region = host_region(pool_pages);
         let el2_tables = host_region(8);
         // SAFETY: both regions are leaked host memory that outlive the model.
-        let model = unsafe { Model::new(&[pool_region.clone(), el2_tables.clone()]) };
+        let model = unsafe { Model::new_smp(&[pool_region.clone(), el2_tables.clone()], cpus) };
         let mm = leak(MmCtx::new(model.clone()));
         mm.set_policy(policy);
         let el2: &'static HostEl2 = leak(HostEl2::new(el2_tables, &pool_region));
@@ -191,7 +197,7 @@ impl Kit {
     /// [`touch`](Self::touch) by the guest on every model CPU (the
     /// observer's TLB and walk cache filled too).
     pub fn touch_all_cpus(&self, window: &Range<u64>) {
-        for cpu in 0..super::model::MODEL_CPUS {
+        for cpu in 0..self.model.cpus() {
             let _pages_touched = self.model.touch_guest_on(cpu, VMID, window.clone());
         }
     }
@@ -242,6 +248,14 @@ impl Kit {
                 "{} stale TLB entries, first {:?}",
                 stale.len(),
                 stale[0]
+            ));
+        }
+        let walks = self.model.stale_walks();
+        if !walks.is_empty() {
+            return Err(format!(
+                "{} stale walk-cache entries, first (cpu, regime, level, base, table) {:?}",
+                walks.len(),
+                walks[0]
             ));
         }
         for ipa in (window.start..window.end).step_by(PAGE_SIZE) {

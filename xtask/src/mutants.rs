@@ -186,6 +186,14 @@ pub const MUTANTS: &[Mutant] = &[
         expect: Expect::Killed,
     },
     Mutant {
+        name: "no-final-dsb-ish",
+        file: "src/mm/lazy.rs",
+        find: "            // anything after the flush (a free, a make) relies on it.\n            self.dsb_ish(counters);\n",
+        replace: "            // anything after the flush (a free, a make) relies on it.\n",
+        what: "flush() returns before the DSB ISH that completes TLBI VMALLE1IS: other CPUs keep combined entries after the call returned",
+        expect: Expect::Killed,
+    },
+    Mutant {
         name: "no-clean-before-guest-map",
         file: "src/coherency.rs",
         find: "    pub fn before_guest_map(self, ops: &dyn CacheOps, pa: PhysAddr, len: usize) {\n        self.after_hyp_write(ops, pa, len);",
