@@ -19,6 +19,9 @@ pub mod guest_flags {
     /// The guest runs the benchmark sequence instead of its tests
     /// (`cargo xtask bench`).
     pub const BENCH: u64 = 1 << 1;
+    /// The guest resets its VM once (PSCI `SYSTEM_RESET`) before its tests,
+    /// and checks that it restarted from a clean image (`guest.reset_test=1`).
+    pub const RESET_TEST: u64 = 1 << 2;
 }
 
 /// Parsed boot arguments.
@@ -161,7 +164,7 @@ impl core::fmt::Display for BootArgsError<'_> {
             Self::NotKeyValue(w) => write!(f, "boot argument `{w}` is not key=value"),
             Self::UnknownKey(k) => write!(
                 f,
-                "unknown boot argument `{k}` (known: log, payload, mm.guard, mm.fwb, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.kind, linux.initrd, linux.initrd_size, guest.fail, guest.bench, guest.unmap_bench_mib, guest.vcpus, vms, linux.payload, linux.append, run.token, test.hypercalls)"
+                "unknown boot argument `{k}` (known: log, payload, mm.guard, mm.fwb, guest.ram_mib, guest.populate, guest.fault_around_kib, guest.uart, guest.kind, linux.initrd, linux.initrd_size, guest.fail, guest.bench, guest.unmap_bench_mib, guest.vcpus, guest.reset_test, vms, linux.payload, linux.append, run.token, test.hypercalls)"
             ),
             Self::BadValue { key, value } => write!(f, "bad value `{value}` for `{key}`"),
         }
@@ -263,6 +266,11 @@ impl BootArgs {
                 }
                 "run.token" => args.run_token = RunToken::parse(value).ok_or(bad)?,
                 "test.hypercalls" => args.test_hypercalls = parse_bool(value).ok_or(bad)?,
+                "guest.reset_test" => match value {
+                    "0" => args.guest_flags &= !guest_flags::RESET_TEST,
+                    "1" => args.guest_flags |= guest_flags::RESET_TEST,
+                    _ => return Err(bad),
+                },
                 "guest.fail" => match value {
                     "0" => args.guest_flags &= !guest_flags::FAIL,
                     "1" => args.guest_flags |= guest_flags::FAIL,

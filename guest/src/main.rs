@@ -23,6 +23,8 @@ mod iface_tests;
 #[cfg(target_os = "none")]
 mod probe;
 #[cfg(target_os = "none")]
+mod reset_test;
+#[cfg(target_os = "none")]
 mod rt;
 #[cfg(target_os = "none")]
 mod smp_tests;

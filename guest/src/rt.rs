@@ -119,16 +119,34 @@ entry!(main, 16);
 const FLAG_FAIL: u64 = 1;
 /// Flag bit 1 in `x1`: run the benchmark sequence instead of the tests.
 const FLAG_BENCH: u64 = 2;
+/// Flag bit 2 in `x1`: reset the VM once first (see `crate::reset_test`).
+const FLAG_RESET_TEST: u64 = 4;
 
-fn main(_dtb: u64, flags: u64, unmap_bench_mib: u64, _x3: u64) -> ! {
+/// `x3`: how many times the hypervisor reset this VM before this start.
+fn main(_dtb: u64, flags: u64, unmap_bench_mib: u64, resets: u64) -> ! {
     console::init();
-    println!("guest: running at EL1 under lazyhyp (flags {flags:#x})");
+    println!("guest: running at EL1 under lazyhyp (flags {flags:#x}, resets {resets})");
+    if flags & FLAG_RESET_TEST != 0 && resets == 0 {
+        crate::reset_test::dirty_and_reset();
+    }
     let (passed, failed) = if unmap_bench_mib != 0 {
         crate::hostile::unmap_bench(unmap_bench_mib)
     } else if flags & FLAG_BENCH != 0 {
         crate::bench::run()
     } else {
-        crate::tests::run_all(flags & FLAG_FAIL != 0)
+        let reset = (flags & FLAG_RESET_TEST != 0).then(|| crate::reset_test::check(resets));
+        let (p, f) = crate::tests::run_all(flags & FLAG_FAIL != 0);
+        match reset {
+            Some(Ok(())) => {
+                println!("test vm_reset_restarts_from_a_clean_image ... ok");
+                (p + 1, f)
+            }
+            Some(Err(why)) => {
+                println!("test vm_reset_restarts_from_a_clean_image ... FAILED: {why}");
+                (p, f + 1)
+            }
+            None => (p, f),
+        }
     };
     println!("guest: {passed} passed, {failed} failed");
     hyp::report_and_power_off(passed, failed)
