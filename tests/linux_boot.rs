@@ -50,3 +50,27 @@ fn debian_linux_boots_to_init_end_and_powers_off() {
         outcome.output
     );
 }
+
+/// The README's two-VM example (`cargo xtask vms`): the test guest on CPU 0
+/// and Linux with 2 vCPUs on CPUs 1-2, side by side, each judged on its
+/// own: the test guest's suite passes, Linux shows 2 CPUs, runs its init
+/// (and reads the console line: input goes to the Linux VM) and powers off.
+#[test]
+fn test_guest_and_linux_side_by_side() {
+    xtask::ensure_qemu().unwrap_or_else(|e| panic!("{e:#}"));
+    let artifacts = xtask::build(true).unwrap_or_else(|e| panic!("{e:#}"));
+    let (kernel, initrd) = xtask::linux::fetch().unwrap_or_else(|e| panic!("{e:#}"));
+    let config = xtask::vms::DEFAULT_CONFIG;
+    let outcome = xtask::vms::boot(
+        &artifacts,
+        Some((&kernel, &initrd)),
+        config,
+        xtask::linux::DEFAULT_TIMEOUT,
+        false,
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    if let Err(why) = xtask::vms::judge(&outcome, config) {
+        panic!("{why}\n---- output ----\n{}", outcome.output);
+    }
+}

@@ -11,15 +11,16 @@ mod outcome;
 mod process;
 mod qemu;
 mod test_runner;
+pub mod vms;
 
 pub use artifacts::{
     Artifacts, GUEST_TARGET, HYPERVISOR_TARGET, build, cargo_command, ensure_targets, target_dir,
     workspace_root,
 };
 pub use outcome::{
-    ExitMarker, GUEST_PREFIX, GuestSummary, RunOutcome, TestLine, Verdict, exit_code_meaning,
-    parse_exit_marker, parse_guest_summary, parse_result_marker, parse_stats, parse_test_line,
-    trusted_marker,
+    ExitMarker, GUEST_PREFIX, GuestSummary, RunOutcome, TestLine, Verdict, VmMarker,
+    exit_code_meaning, parse_exit_marker, parse_guest_summary, parse_result_marker, parse_stats,
+    parse_test_line, parse_vm_marker, trusted_marker,
 };
 pub use process::{Captured, run_with_input, run_with_timeout};
 pub use qemu::{

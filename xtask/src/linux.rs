@@ -461,14 +461,32 @@ pub fn judge(outcome: &RunOutcome, smp: usize) -> Result<(), String> {
     if let Some(p) = &outcome.panic {
         return Err(format!("hypervisor panic: {p}"));
     }
+    judge_output(&outcome.output, smp)?;
+    if outcome.exit_code != Some(0) || outcome.exit.as_ref().map(|e| e.code) != Some(0) {
+        return Err(format!(
+            "no clean power-off (QEMU exit code {:?})",
+            outcome.exit_code
+        ));
+    }
+    Ok(())
+}
+
+/// What the Linux guest printed (its console lines, prefix or not): the
+/// init's markers, `smp` CPUs, timer and UART interrupts, the console line
+/// read back.
+///
+/// # Errors
+///
+/// What is missing.
+pub fn judge_output(output: &str, smp: usize) -> Result<(), String> {
     for marker in [START_MARKER, "MemTotal:", END_MARKER] {
-        if !outcome.output.contains(marker) {
+        if !output.contains(marker) {
             return Err(format!("no `{marker}` in the output"));
         }
     }
     // Every vCPU came up (PSCI CPU_ON through the hypervisor).
     let cpus = format!("LINUX-CPUS: {smp}\n");
-    if !outcome.output.replace('\r', "").contains(&cpus) {
+    if !output.replace('\r', "").contains(&cpus) {
         return Err(format!(
             "/proc/cpuinfo does not show {smp} CPUs (want the line `{}`)",
             cpus.trim_end()
@@ -476,23 +494,16 @@ pub fn judge(outcome: &RunOutcome, smp: usize) -> Result<(), String> {
     }
     // The guest's interrupts arrived through the virtual GIC: the arch
     // timer's count in /proc/interrupts is not zero.
-    let timer_irqs = interrupt_count(&outcome.output, "arch_timer");
-    if timer_irqs == 0 {
+    if interrupt_count(output, "arch_timer") == 0 {
         return Err("no arch_timer interrupts in /proc/interrupts".to_owned());
     }
     // The console works both ways: the line xtask typed reached `/init`
     // through the (emulated) UART's receive path and its interrupt.
-    if !outcome.output.contains(&format!("LINUX-RX-GOT:{RX_LINE}")) {
+    if !output.contains(&format!("LINUX-RX-GOT:{RX_LINE}")) {
         return Err(format!("`/init` did not read the console line `{RX_LINE}`"));
     }
-    if interrupt_count(&outcome.output, "uart-pl011") == 0 {
+    if interrupt_count(output, "uart-pl011") == 0 {
         return Err("no uart-pl011 interrupts in /proc/interrupts".to_owned());
-    }
-    if outcome.exit_code != Some(0) || outcome.exit.as_ref().map(|e| e.code) != Some(0) {
-        return Err(format!(
-            "no clean power-off (QEMU exit code {:?})",
-            outcome.exit_code
-        ));
     }
     Ok(())
 }

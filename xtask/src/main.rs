@@ -56,6 +56,21 @@ enum Cmd {
               value_parser = clap::value_parser!(u8).range(1..=8))]
         smp: u8,
     },
+    /// Run several VMs side by side (the hypervisor's `vms=`), by default
+    /// the test guest on CPU 0 and Linux with 2 vCPUs on CPUs 1-2, and
+    /// judge each VM.
+    Vms {
+        /// The VMs: KIND:CPUS:RAM_MIB,... (KIND test or linux; CPUS N or
+        /// N-M; at most one Linux VM).
+        #[arg(long, default_value = xtask::vms::DEFAULT_CONFIG, value_name = "VMS")]
+        config: String,
+        /// Kill QEMU and report a hang after this many seconds.
+        #[arg(long, default_value_t = 600, value_name = "SECS")]
+        timeout: u64,
+        /// Extra bootarg for the hypervisor (repeatable).
+        #[arg(long = "bootarg", value_name = "KEY=VAL", value_parser = parse_bootarg)]
+        bootargs: Vec<String>,
+    },
     /// Run the benchmarks: W1..W5 in eager mode and under every nesting
     /// policy in one QEMU boot (correctness from the host model), then the
     /// host throughput of the manager against raw aarch64-paging.
@@ -280,6 +295,44 @@ fn linux(
     Ok(true)
 }
 
+fn vms(config: &str, timeout: u64, bootargs: &[String]) -> Result<bool> {
+    xtask::ensure_qemu()?;
+    let artifacts = xtask::build(true)?;
+    let plan = xtask::vms::plan(config)?;
+    let linux = if plan.iter().any(|v| v.kind == "linux") {
+        Some(xtask::linux::fetch()?)
+    } else {
+        None
+    };
+    let outcome = xtask::vms::boot(
+        &artifacts,
+        linux.as_ref().map(|(k, i)| (k.as_path(), i.as_path())),
+        config,
+        Duration::from_secs(timeout),
+        true,
+        bootargs,
+    )?;
+    println!("{}", outcome.stage2_line());
+    match xtask::vms::judge(&outcome, config) {
+        Ok(lines) => {
+            for l in lines {
+                println!("xtask vms: {l}");
+            }
+            println!(
+                "xtask vms: PASS ({} VMs, {:.1} s)",
+                plan.len(),
+                outcome.elapsed.as_secs_f64()
+            );
+            Ok(true)
+        }
+        Err(why) => {
+            println!("xtask vms: FAIL");
+            eprintln!("xtask vms: {why}");
+            Ok(false)
+        }
+    }
+}
+
 fn bench(json: Option<&std::path::Path>, no_host: bool) -> Result<bool> {
     use xtask::bench;
     xtask::ensure_qemu()?;
@@ -374,6 +427,11 @@ fn main() -> ExitCode {
             append,
             smp,
         } => linux(kernel, initrd, timeout, compare, &append, usize::from(smp)),
+        Cmd::Vms {
+            config,
+            timeout,
+            bootargs,
+        } => vms(&config, timeout, &bootargs),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

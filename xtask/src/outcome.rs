@@ -7,6 +7,7 @@ use std::time::Duration;
 const RESULT_MARKER: &str = "LAZYHYP-RESULT:";
 const STATS_MARKER: &str = "LAZYHYP-STATS:";
 const EXIT_MARKER: &str = "LAZYHYP-EXIT:";
+const VM_MARKER: &str = "LAZYHYP-VM:";
 const MARKER_PREFIX: &str = "LAZYHYP-";
 /// The prefix the hypervisor puts in front of every line of the guest's
 /// console output (emulated UART).
@@ -162,6 +163,54 @@ pub fn parse_exit_marker(line: &str) -> Option<ExitMarker> {
     })
 }
 
+/// One VM's verdict: `LAZYHYP-VM: vm=N kind=K status=S reason=R passed=P
+/// failed=F resets=X`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmMarker {
+    /// The VM's number (1 first).
+    pub vm: usize,
+    /// `test` or `linux`.
+    pub kind: String,
+    /// Its status under the run contract (0 pass).
+    pub status: i32,
+    /// Why it ended.
+    pub reason: String,
+    /// The test guest's report (0, 0 for Linux).
+    pub passed: u64,
+    /// The test guest's failures.
+    pub failed: u64,
+    /// Times it was reset.
+    pub resets: u64,
+}
+
+/// Parses a `LAZYHYP-VM:` marker.
+#[must_use]
+pub fn parse_vm_marker(line: &str) -> Option<VmMarker> {
+    let rest = after_marker(line, VM_MARKER)?;
+    let mut m = VmMarker {
+        vm: 0,
+        kind: String::new(),
+        status: -1,
+        reason: String::new(),
+        passed: 0,
+        failed: 0,
+        resets: 0,
+    };
+    for (key, value) in key_values(rest) {
+        match key {
+            "vm" => m.vm = value.parse().ok()?,
+            "kind" => value.clone_into(&mut m.kind),
+            "status" => m.status = value.parse().ok()?,
+            "reason" => value.clone_into(&mut m.reason),
+            "passed" => m.passed = value.parse().ok()?,
+            "failed" => m.failed = value.parse().ok()?,
+            "resets" => m.resets = value.parse().ok()?,
+            _ => {}
+        }
+    }
+    (m.vm > 0 && m.status >= 0).then_some(m)
+}
+
 /// Parses `LAZYHYP-STATS: key=value ...` into its pairs, in order.
 #[must_use]
 pub fn parse_stats(line: &str) -> Option<Vec<(String, String)>> {
@@ -221,6 +270,8 @@ pub struct RunOutcome {
     /// Lines that carry `LAZYHYP-` but are not this run's markers (guest
     /// output that imitates them): shown, never believed.
     pub forged: Vec<String>,
+    /// Each VM's verdict, in the order the VMs ended.
+    pub vms: Vec<VmMarker>,
 }
 
 impl RunOutcome {
@@ -248,6 +299,7 @@ impl RunOutcome {
             tests: Vec::new(),
             markers: Vec::new(),
             forged: Vec::new(),
+            vms: Vec::new(),
         };
         for line in output.lines() {
             if let Some((kind, rest)) = trusted_marker(line, token) {
@@ -260,6 +312,8 @@ impl RunOutcome {
                     outcome.exit = Some(e);
                 } else if let Some(s) = parse_stats(&normalised) {
                     outcome.stats = Some(s);
+                } else if let Some(v) = parse_vm_marker(&normalised) {
+                    outcome.vms.push(v);
                 }
                 outcome.markers.push((kind.to_owned(), rest.to_owned()));
                 continue;
@@ -392,6 +446,12 @@ impl RunOutcome {
                 exit.code, exit.reason
             ));
         }
+        if let Some(vm) = self.vms.iter().find(|v| v.status != 0) {
+            return Verdict::Fail(format!(
+                "vm{} ({}) ended with status {} ({}){ctx}",
+                vm.vm, vm.kind, vm.status, vm.reason
+            ));
+        }
         let Some(summary) = self.summary else {
             return Verdict::Fail(format!(
                 "the guest's closing line `guest: N passed, M failed` is missing{ctx}"
@@ -488,6 +548,26 @@ LAZYHYP-EXIT: token=t0k code=3 reason=panic
         assert_eq!(parse_guest_summary("guest: x passed, 0 failed"), None);
         assert_eq!(parse_guest_summary("test result: 1 passed, 0 failed"), None);
         assert_eq!(parse_guest_summary("guest: -1 passed, 0 failed"), None);
+    }
+
+    #[test]
+    fn vm_marker() {
+        assert_eq!(
+            parse_vm_marker(
+                "LAZYHYP-VM: vm=2 kind=linux status=0 reason=system-off passed=0 failed=0 resets=1"
+            ),
+            Some(VmMarker {
+                vm: 2,
+                kind: "linux".into(),
+                status: 0,
+                reason: "system-off".into(),
+                passed: 0,
+                failed: 0,
+                resets: 1
+            })
+        );
+        assert_eq!(parse_vm_marker("LAZYHYP-VM: kind=test status=0"), None);
+        assert_eq!(parse_vm_marker("LAZYHYP-VM: vm=1 status=x"), None);
     }
 
     #[test]
