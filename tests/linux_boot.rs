@@ -2,7 +2,9 @@
 //! hypervisor with 4 vCPUs on 4 CPUs (`cargo xtask linux --smp 4`): it must
 //! show 4 CPUs in /proc/cpuinfo, reach the init's end marker (after four
 //! parallel writers wrote and read back 16 MiB each of demand-populated
-//! memory) and power off cleanly, within the timeout. Fetching the kernel needs
+//! memory) and power off cleanly, within the timeout. On its first start the
+//! init reboots (`reboot -f`); the hypervisor restarts the VM from its
+//! image and the second start runs to the end. Fetching the kernel needs
 //! Debian/Ubuntu as root (as CI is); elsewhere the test fails with the
 //! command to run.
 
@@ -17,13 +19,26 @@ fn debian_linux_boots_to_init_end_and_powers_off() {
         &initrd,
         xtask::linux::DEFAULT_TIMEOUT,
         false,
-        "",
+        // The init reboots once (`reboot -f`: PSCI SYSTEM_RESET), and the
+        // hypervisor restarts the VM from its image.
+        "lazyhyp.reboot_test",
         4,
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
     if let Err(why) = xtask::linux::judge(&outcome, 4) {
         panic!("{why}\n---- output ----\n{}", outcome.output);
     }
+    assert!(
+        outcome.output.contains("LINUX-REBOOTING"),
+        "the init did not reboot\n{}",
+        outcome.output
+    );
+    assert_eq!(
+        outcome.vms.first().map(|v| v.resets),
+        Some(1),
+        "the VM was not reset exactly once\n{}",
+        outcome.output
+    );
     let demand: u64 = outcome
         .stat("demand_faults")
         .and_then(|v| v.parse().ok())

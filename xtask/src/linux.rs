@@ -36,6 +36,7 @@ pub const INIT_SCRIPT: &str = "#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t tmpfs -o size=96m tmpfs /tmp
 echo LINUX-INIT-START
+if /bin/busybox grep -q lazyhyp.reboot_test /proc/cmdline && ! /bin/busybox grep -q lazyhyp.resets= /proc/cmdline; then echo LINUX-REBOOTING; /bin/busybox reboot -f; fi
 /bin/busybox grep MemTotal /proc/meminfo
 echo LINUX-CPUS: $(/bin/busybox grep -c ^processor /proc/cpuinfo)
 for i in 1 2 3 4; do

@@ -1047,6 +1047,12 @@ fn load_linux(
         cmdline.push(' ');
         cmdline.push_str(&extra);
     }
+    // After a reset, the kernel is told which start this is (an init
+    // may want to know; the reboot test does).
+    let resets = vm.resets.load(Ordering::Relaxed);
+    if resets > 0 {
+        let _ = write!(cmdline, " lazyhyp.resets={resets}");
+    }
     log::info!("Linux command line: {cmdline}");
     let tree = crate::linux::build_tree(&crate::linux::GuestTree {
         ram: GUEST_RAM_IPA..ram_end,
