@@ -125,6 +125,12 @@ impl Esr {
         self.0 & (1 << 7) != 0
     }
 
+    /// Data aborts: `WnR`, the access was a write.
+    #[must_use]
+    pub const fn wnr(self) -> bool {
+        self.0 & (1 << 6) != 0
+    }
+
     /// Name of the exception class.
     #[must_use]
     pub const fn ec_name(self) -> &'static str {

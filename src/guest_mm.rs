@@ -371,6 +371,32 @@ impl GuestMemory {
         start..end
     }
 
+    /// Whether a permission fault at `ipa`, for a write (`write`), an
+    /// instruction fetch (`exec`) or a read, is stale: the stage-2 entry
+    /// now allows the access. With several vCPUs, another CPU may have
+    /// changed the entry (under the VM lock) after this vCPU's access
+    /// faulted and before its handler took the lock; the guest retries the
+    /// access instead of getting an abort (as KVM's `kvm_handle_guest_abort`
+    /// returns to the guest for a fault the tables no longer explain).
+    pub fn permission_fault_is_stale<A: MmArch>(
+        &self,
+        s2: &Stage2<'_, A>,
+        ipa: Ipa,
+        write: bool,
+        exec: bool,
+    ) -> bool {
+        s2.query(ipa).is_some_and(|t| {
+            let p = t.attrs.perm;
+            if exec {
+                p.exec
+            } else if write {
+                p.write
+            } else {
+                p.read
+            }
+        })
+    }
+
     /// Serves a stage-2 abort at `ipa` with fault status `fsc`: a
     /// translation fault on guest RAM that was never given back is populated
     /// with fault-around (the aligned window around it, unmapped and not
@@ -577,7 +603,7 @@ mod tests {
         }
     }
 
-    fn kit() -> (Kit, GuestMemory) {
+    pub(super) fn kit() -> (Kit, GuestMemory) {
         let mut kit = Kit::new(64, true, NestPolicy::Flatten);
         let ram_ = GuestRam {
             ipa: GIB..GIB + (16 << 20),
@@ -818,6 +844,28 @@ mod fault_tests {
 
     const GIB: u64 = 1 << 30;
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_permission_fault_the_tables_no_longer_explain_is_stale() {
+        let (mut kit, mem) = super::tests::kit();
+        let page = GIB + 0x5000;
+        // Read-only: a write fault is real, a read fault is not.
+        kit.s2
+            .protect(page, PAGE_SIZE, S2Perm::RO)
+            .expect("protect");
+        assert!(!mem.permission_fault_is_stale(&kit.s2, page, true, false));
+        assert!(mem.permission_fault_is_stale(&kit.s2, page, false, false));
+        assert!(!mem.permission_fault_is_stale(&kit.s2, page, false, true));
+        // Another CPU made it writable before this fault's handler ran.
+        kit.s2
+            .protect(page, PAGE_SIZE, S2Perm::RWX)
+            .expect("protect");
+        assert!(mem.permission_fault_is_stale(&kit.s2, page, true, false));
+        // Unmapped since: not a stale permission fault (the translation
+        // fault path decides).
+        kit.s2.unmap(page, PAGE_SIZE).expect("unmap");
+        assert!(!mem.permission_fault_is_stale(&kit.s2, page, false, false));
+    }
 
     fn demand_kit(fault_around: usize) -> (Kit, GuestMemory) {
         let kit = Kit::new(128, true, NestPolicy::Flatten);

@@ -172,6 +172,9 @@ counter_set! {
         cmo_lines,
         /// Instruction cache invalidations (`IC IALLUIS`).
         icache_invalidations,
+        /// Stage-2 permission faults the tables no longer explained (another
+        /// CPU changed the entry first): retried, not aborted.
+        stale_faults,
     }
 }
 

@@ -181,6 +181,7 @@ pub const COUNTERS: &[&str] = &[
     "irqs_taken",
     "cmo_lines",
     "icache_invalidations",
+    "stale_faults",
 ];
 
 /// Reads one counter through `HYP_STATS`.

@@ -1204,9 +1204,29 @@ fn handle_sync(regs: &mut GuestRegs) -> bool {
                 inject_abort(trap, regs, last_vector);
                 return false;
             }
-            let ipa = crate::esr::fault_ipa(trap.hpfar, trap.far);
+            let permission = (0x0c..=0x0f).contains(&fsc) && !trap.esr.s1ptw();
+            let exec = trap.esr.ec() == crate::esr::ec::IABT_LOWER;
+            let write = !exec && trap.esr.wnr();
+            let ipa = if permission {
+                // HPFAR_EL2 is not guaranteed for a permission fault: the
+                // IPA comes from the guest's stage 1 (as KVM's
+                // __translate_far_to_hpfar); if that no longer translates,
+                // the guest changed its tables and retries.
+                let Some(ipa) = sysreg::stage1_ipa(trap.far) else {
+                    return false;
+                };
+                ipa
+            } else {
+                crate::esr::fault_ipa(trap.hpfar, trap.far)
+            };
             let mut guard = vm.lock();
             let vm = &mut *guard;
+            if permission && vm.mem.permission_fault_is_stale(&vm.stage2, ipa, write, exec) {
+                // Another CPU changed the entry after this access faulted:
+                // the access is retried, not aborted.
+                crate::mm::counters::inc(&exits().stale_faults);
+                return false;
+            }
             // An MMIO access: a translation fault by a load or store, not by
             // a stage-1 table walk.
             let mmio = (0x04..=0x07).contains(&fsc) && !trap.esr.s1ptw();

@@ -121,3 +121,23 @@ pub fn read_id_reg(crm: u8, op2: u8) -> u64 {
         7: [0, 1, 2, 3, 4, 5, 6, 7]
     )
 }
+
+/// The IPA the guest's stage 1 gives `va` now (`AT S1E1R` from EL2, which
+/// walks the guest's EL1&0 regime with the registers in the CPU), or `None`
+/// if it does not translate. A read check: whatever access faulted at stage
+/// 2 was allowed by stage 1, and every EL1 mapping is readable at EL1, so a
+/// failure means the guest's tables changed. `PAR_EL1` is the guest's: it
+/// is saved and restored around the walk.
+#[must_use]
+pub fn stage1_ipa(va: u64) -> Option<u64> {
+    let saved = read_sysreg!("par_el1");
+    // SAFETY: address translation changes only PAR_EL1, restored below;
+    // the ISB makes the result visible to the read.
+    unsafe {
+        core::arch::asm!("at s1e1r, {0}", "isb", in(reg) va, options(nostack, preserves_flags));
+    }
+    let par = read_sysreg!("par_el1");
+    write_sysreg!("par_el1", saved);
+    // PAR_EL1.F (bit 0): the walk failed. PA[51:12] otherwise.
+    (par & 1 == 0).then_some((par & 0x000f_ffff_ffff_f000) | (va & 0xfff))
+}
