@@ -175,6 +175,10 @@ counter_set! {
         /// Stage-2 permission faults the tables no longer explained (another
         /// CPU changed the entry first): retried, not aborted.
         stale_faults,
+        /// VM-lock acquisitions that found it free.
+        vm_lock_uncontended,
+        /// VM-lock acquisitions that had to wait (another CPU held it).
+        vm_lock_contended,
     }
 }
 

@@ -182,6 +182,8 @@ pub const COUNTERS: &[&str] = &[
     "cmo_lines",
     "icache_invalidations",
     "stale_faults",
+    "vm_lock_uncontended",
+    "vm_lock_contended",
 ];
 
 /// Reads one counter through `HYP_STATS`.

@@ -95,65 +95,55 @@ pub fn marker(kind: &str, args: fmt::Arguments<'_>) {
     print_in_panic(format_args!("LAZYHYP-{kind}: token={token} {args}\n"));
 }
 
-/// Writes one byte the guest sent to its (emulated) UART: at the start of
-/// a line the guest prefix first; printable ASCII and newline as they are;
-/// carriage return dropped (it could move the terminal's cursor back over
-/// the prefix); every other byte (escape sequences, control characters,
-/// non-ASCII) and the backslash written as `\xNN` / `\\`, so a guest
-/// cannot drive the host's terminal or forge a hypervisor line.
-///
-/// `vm` is the VM's index (0 for VM 1). Another VM's open line is ended
-/// first, so lines of different VMs never mix.
-pub fn putc(vm: usize, byte: u8) {
-    if LINE_BUFFERED.load(core::sync::atomic::Ordering::Relaxed) {
-        return buffered_putc(vm, byte);
+/// Queues one byte VM `vm` (its index, 0 for VM 1) sent to its emulated
+/// UART. Nothing is printed here: the trap handler calls this under the VM
+/// lock, and writing the real UART (an MMIO access QEMU serialises) while
+/// holding it would make every other vCPU of the VM wait; [`flush`], called
+/// after the lock is released, prints.
+pub fn push(vm: usize, byte: u8) {
+    let Some(out) = OUT.get(vm) else { return };
+    let mut out = out.lock();
+    if out.len == OUT_MAX {
+        // Not flushed since OUT_MAX bytes (no exit path left out a flush):
+        // print what there is first.
+        print_queued(vm, &mut out, true);
     }
-    let mut guard = CONSOLE.lock();
-    let Some(console) = guard.as_mut() else {
-        return;
-    };
-    if byte == b'\r' {
-        return;
-    }
-    if console.guest_line_open.is_some_and(|open| open != vm) {
-        console.end_guest_line();
-    }
-    if console.guest_line_open.is_none() {
-        let _ = write!(console.uart, "vm{}| ", vm + 1);
-        console.guest_line_open = Some(vm);
-    }
-    match byte {
-        b'\n' => {
-            console.uart.write_word(b'\n');
-            console.guest_line_open = None;
-        }
-        b'\\' => {
-            console.uart.write_word(b'\\');
-            console.uart.write_word(b'\\');
-        }
-        b' '..=b'~' | b'\t' => console.uart.write_word(byte),
-        _ => {
-            let _ = write!(console.uart, "\\x{byte:02x}");
-        }
+    let len = out.len;
+    out.bytes[len] = byte;
+    out.len += 1;
+}
+
+/// Prints what VM `vm` queued: with one VM, every byte as it comes (a
+/// line of its own begins with `vm<n>| `); with several VMs, whole lines
+/// only (the rest waits for its newline), so lines of VMs printing at the
+/// same time never mix. Bytes are escaped: printable ASCII and newline as
+/// they are; carriage return dropped (it could move the terminal's cursor
+/// back over the prefix); every other byte (escape sequences, control
+/// characters, non-ASCII) and the backslash as `\xNN` / `\\`, so a guest
+/// can neither drive the host's terminal nor forge a hypervisor line.
+pub fn flush(vm: usize) {
+    let Some(out) = OUT.get(vm) else { return };
+    let mut out = out.lock();
+    if out.len > 0 {
+        print_queued(vm, &mut out, false);
     }
 }
 
-/// With several VMs their output is line-buffered ([`buffered_putc`]), so
-/// that the lines of VMs printing at the same time never mix.
+/// Several VMs: guest output is printed by whole lines ([`flush`]).
 static LINE_BUFFERED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
-/// Longest line a VM's buffer holds; a longer one is printed in pieces.
-const LINE_MAX: usize = 200;
+/// Bytes a VM's queue holds; a longer line is printed in pieces.
+const OUT_MAX: usize = 256;
 
-/// One VM's line in the making.
-struct LineBuffer {
-    bytes: [u8; LINE_MAX],
+/// One VM's queued output.
+struct OutQueue {
+    bytes: [u8; OUT_MAX],
     len: usize,
 }
 
-static LINES: [SpinMutex<LineBuffer>; crate::vm::config::MAX_VMS] = [const {
-    SpinMutex::new(LineBuffer {
-        bytes: [0; LINE_MAX],
+static OUT: [SpinMutex<OutQueue>; crate::vm::config::MAX_VMS] = [const {
+    SpinMutex::new(OutQueue {
+        bytes: [0; OUT_MAX],
         len: 0,
     })
 }; crate::vm::config::MAX_VMS];
@@ -163,41 +153,57 @@ pub fn set_line_buffered(on: bool) {
     LINE_BUFFERED.store(on, core::sync::atomic::Ordering::Relaxed);
 }
 
-/// Adds `byte` to VM `vm`'s line; a newline (or a full buffer) prints the
-/// line whole, through [`putc`]'s escaping, under one console lock.
-fn buffered_putc(vm: usize, byte: u8) {
-    let Some(line) = LINES.get(vm) else { return };
-    let mut line = line.lock();
-    if byte != b'\n' {
-        let len = line.len;
-        line.bytes[len] = byte;
-        line.len += 1;
-        if line.len < LINE_MAX {
-            return;
-        }
-    }
+/// Prints `out` (VM `vm`'s queue) as [`flush`] says; `all`: partial lines
+/// too (a full queue).
+fn print_queued(vm: usize, out: &mut OutQueue, all: bool) {
     let mut guard = CONSOLE.lock();
     let Some(console) = guard.as_mut() else {
-        line.len = 0;
+        out.len = 0;
         return;
     };
-    console.end_guest_line();
-    let _ = write!(console.uart, "vm{}| ", vm + 1);
-    for &b in &line.bytes[..line.len] {
-        match b {
-            b'\r' => {}
+    let len = out.len;
+    let whole_lines = LINE_BUFFERED.load(core::sync::atomic::Ordering::Relaxed) && !all;
+    let printable = if whole_lines {
+        out.bytes[..len]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1)
+    } else {
+        len
+    };
+    for i in 0..printable {
+        let byte = out.bytes[i];
+        if byte == b'\r' {
+            continue;
+        }
+        if console.guest_line_open.is_some_and(|open| open != vm) {
+            console.end_guest_line();
+        }
+        if console.guest_line_open.is_none() {
+            let _ = write!(console.uart, "vm{}| ", vm + 1);
+            console.guest_line_open = Some(vm);
+        }
+        match byte {
+            b'\n' => {
+                console.uart.write_word(b'\n');
+                console.guest_line_open = None;
+            }
             b'\\' => {
                 console.uart.write_word(b'\\');
                 console.uart.write_word(b'\\');
             }
-            b' '..=b'~' | b'\t' => console.uart.write_word(b),
+            b' '..=b'~' | b'\t' => console.uart.write_word(byte),
             _ => {
-                let _ = write!(console.uart, "\\x{b:02x}");
+                let _ = write!(console.uart, "\\x{byte:02x}");
             }
         }
     }
-    console.uart.write_word(b'\n');
-    line.len = 0;
+    if whole_lines {
+        // A line of its own: the next VM's bytes start on a fresh line.
+        console.end_guest_line();
+    }
+    out.bytes.copy_within(printable..len, 0);
+    out.len = len - printable;
 }
 
 /// Turns the real UART's receive interrupt on or off (the hypervisor takes

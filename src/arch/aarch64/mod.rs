@@ -251,6 +251,11 @@ pub(crate) struct Vm {
 impl Vm {
     /// Takes the VM lock.
     pub(crate) fn lock(&self) -> spin::mutex::SpinMutexGuard<'_, VmState> {
+        if let Some(guard) = self.state.try_lock() {
+            crate::mm::counters::inc(&exits().vm_lock_uncontended);
+            return guard;
+        }
+        crate::mm::counters::inc(&exits().vm_lock_contended);
         self.state.lock()
     }
 
@@ -576,6 +581,7 @@ fn stop_other_vcpus(vm: &Vm) -> bool {
 /// printed, its vCPUs stop; when every VM has ended, so does the run
 /// (with the worst status). The calling vCPU (of `vm`) parks.
 fn end_vm(vm: &'static Vm, status: u32, reason: &'static str) -> ! {
+    console::flush(vm.index);
     {
         let mut ended = vm.ended.lock();
         if ended.is_none() {
@@ -974,7 +980,7 @@ fn new_vgic(vcpus: usize, uart_hw_irq: bool) -> Vgic {
 /// VM `index`'s emulated PL011: what the guest writes goes to the console
 /// behind `vm<index + 1>| `.
 fn new_uart(index: usize) -> crate::mmio::Pl011<Box<dyn FnMut(u8) + Send>> {
-    crate::mmio::Pl011::new(Box::new(move |b| console::putc(index, b)))
+    crate::mmio::Pl011::new(Box::new(move |b| console::push(index, b)))
 }
 
 /// (Re)loads `vm`'s image into its backing, which it zeroes first, and
@@ -1221,7 +1227,11 @@ fn handle_sync(regs: &mut GuestRegs) -> bool {
             };
             let mut guard = vm.lock();
             let vm = &mut *guard;
-            if permission && vm.mem.permission_fault_is_stale(&vm.stage2, ipa, write, exec) {
+            if permission
+                && vm
+                    .mem
+                    .permission_fault_is_stale(&vm.stage2, ipa, write, exec)
+            {
                 // Another CPU changed the entry after this access faulted:
                 // the access is retried, not aborted.
                 crate::mm::counters::inc(&exits().stale_faults);
@@ -1248,7 +1258,10 @@ fn handle_sync(regs: &mut GuestRegs) -> bool {
                     uart_accessed(vm);
                     let kicks = vm.vgic.take_kicks() & !(1 << vcpu);
                     drop(guard);
-                    kick_vcpus(current_vm(), kicks);
+                    let vm = current_vm();
+                    // Printed outside the VM lock.
+                    console::flush(vm.index);
+                    kick_vcpus(vm, kicks);
                     return false;
                 }
             }
