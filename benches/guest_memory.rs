@@ -34,9 +34,9 @@ use std::time::{Duration, Instant};
 use aarch64_paging::Mapping;
 use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes};
 use aarch64_paging::paging::{self, Constraints, MemoryRegion};
-use lazyhyp::guest_mm::{FaultAction, GuestMemory, GuestRam, MAX_BATCH_OPS, MmOp, kind};
 use lazyhyp::mm::stage2::MemType;
 use lazyhyp::mm::{BLOCK_2M, PAGE_SIZE, PhysAddr};
+use lazyhyp::vm::guest_mm::{FaultAction, GuestMemory, GuestRam, MAX_BATCH_OPS, MmOp, kind};
 
 mod common;
 use common::{FreeListTables, Ours, RAM_FLAGS};

@@ -5,9 +5,9 @@
 //!
 //! `cargo run --release -p lazyhyp --features model --example model_check`
 
-use lazyhyp::guest_mm::{FaultAction, GuestMemory, GuestRam};
 use lazyhyp::mm::lazy::NestPolicy;
 use lazyhyp::mm::testkit::{Kit, VMID};
+use lazyhyp::vm::guest_mm::{FaultAction, GuestMemory, GuestRam};
 use lazyhyp::workloads::{self, Mode, Workload};
 
 const MIB: u64 = 1 << 20;

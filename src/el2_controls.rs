@@ -10,7 +10,7 @@
 //! monitors, RAS error records, SVE/SME state, implementation-defined
 //! registers, the cache geometry by set/way) either traps to EL2 and is
 //! emulated, or traps and is answered with UNDEFINED. The ID registers the
-//! guest reads are a sanitised view ([`crate::sysreg_emul`]) that hides
+//! guest reads are a sanitised view ([`crate::vm::sysreg_emul`]) that hides
 //! every feature whose use would be UNDEFINED.
 //!
 //! Portable: the aarch64 side reads the ID registers into [`CpuIdRegs`] and
@@ -247,7 +247,7 @@ pub mod hcr {
 /// - `TACR`: `ACTLR_EL1` traps (UNDEFINED): implementation-defined controls.
 /// - `TSW`: set/way cache maintenance traps and is emulated by cleaning the
 ///   guest's memory by address (set/way acts on the physical CPU's caches,
-///   shared with the hypervisor; see [`crate::sysreg_emul`]).
+///   shared with the hypervisor; see [`crate::vm::sysreg_emul`]).
 /// - `RW`: the guest's EL1 is AArch64.
 /// - `TLOR` (FEAT_LOR): LORegion registers trap (UNDEFINED; hidden in the ID
 ///   registers).

@@ -3,10 +3,13 @@
 //!
 //! The crate is split along one boundary:
 //! - portable code, built and unit-tested on the host: the mm core
-//!   ([`mm`]), boot argument parsing ([`bootargs`]), the memory layout
-//!   ([`layout`]), guest image loading ([`loader`]), exception syndrome
-//!   decoding ([`esr`]), trap handling ([`vcpu`]), MMIO emulation
-//!   ([`mmio`]) and the virtual GICv3 ([`vgic`]);
+//!   ([`mm`], usable as a library by another hypervisor), the VM layer
+//!   ([`vm`]: vCPU trap decoding and PSCI, guest memory, the emulated
+//!   devices behind one MMIO trait, the virtual GICv3, guest images, the VM
+//!   configuration), boot argument parsing ([`bootargs`]), the memory
+//!   layout ([`layout`]), exception syndrome decoding ([`esr`]), the EL2
+//!   trap controls ([`el2_controls`]) and guest-memory coherency
+//!   ([`coherency`]);
 //! - [`arch`]: everything that only exists on AArch64 at EL2 (boot, vectors,
 //!   system registers, the console), compiled only for the
 //!   bare-metal target.
@@ -20,15 +23,8 @@ pub mod bootargs;
 pub mod coherency;
 pub mod el2_controls;
 pub mod esr;
-pub mod guest_mm;
 pub mod layout;
-pub mod linux;
-pub mod loader;
 pub mod mm;
-pub mod mmio;
-pub mod sysreg_emul;
-pub mod vcpu;
-pub mod vgic;
 pub mod vm;
 pub mod workloads;
 

@@ -352,12 +352,6 @@ fn change_under_readers(
 /// One vCPU re-points a page (`REMAP_ALIAS`) while the others read it in a
 /// loop: once the call returned, no vCPU reads the old backing.
 pub fn remap_under_concurrent_readers() -> Result<(), &'static str> {
-    let (x, y) = (CHANGE_AREA, CHANGE_AREA + PAGE);
-    // SAFETY: guest RAM no other code uses.
-    unsafe {
-        (x as *mut u64).write_volatile(OLD);
-        (y as *mut u64).write_volatile(NEW);
-    }
     fn reader(_: usize) {
         loop {
             let phase = PHASE.load(Ordering::Acquire);
@@ -376,6 +370,13 @@ pub fn remap_under_concurrent_readers() -> Result<(), &'static str> {
                 _ => return,
             }
         }
+    }
+
+    let (x, y) = (CHANGE_AREA, CHANGE_AREA + PAGE);
+    // SAFETY: guest RAM no other code uses.
+    unsafe {
+        (x as *mut u64).write_volatile(OLD);
+        (y as *mut u64).write_volatile(NEW);
     }
     let change = [MmOp {
         kind: op::REMAP_ALIAS,
@@ -399,9 +400,6 @@ pub fn remap_under_concurrent_readers() -> Result<(), &'static str> {
 /// One vCPU write-protects a page while the others write it in a loop:
 /// once the call returned, no vCPU's write lands.
 pub fn protect_under_concurrent_writers() -> Result<(), &'static str> {
-    const Z: u64 = CHANGE_AREA + 4 * PAGE;
-    // SAFETY: guest RAM no other code uses.
-    unsafe { (Z as *mut u64).write_volatile(0) };
     fn writer(i: usize) {
         loop {
             let phase = PHASE.load(Ordering::Acquire);
@@ -420,6 +418,10 @@ pub fn protect_under_concurrent_writers() -> Result<(), &'static str> {
             }
         }
     }
+
+    const Z: u64 = CHANGE_AREA + 4 * PAGE;
+    // SAFETY: guest RAM no other code uses.
+    unsafe { (Z as *mut u64).write_volatile(0) };
     let change = [MmOp {
         kind: op::PROTECT,
         perm: 1,
@@ -450,9 +452,6 @@ pub fn protect_under_concurrent_writers() -> Result<(), &'static str> {
 /// One vCPU unmaps (gives back) a page while the others read it in a loop:
 /// once the call returned, every read faults.
 pub fn unmap_under_concurrent_readers() -> Result<(), &'static str> {
-    const W: u64 = CHANGE_AREA + 8 * PAGE;
-    // SAFETY: guest RAM no other code uses.
-    unsafe { (W as *mut u64).write_volatile(OLD) };
     fn reader(_: usize) {
         loop {
             let phase = PHASE.load(Ordering::Acquire);
@@ -471,6 +470,10 @@ pub fn unmap_under_concurrent_readers() -> Result<(), &'static str> {
             }
         }
     }
+
+    const W: u64 = CHANGE_AREA + 8 * PAGE;
+    // SAFETY: guest RAM no other code uses.
+    unsafe { (W as *mut u64).write_volatile(OLD) };
     let change = [MmOp {
         kind: op::UNMAP,
         perm: 0,
@@ -598,8 +601,11 @@ pub fn suspend_wakes_on_an_sgi() -> Result<(), &'static str> {
     )
 }
 
+/// A named test.
+type Test = (&'static str, fn() -> Result<(), &'static str>);
+
 /// The SMP tests, in order (the first starts the secondaries).
-pub const TESTS: &[(&str, fn() -> Result<(), &'static str>)] = &[
+pub const TESTS: &[Test] = &[
     ("smp_vcpus_come_up_through_psci", vcpus_come_up_through_psci),
     (
         "smp_concurrent_demand_faults_on_one_region",

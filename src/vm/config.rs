@@ -114,8 +114,7 @@ impl VmConfig {
     /// What is wrong with it ([`ConfigError`]).
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
         let mut vms = [None; MAX_VMS];
-        let mut n = 0;
-        for vm in s.split(',') {
+        for (n, vm) in s.split(',').enumerate() {
             if n == MAX_VMS {
                 return Err(ConfigError::Count);
             }
@@ -147,7 +146,6 @@ impl VmConfig {
                 vcpus: last - first + 1,
                 ram_mib,
             });
-            n += 1;
         }
         // No heap here: boot arguments are parsed before the heap exists.
         let config = Self { vms };
@@ -200,7 +198,7 @@ mod tests {
 
     #[test]
     fn parses_the_readme_example() {
-        let c = VmConfig::parse("test:0:128,linux:1-2:512").unwrap();
+        let c = VmConfig::parse("test:0:128,linux:1-2:512").expect("valid");
         let v: alloc::vec::Vec<VmSpec> = c.iter().collect();
         assert_eq!(
             v,

@@ -153,7 +153,7 @@ impl PowerTable {
             Power::OnPending(_) => return Err(code::ON_PENDING),
             Power::Off => {}
         }
-        if !ram.contains(&entry) || entry % 4 != 0 {
+        if !ram.contains(&entry) || !entry.is_multiple_of(4) {
             return Err(code::INVALID_ADDRESS);
         }
         self.state[vcpu] = Power::OnPending(Start {
@@ -278,7 +278,7 @@ mod tests {
         assert_eq!(t.affinity_info(0x0, 0), affinity::ON);
         assert_eq!(t.affinity_info(0x1, 0), affinity::OFF);
         assert_eq!(t.affinity_info(0x3, 0), code::INVALID_PARAMETERS);
-        t.cpu_on(0x100, 0x4000_0000, 0, &RAM).unwrap();
+        t.cpu_on(0x100, 0x4000_0000, 0, &RAM).expect("off vCPU");
         assert_eq!(t.affinity_info(0x100, 0), affinity::ON_PENDING);
         // Level 1: cluster 0 has vCPU 0 on; cluster 1 only a pending one.
         assert_eq!(t.affinity_info(0x5, 1), affinity::ON);
@@ -289,7 +289,7 @@ mod tests {
     #[test]
     fn cpu_off_reports_the_last_one() {
         let mut t = table();
-        t.cpu_on(0x1, 0x4000_0000, 0, &RAM).unwrap();
+        t.cpu_on(0x1, 0x4000_0000, 0, &RAM).expect("off vCPU");
         t.take_start(1);
         assert!(!t.cpu_off(0));
         assert_eq!(t.affinity_info(0x0, 0), affinity::OFF);

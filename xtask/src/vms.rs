@@ -177,27 +177,24 @@ pub fn judge(outcome: &RunOutcome, config: &str) -> Result<Vec<String>, String> 
                 marker.kind, marker.status, marker.reason
             ));
         }
-        match plan.kind.as_str() {
-            "test" => {
-                if marker.passed == 0 || marker.failed != 0 {
-                    return Err(format!(
-                        "vm{n}: {} passed, {} failed",
-                        marker.passed, marker.failed
-                    ));
-                }
-                lines.push(format!(
-                    "vm{n}: test guest, {} vCPU(s): {} tests passed",
-                    plan.vcpus, marker.passed
+        if plan.kind == "test" {
+            if marker.passed == 0 || marker.failed != 0 {
+                return Err(format!(
+                    "vm{n}: {} passed, {} failed",
+                    marker.passed, marker.failed
                 ));
             }
-            _ => {
-                crate::linux::judge_output(&vm_output(&outcome.output, n), plan.vcpus)
-                    .map_err(|e| format!("vm{n} (linux): {e}"))?;
-                lines.push(format!(
-                    "vm{n}: Linux, {} vCPUs: booted, ran its init, powered off",
-                    plan.vcpus
-                ));
-            }
+            lines.push(format!(
+                "vm{n}: test guest, {} vCPU(s): {} tests passed",
+                plan.vcpus, marker.passed
+            ));
+        } else {
+            crate::linux::judge_output(&vm_output(&outcome.output, n), plan.vcpus)
+                .map_err(|e| format!("vm{n} (linux): {e}"))?;
+            lines.push(format!(
+                "vm{n}: Linux, {} vCPUs: booted, ran its init, powered off",
+                plan.vcpus
+            ));
         }
     }
     if outcome.exit.as_ref().map(|e| e.code) != Some(0) {
@@ -212,7 +209,7 @@ mod tests {
 
     #[test]
     fn plans_the_default_config() {
-        let p = plan(DEFAULT_CONFIG).unwrap();
+        let p = plan(DEFAULT_CONFIG).expect("the default parses");
         assert_eq!(p.len(), 2);
         assert_eq!(
             (p[0].kind.as_str(), p[0].vcpus, p[0].cpu_end),

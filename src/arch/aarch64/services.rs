@@ -3,9 +3,9 @@
 //! test builds (feature `test-hypercalls`) the nesting-policy and
 //! fault-around switches and the freed-page probe.
 
-use crate::guest_mm::{self, BatchError, MAX_BATCH_OPS, MmOp, kind};
 use crate::mm::lazy::NestPolicy;
-use crate::vcpu::{GuestRegs, smccc};
+use crate::vm::guest_mm::{self, BatchError, MAX_BATCH_OPS, MmOp, kind};
+use crate::vm::vcpu::{GuestRegs, smccc};
 
 use super::{MM, POOL, current_vm, for_each_counter, vectors};
 
@@ -268,7 +268,7 @@ pub(super) mod bench {
     use crate::mm::arch::Vmid;
     use crate::mm::lazy::NestPolicy;
     use crate::mm::stage2::Stage2;
-    use crate::vcpu::smccc;
+    use crate::vm::vcpu::smccc;
     use crate::workloads::{self, Mode, Workload};
 
     use super::super::mm_hw::HwMmArch;

@@ -204,6 +204,10 @@ extern "C" fn secondary_rust_entry(index: u64) -> ! {
 /// Starts every other CPU of the table through PSCI `CPU_ON`, each at
 /// [`lazyhyp_secondary_entry`] with its index, and waits (bounded) until
 /// each is running Rust code. Returns the CPUs that came up.
+///
+/// # Panics
+///
+/// Never: every index below the count has an MPIDR.
 pub fn start_secondaries() -> u32 {
     let n = cpu_count();
     if n == 1 {

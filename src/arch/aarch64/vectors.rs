@@ -15,7 +15,7 @@ use core::arch::global_asm;
 
 use spin::mutex::SpinMutex;
 
-use crate::vcpu::{GUEST_REGS_SIZE, GuestRegs};
+use crate::vm::vcpu::{GUEST_REGS_SIZE, GuestRegs};
 
 /// Kind of exception, passed to the handlers in `x1`.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]

@@ -1,7 +1,7 @@
 //! The GICv3 virtual CPU interface registers (`ICH_*_EL2`) behind the
-//! portable [`CpuInterface`] trait the virtual GIC (`crate::vgic`) drives.
+//! portable [`CpuInterface`] trait the virtual GIC (`crate::vm::vgic`) drives.
 
-use crate::vgic::CpuInterface;
+use crate::vm::vgic::CpuInterface;
 
 use super::sysreg::{read_sysreg, write_sysreg};
 

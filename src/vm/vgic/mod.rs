@@ -196,8 +196,8 @@ pub use sgi::{SgiRegister, SgiRequest, SgiTrap};
 
 use crate::counter_set;
 use crate::mm::counters::{add, inc};
-use crate::mmio::{MmioDevice, MmioError};
-use crate::vcpu::GuestRegs;
+use crate::vm::mmio::{MmioDevice, MmioError};
+use crate::vm::vcpu::GuestRegs;
 use dist::Distributor;
 use irq::Width;
 use redist::{PrivateConfig, REDIST_SIZE, Redistributor};

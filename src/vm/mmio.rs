@@ -3,7 +3,7 @@
 //! `guest.uart=emulated`; `passthrough` maps the real one instead).
 
 use crate::esr::{Esr, ec};
-use crate::vcpu::GuestRegs;
+use crate::vm::vcpu::GuestRegs;
 
 /// A decoded MMIO access (from a data abort with a valid syndrome).
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
@@ -412,7 +412,7 @@ pub fn emulate(device: &mut dyn MmioDevice, esr: Esr, offset: u64, regs: &mut Gu
         access.complete_load(regs, v);
     }
     // A 32-bit instruction (IL = 1) the guest is past.
-    crate::vcpu::step_over(regs, esr.il());
+    crate::vm::vcpu::step_over(regs, esr.il());
     true
 }
 
@@ -437,7 +437,7 @@ pub fn emulate_or_abort(
         let v = device.try_read(offset, access.size)?;
         access.complete_load(regs, v);
     }
-    crate::vcpu::step_over(regs, esr.il());
+    crate::vm::vcpu::step_over(regs, esr.il());
     Ok(())
 }
 

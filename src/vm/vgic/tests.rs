@@ -11,8 +11,8 @@ use super::qemu_virt::{UART_SPI, VTIMER_PPI};
 use super::redist::{FRAME_SIZE, REDIST_SIZE, TYPER_LAST, WAKER_CHILDREN_ASLEEP, rd, sgi};
 use super::*;
 use crate::esr::{Esr, ec};
-use crate::mmio::emulate_or_abort;
-use crate::vcpu::GuestRegs;
+use crate::vm::mmio::emulate_or_abort;
+use crate::vm::vcpu::GuestRegs;
 
 fn vgic(nr_vcpus: usize) -> Vgic {
     Vgic::new(

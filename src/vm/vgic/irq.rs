@@ -3,7 +3,7 @@
 //! `IS/ICPENDR`, `IS/ICACTIVER`), one byte (`IPRIORITYR`), two bits
 //! (`ICFGR`), and the access sizes each shape accepts.
 
-use crate::mmio::MmioError;
+use crate::vm::mmio::MmioError;
 
 /// The emulated state of one virtual interrupt.
 ///

@@ -15,7 +15,7 @@ use super::irq::{
     write_priorities,
 };
 use crate::mm::counters::inc;
-use crate::mmio::MmioError;
+use crate::vm::mmio::MmioError;
 
 /// Register offsets in the `GICD` frame.
 pub mod reg {
@@ -367,7 +367,7 @@ pub(super) fn checked(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vgic::SpiConfig;
+    use crate::vm::vgic::SpiConfig;
     use core::sync::atomic::Ordering::Relaxed;
 
     const UART: u32 = 33;

@@ -14,7 +14,7 @@ use super::irq::{
     BitReg, Irq, Width, read_config, read_part, read_priorities, write_config, write_priorities,
 };
 use crate::mm::counters::inc;
-use crate::mmio::MmioError;
+use crate::vm::mmio::MmioError;
 
 /// Size of one frame.
 pub const FRAME_SIZE: u64 = 0x1_0000;

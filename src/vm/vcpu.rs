@@ -10,7 +10,7 @@ use core::fmt;
 use crate::counter_set;
 use crate::esr::{Esr, ec, fault_ipa};
 use crate::mm::counters::inc;
-use crate::sysreg_emul::SysregAccess;
+use crate::vm::sysreg_emul::SysregAccess;
 
 /// The guest's general-purpose registers and return state, as the lower-EL
 /// vectors save them on the EL2 stack. The layout is shared with the
@@ -207,7 +207,7 @@ pub enum Exit {
     /// answered with a synchronous external abort otherwise.
     Stage2Abort(Trap),
     /// A trapped system register access (EC 0x18), decoded; the caller
-    /// acts as [`crate::sysreg_emul::classify`] says.
+    /// acts as [`crate::vm::sysreg_emul::classify`] says.
     Sysreg(Trap, SysregAccess),
     /// A trap the hypervisor does not emulate: inject UNDEFINED (see
     /// [`Injection::undefined`]).
@@ -273,7 +273,7 @@ impl Vcpu {
                     regs.x[0] = smccc::NOT_SUPPORTED;
                     return Exit::Resume;
                 }
-                self.smccc_call(regs)
+                Self::smccc_call(regs)
             }
             ec::SMC64 => {
                 inc(&exits.exits_smc);
@@ -284,7 +284,7 @@ impl Vcpu {
                     regs.x[0] = smccc::NOT_SUPPORTED;
                     return Exit::Resume;
                 }
-                self.smccc_call(regs)
+                Self::smccc_call(regs)
             }
             // A stage-2 abort: demand population or an injected abort, as the
             // guest's memory state says.
@@ -323,7 +323,7 @@ impl Vcpu {
 
     /// Dispatches an SMCCC call (function ID in `w0`, arguments in `x1..`),
     /// writing results to `x0..`.
-    fn smccc_call(&mut self, regs: &mut GuestRegs) -> Exit {
+    fn smccc_call(regs: &mut GuestRegs) -> Exit {
         let function = regs.x[0] as u32;
         let (a1, a2) = (regs.x[1], regs.x[2]);
         regs.x[0] = match function {
@@ -678,7 +678,7 @@ mod tests {
     use alloc::format;
 
     fn hvc(function: u32, a1: u64, a2: u64) -> (Vcpu, GuestRegs, Exit) {
-        let mut vcpu = Vcpu::default();
+        let mut vcpu = Vcpu;
         let mut regs = GuestRegs::default();
         regs.x[0] = u64::from(function);
         regs.x[1] = a1;
@@ -790,7 +790,7 @@ mod tests {
 
     #[test]
     fn trapped_smc_steps_over_the_instruction() {
-        let mut vcpu = Vcpu::default();
+        let mut vcpu = Vcpu;
         let mut regs = GuestRegs {
             elr: 0x4008_0000,
             ..GuestRegs::default()
@@ -812,7 +812,7 @@ mod tests {
 
     #[test]
     fn stage2_abort_is_injected_and_the_report_names_the_ipa() {
-        let mut vcpu = Vcpu::default();
+        let mut vcpu = Vcpu;
         let mut regs = GuestRegs::default();
         let esr = Esr((u64::from(ec::DABT_LOWER) << 26) | (1 << 25) | (1 << 6) | 0x06);
         let trap = Trap {
@@ -863,7 +863,7 @@ mod tests {
         // skipped, not UNDEFINED; with Z set it is UNDEFINED (not offered).
         let esr = |cond: u64| Esr((0x03 << 26) | (1 << 25) | (1 << 24) | (cond << 20));
         let exits = ExitCounters::new();
-        let mut vcpu = Vcpu::default();
+        let mut vcpu = Vcpu;
         let mut regs = GuestRegs {
             elr: 0x8000,
             spsr: 0b1_0000,
@@ -953,7 +953,7 @@ mod tests {
     #[test]
     fn unknown_traps_become_undefined_and_sysregs_are_decoded() {
         let exits = ExitCounters::new();
-        let mut vcpu = Vcpu::default();
+        let mut vcpu = Vcpu;
         let mut regs = GuestRegs {
             elr: 0x4008_2000,
             spsr: 0x3c5,
@@ -1017,13 +1017,13 @@ mod abi_doc_tests {
     //! docs/hypercalls.md must say what the code does.
 
     use super::smccc;
-    use crate::guest_mm::{BatchError, kind};
     use crate::mm::counters::MmCounters;
+    use crate::vm::guest_mm::{BatchError, kind};
     use alloc::format;
     use alloc::string::String;
     use alloc::vec::Vec;
 
-    const DOC: &str = include_str!("../docs/hypercalls.md");
+    const DOC: &str = include_str!("../../docs/hypercalls.md");
 
     fn id(v: u32) -> String {
         format!("0x{:04X}_{:04X}", v >> 16, v & 0xffff)
@@ -1119,7 +1119,7 @@ mod abi_doc_tests {
             .trim_matches('`');
         assert_eq!(documented.split_whitespace().collect::<Vec<_>>(), names);
         // The test guest's copy of the order, too.
-        let guest = include_str!("../guest/src/hyp.rs");
+        let guest = include_str!("../../guest/src/hyp.rs");
         let list = guest
             .split("pub const COUNTERS: &[&str] = &[")
             .nth(1)
