@@ -452,7 +452,7 @@ impl Vgic {
     pub fn inject_hw_spi(&mut self, intid: u32) -> Option<usize> {
         let irq = self.dist.spi_mut(intid).filter(|i| i.owned && i.hw)?;
         irq.assert();
-        self.spi_target(intid)
+        self.kick_spi_target(intid)
     }
 
     /// Takes the hardware-backed SPIs the guest deactivated through
@@ -465,7 +465,7 @@ impl Vgic {
     pub fn inject_spi(&mut self, intid: u32) -> Option<usize> {
         let irq = self.dist.spi_mut(intid).filter(|i| i.owned && !i.hw)?;
         irq.assert();
-        self.spi_target(intid)
+        self.kick_spi_target(intid)
     }
 
     /// Sets the input line of a level-sensitive SPI of the VM (an emulated
@@ -480,7 +480,20 @@ impl Vgic {
         if rose && irq.edge {
             irq.assert();
         }
-        if rose { self.spi_target(intid) } else { None }
+        if rose {
+            self.kick_spi_target(intid)
+        } else {
+            None
+        }
+    }
+
+    /// The vCPU SPI `intid` is routed to, also recorded for
+    /// [`take_kicks`](Self::take_kicks): a caller on another vCPU's CPU
+    /// must kick it, or the interrupt waits for its next exit.
+    fn kick_spi_target(&mut self, intid: u32) -> Option<usize> {
+        let target = self.spi_target(intid)?;
+        self.kicks |= 1 << target;
+        Some(target)
     }
 
     /// Handles a trapped `MSR`/`MRS` (EC 0x18) of vCPU `vcpu` with syndrome

@@ -514,3 +514,24 @@ fn a_trapped_sgi1r_write_is_emulated_and_stepped_over_and_a_read_is_undefined() 
     );
     assert_eq!(regs.elr, 0x2008, "only the two writes stepped");
 }
+
+/// An SPI raised on behalf of another vCPU (the UART's line, rising while
+/// vCPU 0 handles an exit) records a kick for the vCPU it is routed to, so
+/// the caller's `take_kicks` makes that vCPU's CPU exit and load it instead
+/// of leaving it until that vCPU's next exit.
+#[test]
+fn an_spi_routed_to_another_vcpu_kicks_it() {
+    let mut v = booted(2);
+    wr32(&mut v.gicd(), gicd::ISENABLER + 4, 1 << (UART_SPI - 32));
+    // Routed to vCPU 1 (affinity 0.0.0.1).
+    v.gicd()
+        .try_write(gicd::IROUTER + 8 * u64::from(UART_SPI), 1, 8)
+        .expect("64-bit IROUTER write accepted");
+    let _ = v.take_kicks();
+    assert_eq!(v.set_spi_level(UART_SPI, true), Some(1));
+    assert_eq!(v.take_kicks(), 0b10);
+    // A line that stays high raises nothing new.
+    assert_eq!(v.set_spi_level(UART_SPI, true), None);
+    assert_eq!(v.take_kicks(), 0);
+    assert_eq!(v.set_spi_level(UART_SPI, false), None);
+}
