@@ -184,6 +184,7 @@ pub const COUNTERS: &[&str] = &[
     "stale_faults",
     "vm_lock_uncontended",
     "vm_lock_contended",
+    "vgic_entries_skipped",
 ];
 
 /// Reads one counter through `HYP_STATS`.

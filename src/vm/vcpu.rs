@@ -179,6 +179,9 @@ counter_set! {
         vm_lock_uncontended,
         /// VM-lock acquisitions that had to wait (another CPU held it).
         vm_lock_contended,
+        /// Entries that loaded no list register without taking the VM lock
+        /// (nothing in them, nothing changed for the vCPU).
+        vgic_entries_skipped,
     }
 }
 

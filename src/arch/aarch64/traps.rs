@@ -65,8 +65,9 @@ pub(crate) fn handle_sync(regs: &mut GuestRegs) -> bool {
                     return false;
                 }
                 SysregTrap::SgiSent(targets) => {
+                    let targets = others_after_self(targets, vcpu);
                     crate::mm::counters::inc(&exits().sysreg_emulated);
-                    kick_vcpus(vm, targets & !(1 << vcpu));
+                    kick_vcpus(vm, targets);
                     return false;
                 }
             }
@@ -119,7 +120,7 @@ pub(crate) fn handle_sync(regs: &mut GuestRegs) -> bool {
             // a stage-1 table walk.
             let mmio = (0x04..=0x07).contains(&fsc) && !trap.esr.s1ptw();
             if mmio && let Some(result) = vgic_mmio(vm, trap, ipa, regs) {
-                let kicks = vm.vgic.take_kicks() & !(1 << vcpu);
+                let kicks = others_after_self(vm.vgic.take_kicks(), vcpu);
                 drop(guard);
                 kick_vcpus(current_vm(), kicks);
                 if result.is_err() {
@@ -134,7 +135,7 @@ pub(crate) fn handle_sync(regs: &mut GuestRegs) -> bool {
                 {
                     crate::mm::counters::inc(&exits().mmio_emulated);
                     uart_accessed(vm);
-                    let kicks = vm.vgic.take_kicks() & !(1 << vcpu);
+                    let kicks = others_after_self(vm.vgic.take_kicks(), vcpu);
                     drop(guard);
                     let vm = current_vm();
                     // Printed outside the VM lock.
@@ -435,6 +436,7 @@ pub(crate) fn handle_irq(intid: u32) {
         // Another CPU changed what this vCPU must see (an interrupt for
         // it, a stop): the exit itself was the point; the entry that
         // follows loads it.
+        mark_vgic_dirty();
         gic::deactivate(intid);
         return;
     }
@@ -451,7 +453,10 @@ pub(crate) fn handle_irq(intid: u32) {
         // The virtual timer fired for the guest: deliver it hardware-backed;
         // the guest's deactivation deactivates the physical PPI, so it
         // cannot fire again before the guest handled it.
-        qemu_virt::VTIMER_PPI => vm.vgic.inject_hw_ppi(vcpu, intid),
+        qemu_virt::VTIMER_PPI => {
+            vm.vgic.inject_hw_ppi(vcpu, intid);
+            mark_vgic_dirty();
+        }
         // The real UART's interrupt, for a guest that has the UART.
         qemu_virt::UART_SPI if vm.uart_hw_irq => {
             // Routed to no vCPU (the guest's IROUTER): it stays active, so a
@@ -471,13 +476,23 @@ pub(crate) fn handle_irq(intid: u32) {
     }
     let kicks = vm.vgic.take_kicks();
     drop(guard);
-    // This vCPU loads its own at the next entry.
-    let me = if core::ptr::eq(target, current_vm()) {
-        1u128.checked_shl(vcpu as u32).unwrap_or(0)
+    let kicks = if core::ptr::eq(target, current_vm()) {
+        others_after_self(kicks, current_vcpu())
     } else {
-        0
+        kicks
     };
-    kick_vcpus(target, kicks & !me);
+    kick_vcpus(target, kicks);
+}
+
+/// Of the vCPUs a virtual GIC change concerns (`kicks`, bit i = vCPU i),
+/// the executing `vcpu` reloads at its next entry ([`mark_vgic_dirty`]);
+/// returns the others, to be kicked.
+fn others_after_self(kicks: u128, vcpu: usize) -> u128 {
+    let me = 1u128.checked_shl(vcpu as u32).unwrap_or(0);
+    if kicks & me != 0 {
+        mark_vgic_dirty();
+    }
+    kicks & !me
 }
 
 /// Moves what the real UART received into the guest's emulated UART, as
@@ -515,24 +530,72 @@ pub(crate) fn uart_accessed(vm: &mut VmState) {
     }
 }
 
+/// Per CPU: the last entry left something in the list registers, or asked
+/// for a maintenance interrupt. When not, the exit has nothing to fold.
+pub(crate) static LR_IN_USE: [AtomicBool; smp::MAX_PCPUS] =
+    [const { AtomicBool::new(true) }; smp::MAX_PCPUS];
+
+/// Per CPU: the virtual GIC state of its vCPU may have changed since its
+/// last entry. Every change the virtual GIC makes for a vCPU names it
+/// (`Vgic::take_kicks`: distributor and redistributor writes, SPI lines
+/// and edges; `SgiSent`); a change for the executing vCPU sets this
+/// ([`others_after_self`]), one for another vCPU kicks its CPU, whose kick
+/// handler sets it there. Also set by the virtual timer's injection, by
+/// folding list registers back at an exit (what is still pending must be
+/// loaded again), and at a vCPU's start; cleared by the entry that loads
+/// the list registers.
+static VGIC_DIRTY: [AtomicBool; smp::MAX_PCPUS] = [const { AtomicBool::new(true) }; smp::MAX_PCPUS];
+
+/// The executing CPU's vCPU must reload its list registers at its next
+/// entry.
+pub(crate) fn mark_vgic_dirty() {
+    if let Some(flag) = VGIC_DIRTY.get(smp::this_cpu()) {
+        flag.store(true, Ordering::Relaxed);
+    }
+}
+
 /// After every exit, before anything may inject or emulate: fold the list
-/// registers back into the virtual GIC.
+/// registers back into the virtual GIC. Skipped (no VM lock taken) when the
+/// last entry loaded nothing and asked for no maintenance: every list
+/// register is empty and the virtual interface raised nothing to read. (A
+/// guest EOI without a list register, counted by `ICH_HCR_EL2.EOIcount`,
+/// is then not counted: it only feeds the `eoi_without_lr` statistic.)
 pub(crate) fn vgic_exit() {
-    let Some(vm) = vm_of(smp::this_cpu()) else {
+    let cpu = smp::this_cpu();
+    let Some(vm) = vm_of(cpu) else {
         return;
     };
-    vm.lock().vgic.exit(current_vcpu(), &mut HwCpuInterface);
+    if !LR_IN_USE[cpu].load(Ordering::Relaxed) {
+        return;
+    }
+    vm.lock_for_vgic()
+        .vgic
+        .exit(current_vcpu(), &mut HwCpuInterface);
+    LR_IN_USE[cpu].store(false, Ordering::Relaxed);
+    // What was in the list registers may still be pending (or have become
+    // pending again): the next entry loads it.
+    VGIC_DIRTY[cpu].store(true, Ordering::Relaxed);
 }
 
 /// Before every entry: physically deactivate what the guest deactivated
 /// through the emulated registers, then load the list registers. Returns
-/// how many interrupts are loaded.
+/// how many interrupts are loaded. Skipped (no VM lock taken) when the list
+/// registers are empty and nothing concerning this vCPU changed since its
+/// last entry ([`VGIC_DIRTY`]): the load would find nothing either.
 pub(crate) fn vgic_enter() -> usize {
-    let Some(vm) = vm_of(smp::this_cpu()) else {
+    let cpu = smp::this_cpu();
+    let Some(vm) = vm_of(cpu) else {
         return 0;
     };
+    if !VGIC_DIRTY[cpu].load(Ordering::Relaxed) && !LR_IN_USE[cpu].load(Ordering::Relaxed) {
+        crate::mm::counters::inc(&exits().vgic_entries_skipped);
+        return 0;
+    }
+    // Cleared before the load: a kick that lands from here on sets it
+    // again and is seen at the next exit.
+    VGIC_DIRTY[cpu].store(false, Ordering::Relaxed);
     let vcpu = current_vcpu();
-    let mut vm = vm.lock();
+    let mut vm = vm.lock_for_vgic();
     let ppis = vm.vgic.take_hw_deactivations(vcpu);
     for intid in (0..32).filter(|i| ppis & (1 << i) != 0) {
         gic::deactivate(intid);
@@ -540,7 +603,10 @@ pub(crate) fn vgic_enter() -> usize {
     for intid in vm.vgic.take_hw_spi_deactivations() {
         gic::deactivate(intid);
     }
-    vm.vgic.enter(vcpu, &mut HwCpuInterface).loaded
+    let report = vm.vgic.enter(vcpu, &mut HwCpuInterface);
+    let maintenance = report.hcr & !crate::vm::vgic::cpuif::hcr::EN != 0;
+    LR_IN_USE[cpu].store(report.loaded > 0 || maintenance, Ordering::Relaxed);
+    report.loaded
 }
 
 /// A trapped access to the virtual GIC's frames: `None` if `ipa` is not in

@@ -51,8 +51,16 @@ pub(crate) struct Vm {
 }
 
 impl Vm {
-    /// Takes the VM lock.
+    /// Takes the VM lock (counted: `vm_lock_uncontended`,
+    /// `vm_lock_contended`). A change to the virtual GIC made under it must
+    /// be followed by its kicks (`Vgic::take_kicks`), which is how the
+    /// vCPUs it concerns learn of it (see `traps::VGIC_DIRTY`).
     pub(crate) fn lock(&self) -> spin::mutex::SpinMutexGuard<'_, VmState> {
+        self.lock_for_vgic()
+    }
+
+    /// Takes the VM lock for the virtual GIC's world switch.
+    pub(crate) fn lock_for_vgic(&self) -> spin::mutex::SpinMutexGuard<'_, VmState> {
         if let Some(guard) = self.state.try_lock() {
             crate::mm::counters::inc(&exits().vm_lock_uncontended);
             return guard;
@@ -212,6 +220,9 @@ pub(crate) fn start_vcpu(vm: &'static Vm, vcpu: usize, start: Start) -> ! {
             vm.fwb,
         );
     }
+    // Its first entry loads the list registers in full.
+    mark_vgic_dirty();
+    LR_IN_USE[cpu].store(true, Ordering::Relaxed);
     // The vCPU's timer starts disabled (its EL1 state is at reset).
     write_sysreg!("cntv_ctl_el0", 0);
     // The virtual CPU interface starts from the vCPU's state, not from what
