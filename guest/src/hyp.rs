@@ -119,6 +119,9 @@ pub fn mm_batch(ops: &[MmOp]) -> (i64, u64) {
     (i64::from_ne_bytes(r[0].to_ne_bytes()), r[1])
 }
 
+/// lazyhyp: the calling VM's number (`x1`) and vCPU index (`x2`).
+pub const HYP_VM_INFO: u32 = 0xc600_0003;
+
 /// lazyhyp: copy the counters into a guest buffer.
 pub const HYP_STATS: u32 = 0xc600_0002;
 /// lazyhyp: populate a range.

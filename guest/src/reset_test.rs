@@ -12,8 +12,11 @@ use crate::hyp;
 /// A word of guest RAM no other test uses.
 const DIRTY_WORD: u64 = 0x4600_0000;
 const PATTERN: u64 = 0x5245_5345_545f_4d45;
-/// A static: reloaded from the image, it is 0 again after the reset.
-static DIRTY_STATIC: AtomicU64 = AtomicU64::new(0);
+/// A static in `.data` (a non-zero initial value, so it comes from the
+/// image, not from zeroed `.bss`): reloaded, it is [`INITIAL`] again after
+/// the reset.
+static DIRTY_STATIC: AtomicU64 = AtomicU64::new(INITIAL);
+const INITIAL: u64 = 0x1717_1717;
 /// PSCI `SYSTEM_RESET`.
 const SYSTEM_RESET: u32 = 0x8400_0009;
 
@@ -35,7 +38,8 @@ pub fn dirty_and_reset() -> ! {
 
 /// Second start: the reset count is 1 and nothing of the first start is
 /// left (RAM scrubbed, image reloaded). The secondaries were parked: the
-/// SMP tests that follow start them again with `CPU_ON`.
+/// SMP test that follows finds them off (`AFFINITY_INFO`) and starts them
+/// again with `CPU_ON`; the GIC tests that follow find the timer working.
 pub fn check(resets: u64) -> Result<(), &'static str> {
     if resets != 1 {
         return Err("x3 does not say the VM was reset once");
@@ -45,7 +49,7 @@ pub fn check(resets: u64) -> Result<(), &'static str> {
     if word != 0 {
         return Err("guest RAM was not scrubbed by the reset");
     }
-    if DIRTY_STATIC.load(Ordering::SeqCst) != 0 {
+    if DIRTY_STATIC.load(Ordering::SeqCst) != INITIAL {
         return Err("the image was not reloaded by the reset");
     }
     Ok(())

@@ -63,6 +63,10 @@ pub fn run_all(add_failing: bool) -> (u64, u64) {
         ),
         ("smccc_arch_features", iface_tests::smccc_arch_features),
         (
+            "vm_memory_is_its_own",
+            crate::smp_tests::vm_memory_is_its_own,
+        ),
+        (
             "malformed_calls_are_refused",
             iface_tests::malformed_calls_are_refused,
         ),

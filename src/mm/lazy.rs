@@ -582,9 +582,12 @@ pub struct MmCtx<'h, A: MmArch> {
     pub arch: A,
     cpus: [SpinMutex<LazyCpu>; MAX_CPUS],
     counters: [MmCounters; MAX_CPUS],
-    policy: AtomicU8,
-    /// Whether sections exist at all (off: eager mode, for comparison).
-    lazy_enabled: core::sync::atomic::AtomicBool,
+    /// Each CPU's nesting policy: a hypervisor sets it for one VM's CPUs,
+    /// never under another VM's open section.
+    policy: [AtomicU8; MAX_CPUS],
+    /// Per CPU, whether sections exist at all (off: eager mode, for
+    /// comparison).
+    lazy_enabled: [core::sync::atomic::AtomicBool; MAX_CPUS],
     /// Called to free table pages whose TLB maintenance completed.
     free_hook: SpinMutex<Option<FreeHook<'h>>>,
 }
@@ -604,27 +607,43 @@ impl<'h, A: MmArch> MmCtx<'h, A> {
             arch,
             cpus: core::array::from_fn(|_| SpinMutex::new(LazyCpu::default())),
             counters: core::array::from_fn(|_| MmCounters::new()),
-            policy: AtomicU8::new(NestPolicy::Flatten as u8),
-            lazy_enabled: core::sync::atomic::AtomicBool::new(true),
+            policy: core::array::from_fn(|_| AtomicU8::new(NestPolicy::Flatten as u8)),
+            lazy_enabled: core::array::from_fn(|_| core::sync::atomic::AtomicBool::new(true)),
             free_hook: SpinMutex::new(None),
         }
     }
 
-    /// Selects the nesting policy (tests and benchmarks).
+    /// Selects the nesting policy on every CPU (tests and benchmarks).
     pub fn set_policy(&self, policy: NestPolicy) {
-        self.policy.store(policy as u8, Ordering::Relaxed);
+        self.set_policy_on(0..MAX_CPUS, policy);
     }
 
-    /// Turns lazy sections on (the default) or off: off, `enter` and `leave`
-    /// do nothing and every operation pays as it goes (eager mode, the
-    /// baseline of the benchmarks).
+    /// Selects the nesting policy on the CPUs `cpus` (one VM's). The caller
+    /// makes sure none of them is in a section.
+    pub fn set_policy_on(&self, cpus: core::ops::Range<usize>, policy: NestPolicy) {
+        for p in self.policy.iter().take(cpus.end).skip(cpus.start) {
+            p.store(policy as u8, Ordering::Relaxed);
+        }
+    }
+
+    /// Turns lazy sections on (the default) or off on every CPU: off,
+    /// `enter` and `leave` do nothing and every operation pays as it goes
+    /// (eager mode, the baseline of the benchmarks).
     pub fn set_lazy_enabled(&self, on: bool) {
-        self.lazy_enabled.store(on, Ordering::Relaxed);
+        self.set_lazy_enabled_on(0..MAX_CPUS, on);
     }
 
-    /// The nesting policy in force.
+    /// [`set_lazy_enabled`](Self::set_lazy_enabled) on the CPUs `cpus`
+    /// only. The caller makes sure none of them is in a section.
+    pub fn set_lazy_enabled_on(&self, cpus: core::ops::Range<usize>, on: bool) {
+        for l in self.lazy_enabled.iter().take(cpus.end).skip(cpus.start) {
+            l.store(on, Ordering::Relaxed);
+        }
+    }
+
+    /// The nesting policy in force on the executing CPU.
     pub fn policy(&self) -> NestPolicy {
-        NestPolicy::from_raw(self.policy.load(Ordering::Relaxed))
+        NestPolicy::from_raw(self.policy[self.cpu()].load(Ordering::Relaxed))
     }
 
     /// Sets what frees table pages after their TLB maintenance (the pool).
@@ -697,7 +716,7 @@ impl<'h, A: MmArch> MmCtx<'h, A> {
 
     /// Starts a lazy section on this CPU.
     pub fn enter(&self) {
-        if !self.lazy_enabled.load(Ordering::Relaxed) {
+        if !self.lazy_enabled[self.cpu()].load(Ordering::Relaxed) {
             return;
         }
         let policy = self.policy();
@@ -731,7 +750,7 @@ impl<'h, A: MmArch> MmCtx<'h, A> {
     /// Ends a lazy section on this CPU (or one level of nesting), paying
     /// what the policy says is due.
     pub fn leave(&self) {
-        if !self.lazy_enabled.load(Ordering::Relaxed) {
+        if !self.lazy_enabled[self.cpu()].load(Ordering::Relaxed) {
             return;
         }
         let policy = self.policy();

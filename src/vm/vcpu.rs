@@ -78,6 +78,9 @@ pub mod smccc {
     /// Vendor hypervisor service: the test guest reports `x1` passed, `x2`
     /// failed tests.
     pub const HYP_REPORT_RESULT: u32 = 0xc600_0001;
+    /// Vendor hypervisor service: `x1` = the calling VM's number (1
+    /// first), `x2` = the calling vCPU's index.
+    pub const HYP_VM_INFO: u32 = 0xc600_0003;
     /// Vendor hypervisor service: copy the counters into the guest buffer
     /// at IPA `x1` of `x2` bytes.
     pub const HYP_STATS: u32 = 0xc600_0002;

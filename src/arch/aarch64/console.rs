@@ -241,15 +241,33 @@ pub fn drain_rx(max: usize, mut sink: impl FnMut(u8)) -> usize {
     n
 }
 
-/// Like [`print`], for the panic path: if the panicking code held the
-/// console lock, take it anyway. Only one CPU runs, and it is the one that
-/// panicked, so the holder will never run again.
+/// Like [`print`], for markers and the panic path: waits (bounded) for the
+/// console lock, then takes it anyway, so a report gets out even if the
+/// code that failed held it.
 pub fn print_in_panic(args: fmt::Arguments<'_>) {
-    if CONSOLE.is_locked() {
-        // SAFETY: see above: the lock holder is the code that panicked, on
-        // this (the only) CPU, and it never resumes.
-        unsafe { CONSOLE.force_unlock() };
+    // Several CPUs print: a holder on another CPU finishes its line within
+    // microseconds, so the lock is waited for, for at most 50 ms. Held
+    // longer, its holder is this CPU's own interrupted print (a panic or an
+    // exception inside it), which never resumes, or a CPU that is stuck.
+    let freq = super::sysreg::read_sysreg!("cntfrq_el0");
+    let start = super::sysreg::read_sysreg!("cntpct_el0");
+    loop {
+        if let Some(mut guard) = CONSOLE.try_lock() {
+            if let Some(console) = guard.as_mut() {
+                console.end_guest_line();
+                let _ = console.uart.write_fmt(args);
+            }
+            return;
+        }
+        if super::sysreg::read_sysreg!("cntpct_el0").wrapping_sub(start) > freq / 20 {
+            break;
+        }
+        core::hint::spin_loop();
     }
+    // SAFETY: see above: after 50 ms the holder is taken to be the code
+    // that failed (it never resumes) or a stuck CPU; the report matters
+    // more than a garbled line.
+    unsafe { CONSOLE.force_unlock() };
     print(args);
 }
 

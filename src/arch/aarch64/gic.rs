@@ -206,6 +206,8 @@ impl Gic {
         write32(redist + gicr::ICENABLER0, u32::MAX);
         write32(redist + gicr::ICPENDR0, u32::MAX);
         write32(redist + gicr::ICACTIVER0, u32::MAX);
+        REDIST[super::smp::this_cpu() % super::smp::MAX_PCPUS]
+            .store(redist, core::sync::atomic::Ordering::Relaxed);
         write32(redist + gicr::IGROUPR0, u32::MAX);
         for n in (0..32).step_by(4) {
             write32(
@@ -231,8 +233,9 @@ impl Gic {
         write32(self.redist + gicr::ISENABLER0, 1 << intid);
     }
 
-    /// Enables shared interrupt `intid` (an SPI), routed to this CPU.
-    pub fn enable_spi(&self, intid: u32) {
+    /// Enables shared interrupt `intid` (an SPI), routed to the CPU with
+    /// MPIDR affinity `mpidr`.
+    pub fn enable_spi(&self, intid: u32, mpidr: u64) {
         if !(32..self.lines).contains(&intid) {
             return;
         }
@@ -240,10 +243,39 @@ impl Gic {
         // MPIDR layout, not GICR_TYPER's); IRM (bit 31) clear.
         write64(
             GICD_BASE + gicd::IROUTER + intid as usize * 8,
-            read_sysreg!("mpidr_el1") & 0xff_00ff_ffff,
+            mpidr & 0xff_00ff_ffff,
         );
         write32(
             GICD_BASE + gicd::ISENABLER + (intid / 32) as usize * 4,
+            1 << (intid % 32),
+        );
+    }
+}
+
+/// Each CPU's redistributor (`RD_base`), by CPU index, once brought up.
+static REDIST: [core::sync::atomic::AtomicUsize; super::smp::MAX_PCPUS] =
+    [const { core::sync::atomic::AtomicUsize::new(0) }; super::smp::MAX_PCPUS];
+
+/// Clears the active (and pending) state of private interrupt `intid` on
+/// the executing CPU's redistributor (`GICR_ICACTIVER0`, `GICR_ICPENDR0`):
+/// a hardware-backed interrupt a vCPU left active when it stopped, which no
+/// guest will deactivate any more.
+pub fn clear_private(intid: u32) {
+    debug_assert!(intid < 32);
+    let rd = REDIST[super::smp::this_cpu() % super::smp::MAX_PCPUS]
+        .load(core::sync::atomic::Ordering::Relaxed);
+    if rd != 0 {
+        write32(rd + gicr::ICACTIVER0, 1 << intid);
+        write32(rd + gicr::ICPENDR0, 1 << intid);
+    }
+}
+
+/// Clears the active state of shared interrupt `intid` at the distributor
+/// (`GICD_ICACTIVER`): a passed-through device's SPI its VM left active.
+pub fn clear_active_spi(intid: u32) {
+    if intid >= 32 {
+        write32(
+            GICD_BASE + gicd::ICACTIVER + (intid / 32) as usize * 4,
             1 << (intid % 32),
         );
     }

@@ -350,7 +350,14 @@ fn init_gic() {
     gic.enable_private(qemu_virt::MAINTENANCE_PPI);
     gic.enable_private(qemu_virt::VTIMER_PPI);
     gic.enable_private(smp::KICK_SGI);
-    gic.enable_spi(qemu_virt::UART_SPI);
+    // The real UART's interrupt goes to a CPU of the VM that takes console
+    // input, so that taking it never makes another VM's CPU wait for that
+    // VM's lock.
+    let rx_cpu = rx_vm().map_or(0, |vm| vm.spec.first_cpu);
+    gic.enable_spi(
+        qemu_virt::UART_SPI,
+        smp::mpidr_of(rx_cpu).unwrap_or_else(smp::my_mpidr),
+    );
     if rx_vm().is_some_and(|vm| !vm.lock().uart_hw_irq) {
         console::set_rx_interrupt(true);
     }
@@ -410,6 +417,14 @@ impl Write for LineBuf {
 /// be open to the guest too (EL2 cannot trap `HLT` from EL1), so QEMU runs
 /// without it and always exits 0 on `SYSTEM_OFF`.
 fn exit(code: u32, reason: &str) -> ! {
+    // Once: two VMs ending together (or a panic during the exit) must not
+    // print two exit markers; a second caller waits for the power-off.
+    static EXITING: AtomicBool = AtomicBool::new(false);
+    if EXITING.swap(true, Ordering::AcqRel) {
+        loop {
+            smp::wait_for_interrupt();
+        }
+    }
     print_stats();
     console::marker("EXIT", format_args!("code={code} reason={reason}"));
     psci_system_off()

@@ -30,6 +30,10 @@ pub(super) fn mm_call(function: u32, regs: &mut GuestRegs) {
         && !current_vm().is_linux();
     let (x0, x1) = match function {
         smccc::HYP_STATS => stats(a1, a2),
+        smccc::HYP_VM_INFO => {
+            regs.x[2] = super::current_vcpu() as u64;
+            (smccc::SUCCESS, current_vm().index as u64 + 1)
+        }
         smccc::HYP_MM_BATCH => batch(a1, a2),
         smccc::HYP_MAP => single(MmOp {
             kind: kind::POPULATE,
@@ -223,7 +227,13 @@ fn set_policy(raw: u64) -> (u64, u64) {
     else {
         return invalid();
     };
-    MM.get().expect("mm exists").set_policy(policy);
+    // This VM's CPUs only, under its lock: none of them is in a section,
+    // and other VMs' CPUs keep their own policy.
+    let vm = current_vm();
+    let _guard = vm.lock();
+    MM.get()
+        .expect("mm exists")
+        .set_policy_on(vm.cpus(), policy);
     log::info!("nesting policy: {}", policy.name());
     (smccc::SUCCESS, 0)
 }
@@ -365,21 +375,27 @@ pub(super) mod bench {
             .copied()
     }
 
+    /// Sets `mode` on the calling VM's CPUs only, under its lock (none of
+    /// them is in a section; other VMs keep theirs).
     fn apply(mode: Mode) {
         let mm = MM.get().expect("mm exists");
+        let vm = current_vm();
+        let _guard = vm.lock();
         match mode {
-            Mode::Eager => mm.set_lazy_enabled(false),
+            Mode::Eager => mm.set_lazy_enabled_on(vm.cpus(), false),
             Mode::Lazy(p) => {
-                mm.set_lazy_enabled(true);
-                mm.set_policy(p);
+                mm.set_lazy_enabled_on(vm.cpus(), true);
+                mm.set_policy_on(vm.cpus(), p);
             }
         }
     }
 
     fn restore() {
         let mm = MM.get().expect("mm exists");
-        mm.set_lazy_enabled(true);
-        mm.set_policy(NestPolicy::Flatten);
+        let vm = current_vm();
+        let _guard = vm.lock();
+        mm.set_lazy_enabled_on(vm.cpus(), true);
+        mm.set_policy_on(vm.cpus(), NestPolicy::Flatten);
     }
 
     /// `HYP_TEST_RUN_WORKLOAD(workload, mode)`.

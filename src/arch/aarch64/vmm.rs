@@ -187,13 +187,22 @@ pub(crate) fn idle() -> ! {
                 _ => gic::deactivate(intid),
             }
         }
-        if let Some(vm) = vm_of(cpu)
-            && !vm.stopping.load(Ordering::Acquire)
-        {
+        if let Some(vm) = vm_of(cpu) {
             let vcpu = cpu - vm.spec.first_cpu;
-            // The power lock is released before the start (which never
-            // returns).
-            let start = vm.power.lock().take_start(vcpu);
+            // Under the power lock, as a stop claims it (`claim_stop`): a
+            // vCPU starts only while its VM is not stopping, and counts as
+            // running from that moment. The lock is released before the
+            // start (which never returns).
+            let start = {
+                let mut power = vm.power.lock();
+                let start = (!vm.stopping.load(Ordering::Acquire))
+                    .then(|| power.take_start(vcpu))
+                    .flatten();
+                if start.is_some() {
+                    vm.running.fetch_add(1, Ordering::AcqRel);
+                }
+                start
+            };
             if let Some(start) = start {
                 start_vcpu(vm, vcpu, start);
             }
@@ -206,7 +215,6 @@ pub(crate) fn idle() -> ! {
 /// stage 2 of the VM, the vCPU's virtual MPIDR and GIC state, EL1 at reset.
 pub(crate) fn start_vcpu(vm: &'static Vm, vcpu: usize, start: Start) -> ! {
     let cpu = smp::this_cpu();
-    vm.running.fetch_add(1, Ordering::AcqRel);
     vm.last_vector[vcpu].store(u64::MAX, Ordering::Relaxed);
     // SAFETY: the VM's stage 2 lives as long as the VM (forever), maps only
     // its RAM backing and devices; vtcr describes it; fwb matches how its
@@ -227,8 +235,13 @@ pub(crate) fn start_vcpu(vm: &'static Vm, vcpu: usize, start: Start) -> ! {
     write_sysreg!("cntv_ctl_el0", 0);
     // The virtual CPU interface starts from the vCPU's state, not from what
     // reset (or the previous vCPU) left in ICH_VMCR_EL2 and the
-    // active-priority registers.
-    vm.lock().vgic.vcpu_load(vcpu, &mut HwCpuInterface);
+    // active-priority registers; its hardware-backed interrupts start
+    // inactive (the physical side was cleared when it last stopped).
+    {
+        let mut state = vm.lock();
+        state.vgic.vcpu_restart(vcpu);
+        state.vgic.vcpu_load(vcpu, &mut HwCpuInterface);
+    }
     let mut regs = GuestRegs::default();
     regs.x[..3].copy_from_slice(&start.args);
     // x3: how many times the VM was reset before this start.
@@ -251,13 +264,26 @@ pub(crate) fn start_vcpu(vm: &'static Vm, vcpu: usize, start: Start) -> ! {
 }
 
 /// The executing vCPU stops running (PSCI `CPU_OFF`, or its VM stops or
-/// resets): its physical CPU goes back to waiting, on a fresh stack.
+/// resets): its physical CPU goes back to waiting, on a fresh stack. Its
+/// virtual timer is stopped and the timer's physical interrupt cleared (a
+/// hardware-backed interrupt left active would never fire again for the
+/// next vCPU context on this CPU). Its virtual CPU interface state is kept
+/// for a `CPU_OFF` only: a stopping VM's is discarded (after a reset the
+/// VM's virtual GIC is a new one).
 pub(crate) fn park() -> ! {
+    let vm = current_vm();
+    if !vm.stopping.load(Ordering::Acquire) {
+        vm.lock().vgic.vcpu_put(current_vcpu(), &HwCpuInterface);
+    }
+    park_discarding_state()
+}
+
+/// [`park`] without saving the vCPU's virtual CPU interface state.
+fn park_discarding_state() -> ! {
     let cpu = smp::this_cpu();
     let vm = current_vm();
-    let vcpu = current_vcpu();
-    vm.lock().vgic.vcpu_put(vcpu, &HwCpuInterface);
     write_sysreg!("cntv_ctl_el0", 0);
+    gic::clear_private(qemu_virt::VTIMER_PPI);
     vm.running.fetch_sub(1, Ordering::AcqRel);
     // SAFETY: this CPU's own stack; the trap frame on it belongs to a vCPU
     // that no longer runs.
@@ -271,20 +297,30 @@ pub(crate) fn park_if_stopping() {
     }
 }
 
-/// Asks every other vCPU of `vm` to park (they exit at the kick and see
-/// `stopping`), and waits, bounded, until they did. Returns whether they
-/// all parked.
-pub(crate) fn stop_other_vcpus(vm: &Vm) -> bool {
-    vm.stopping.store(true, Ordering::Release);
-    // No vCPU starts from here on (an idle CPU checks `stopping` first,
-    // and finds nothing pending).
-    vm.power.lock().power_off_all();
+/// Claims the stop of `vm` for the calling vCPU: one stop at a time
+/// (`SYSTEM_OFF`, `SYSTEM_RESET`, the last `CPU_OFF`, a guest that cannot
+/// take exceptions). Under the power lock it sets `stopping` and turns
+/// every vCPU off, so no vCPU starts from here on. Returns false if another
+/// vCPU claimed it first: the caller parks (its own request is overtaken).
+pub(crate) fn claim_stop(vm: &Vm) -> bool {
+    let mut power = vm.power.lock();
+    if vm.stopping.swap(true, Ordering::AcqRel) {
+        return false;
+    }
+    power.power_off_all();
+    true
+}
+
+/// After [`claim_stop`]: kicks every other vCPU of `vm` (each exits, sees
+/// `stopping` and parks) and waits, bounded by 10 s of the counter, until
+/// they all did. Returns whether they did.
+pub(crate) fn wait_others_parked(vm: &Vm) -> bool {
     kick_vcpus(vm, u128::MAX);
     let freq = read_sysreg!("cntfrq_el0");
     let start = read_sysreg!("cntpct_el0");
     // This vCPU is the one left running.
     while vm.running.load(Ordering::Acquire) > 1 {
-        if read_sysreg!("cntpct_el0").wrapping_sub(start) > freq {
+        if read_sysreg!("cntpct_el0").wrapping_sub(start) > 10 * freq {
             return false;
         }
         core::hint::spin_loop();
@@ -296,6 +332,14 @@ pub(crate) fn stop_other_vcpus(vm: &Vm) -> bool {
 /// printed, its vCPUs stop; when every VM has ended, so does the run
 /// (with the worst status). The calling vCPU (of `vm`) parks.
 pub(crate) fn end_vm(vm: &'static Vm, status: u32, reason: &'static str) -> ! {
+    if !claim_stop(vm) {
+        park();
+    }
+    end_claimed_vm(vm, status, reason)
+}
+
+/// [`end_vm`] once the stop is claimed.
+fn end_claimed_vm(vm: &'static Vm, status: u32, reason: &'static str) -> ! {
     console::flush(vm.index);
     {
         let mut ended = vm.ended.lock();
@@ -334,7 +378,7 @@ pub(crate) fn end_vm(vm: &'static Vm, status: u32, reason: &'static str) -> ! {
         }
         exit(worst, why);
     }
-    let _ = stop_other_vcpus(vm);
+    let _ = wait_others_parked(vm);
     park()
 }
 
@@ -344,8 +388,13 @@ pub(crate) fn end_vm(vm: &'static Vm, status: u32, reason: &'static str) -> ! {
 /// virtual GIC made anew, and vCPU 0 started as at boot. The other VMs run
 /// on throughout.
 pub(crate) fn reset_vm(vm: &'static Vm) -> ! {
-    if !stop_other_vcpus(vm) {
-        end_vm(vm, exit_code::CRASH, "reset-timeout");
+    if !claim_stop(vm) {
+        park();
+    }
+    if !wait_others_parked(vm) {
+        // A vCPU that does not exit within 10 s: the VM cannot be reset
+        // safely; it ends (the others go on).
+        end_claimed_vm(vm, exit_code::NO_REPORT, "reset-timeout");
     }
     let boot = BOOT.get().expect("kept at boot");
     {
@@ -368,10 +417,20 @@ pub(crate) fn reset_vm(vm: &'static Vm) -> ! {
     let resets = vm.resets.fetch_add(1, Ordering::AcqRel) + 1;
     log::info!("vm{}: reset {resets}: reloading its image", vm.index + 1);
     let start = load_image(vm, boot);
-    vm.power.lock().power_on(0, start);
-    vm.stopping.store(false, Ordering::Release);
+    if vm.lock().uart_hw_irq {
+        // A passed-through UART's interrupt the old guest left active.
+        gic::clear_active_spi(qemu_virt::UART_SPI);
+    }
+    {
+        // As a start checks them: under the power lock.
+        let mut power = vm.power.lock();
+        power.power_on(0, start);
+        vm.stopping.store(false, Ordering::Release);
+    }
     kick_vcpus(vm, 1);
-    park()
+    // The old guest's virtual CPU interface state is not carried into the
+    // new virtual GIC.
+    park_discarding_state()
 }
 
 /// Creates the page pool and the VMs of the configuration: for each, its
@@ -392,6 +451,13 @@ pub(crate) fn build_vms(layout: &Layout, boot: &BootInfo, vtcr: u64) {
     POOL.call_once(|| unsafe { PagePool::new(layout.pool.clone(), mm, guard_map) });
     mm.set_free_hook(&FREE_TABLES);
     let config = args.vm_config();
+    if args.uart_passthrough && config.len() > 1 {
+        // A VM with the real UART could silence every other VM's console
+        // and the run's markers.
+        setup_error(format_args!(
+            "guest.uart=passthrough gives one VM the console UART: not with several VMs"
+        ));
+    }
     console::set_line_buffered(config.len() > 1);
     let vmid_bits = crate::mm::arch::MmArch::vmid_bits(&HwMmArch);
     let mut vms = Vec::new();

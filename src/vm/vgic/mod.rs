@@ -632,6 +632,24 @@ impl Vgic {
         ExitReport { misr, eoi_count }
     }
 
+    /// `vcpu` starts afresh (PSCI `CPU_ON` after a `CPU_OFF`): its
+    /// hardware-backed private interrupts (the virtual timer) are neither
+    /// pending nor active any more (their physical side was deactivated
+    /// when it stopped; a new guest context would never deactivate them),
+    /// and nothing of it is in a list register.
+    pub fn vcpu_restart(&mut self, vcpu: usize) {
+        for intid in 16..32 {
+            if let Some(irq) = self.irq_mut(vcpu, intid).filter(|i| i.hw) {
+                irq.active = false;
+                irq.pending_latch = false;
+                irq.line_level = false;
+                irq.in_lr = false;
+                irq.asserted_in_lr = false;
+            }
+        }
+        self.cpus[vcpu].loaded = Vec::new();
+    }
+
     /// Restores `vcpu`'s `ICH_VMCR_EL2` and active priority registers on
     /// the physical CPU about to run it.
     pub fn vcpu_load(&self, vcpu: usize, cpu: &mut dyn CpuInterface) {
