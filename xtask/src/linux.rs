@@ -159,6 +159,13 @@ fn sh(cmd: &mut Command, what: &str) -> Result<String> {
 ///
 /// If this is not Debian as root, or a step fails.
 pub fn fetch() -> Result<(PathBuf, PathBuf)> {
+    // One fetch at a time in this process: the integration tests that boot
+    // Linux run in parallel threads, and two `apt-get` runs at once fail
+    // on apt's lock (and two writers would race on the cache).
+    static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = FETCHING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = target_dir().join("linux");
     let (image, initrd) = (dir.join("Image"), dir.join("initramfs.cpio"));
     let busybox_copy = dir.join("busybox");
