@@ -53,7 +53,8 @@ pub fn parse_test_result_line(line: &str) -> Option<(u64, u64, u64)> {
 
 /// Runs the host test suite: makes sure QEMU is there, builds the hypervisor
 /// and guest once (so build errors show up plainly), then runs
-/// `cargo test --workspace --exclude guest` with at most 2 test threads,
+/// `cargo test --workspace --exclude guest --no-fail-fast` with at most 2
+/// test threads,
 /// streaming its output and adding up its `test result:` lines.
 ///
 /// # Errors
@@ -65,13 +66,22 @@ pub fn run_host_tests() -> Result<TestTotals> {
     build(true)?;
 
     let mut cmd = cargo_command();
-    cmd.args(["test", "--workspace", "--exclude", "guest"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
+    // Every suite runs even after one fails, so the summary counts them all.
+    cmd.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "guest",
+        "--no-fail-fast",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
     if env::var_os("RUST_TEST_THREADS").is_none() {
         cmd.env("RUST_TEST_THREADS", TEST_THREADS);
     }
-    eprintln!("xtask: cargo test --workspace --exclude guest (RUST_TEST_THREADS={TEST_THREADS})");
+    eprintln!(
+        "xtask: cargo test --workspace --exclude guest --no-fail-fast (RUST_TEST_THREADS={TEST_THREADS})"
+    );
     let mut child = cmd.spawn().context("could not run `cargo test`")?;
 
     // Copy cargo test's stdout through as it comes, keeping it for the totals.
