@@ -411,7 +411,11 @@ pub(crate) fn reset_vm(vm: &'static Vm) -> ! {
         if state.uart.is_some() {
             state.uart = Some(new_uart(vm.index));
         }
-        state.rx_paused = false;
+        if core::mem::take(&mut state.rx_paused) {
+            // The old UART's full FIFO had turned the real UART's receive
+            // interrupt off: the new one is empty.
+            console::set_rx_interrupt(true);
+        }
         state.report = None;
     }
     let resets = vm.resets.fetch_add(1, Ordering::AcqRel) + 1;
