@@ -35,7 +35,7 @@ use aarch64_paging::Mapping;
 use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes};
 use aarch64_paging::paging::{self, Constraints, MemoryRegion};
 use lazyhyp::mm::stage2::MemType;
-use lazyhyp::mm::{BLOCK_2M, PAGE_SIZE, PhysAddr};
+use lazyhyp::mm::{BLOCK_2M, Ipa, PAGE_SIZE, PhysAddr};
 use lazyhyp::vm::guest_mm::{FaultAction, GuestMemory, GuestRam, MAX_BATCH_OPS, MmOp, kind};
 
 mod common;
@@ -46,7 +46,7 @@ const MIB: usize = 1 << 20;
 /// First IPA of guest RAM.
 const RAM_IPA: u64 = 1 << 30;
 /// Its backing: 2 MiB aligned.
-const BACKING: PhysAddr = 0x8020_0000;
+const BACKING: PhysAddr = PhysAddr(0x8020_0000);
 /// The span of the 4 KiB and give-back phases.
 const SPAN_64M: usize = 64 * MIB;
 /// A level-3 translation fault.
@@ -58,7 +58,7 @@ const RUNS: usize = 5;
 
 fn guest_ram() -> GuestRam {
     GuestRam {
-        ipa: RAM_IPA..RAM_IPA + GIB as u64,
+        ipa: Ipa(RAM_IPA)..Ipa(RAM_IPA + GIB as u64),
         backing: BACKING,
         mem: MemType::Normal,
     }
@@ -82,7 +82,7 @@ impl Ours {
             // A fault in the middle of the window (its first page when the
             // window is one page).
             let at = black_box(ipa + ((window as u64 / 2) & !(PAGE_SIZE as u64 - 1)));
-            match gm.stage2_fault(&mut self.s2, self.mm, at, FSC_TRANSLATION_L3) {
+            match gm.stage2_fault(&mut self.s2, self.mm, Ipa(at), FSC_TRANSLATION_L3) {
                 FaultAction::Populated(n) => pages += n,
                 FaultAction::Inject => panic!("fault at {at:#x} not served"),
             }
@@ -91,10 +91,10 @@ impl Ours {
         assert_eq!(pages * PAGE_SIZE, span, "pages populated");
         let level = if window >= BLOCK_2M { 2 } else { 3 };
         for off in [0, PAGE_SIZE, span / 2, span - PAGE_SIZE] {
-            let t = self.s2.query(RAM_IPA + off as u64).expect("mapped");
-            assert_eq!((t.pa, t.level), (BACKING + off, level));
+            let t = self.s2.query(Ipa(RAM_IPA + off as u64)).expect("mapped");
+            assert_eq!((t.pa, t.level), (BACKING.add(off), level));
         }
-        self.s2.unmap(RAM_IPA, span).expect("unmap (teardown)");
+        self.s2.unmap(Ipa(RAM_IPA), span).expect("unmap (teardown)");
         assert!(self.mm.nothing_pending());
         elapsed
     }
@@ -105,7 +105,7 @@ impl Ours {
         let ram = guest_ram();
         let mut gm = GuestMemory::new(ram.clone(), BLOCK_2M);
         self.s2
-            .map(RAM_IPA, SPAN_64M, BACKING, ram.attrs())
+            .map(Ipa(RAM_IPA), SPAN_64M, BACKING, ram.attrs())
             .expect("map (setup)");
         let holes = |k: u32| -> Vec<MmOp> {
             (RAM_IPA..RAM_IPA + SPAN_64M as u64)
@@ -137,10 +137,12 @@ impl Ours {
         let repopulate = batches(&populates, &mut gm);
         let merge = batches(&merge, &mut gm);
         for off in (0..SPAN_64M).step_by(BLOCK_2M / 2 + PAGE_SIZE) {
-            let t = self.s2.query(RAM_IPA + off as u64).expect("mapped");
-            assert_eq!((t.pa, t.level), (BACKING + off, 2), "merged");
+            let t = self.s2.query(Ipa(RAM_IPA + off as u64)).expect("mapped");
+            assert_eq!((t.pa, t.level), (BACKING.add(off), 2), "merged");
         }
-        self.s2.unmap(RAM_IPA, SPAN_64M).expect("unmap (teardown)");
+        self.s2
+            .unmap(Ipa(RAM_IPA), SPAN_64M)
+            .expect("unmap (teardown)");
         assert!(self.mm.nothing_pending());
         [unmap, repopulate, merge]
     }
@@ -167,7 +169,7 @@ impl Theirs {
         self.mapping
             .map_range(
                 &MemoryRegion::new(ipa, ipa + size),
-                PhysicalAddress(pa),
+                PhysicalAddress(pa.0),
                 RAM_FLAGS,
                 Constraints::NO_CONTIGUOUS_HINT,
             )
@@ -192,7 +194,7 @@ impl Theirs {
         let start = Instant::now();
         for ipa in (RAM_IPA..RAM_IPA + span as u64).step_by(window) {
             let ipa = black_box(ipa);
-            self.map(ipa, window, BACKING + (ipa - RAM_IPA) as usize);
+            self.map(ipa, window, BACKING.add((ipa - RAM_IPA) as usize));
         }
         let elapsed = start.elapsed();
         self.unmap(RAM_IPA, span);
@@ -213,7 +215,7 @@ impl Theirs {
             self.map(
                 black_box(ipa),
                 PAGE_SIZE,
-                BACKING + (ipa - RAM_IPA) as usize,
+                BACKING.add((ipa - RAM_IPA) as usize),
             );
         }
         let repopulate = start.elapsed();

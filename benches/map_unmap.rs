@@ -22,16 +22,16 @@ use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes};
 use aarch64_paging::paging::{self, Constraints, MemoryRegion};
 use criterion::Criterion;
 use lazyhyp::mm::stage2::S2Attrs;
-use lazyhyp::mm::{PAGE_SIZE, PhysAddr};
+use lazyhyp::mm::{Ipa, PAGE_SIZE, PhysAddr};
 
 mod common;
 use common::{FreeListTables, Ours, RAM_FLAGS};
 
 const GIB: usize = 1 << 30;
 /// The IPA mapped: 1 GiB (one whole level-1 entry).
-const IPA: u64 = 1 << 30;
+const IPA: Ipa = Ipa(1 << 30);
 /// The PA mapped: 4 KiB aligned, not 2 MiB aligned, so no block fits.
-const PA: PhysAddr = 0x8000_1000;
+const PA: PhysAddr = PhysAddr(0x8000_1000);
 /// Tables 1 GiB of pages needs below the root: 512 level-3 and one level-2.
 const TABLES: usize = 513;
 /// Pool pages: the root, the tables, some slack.
@@ -100,12 +100,12 @@ impl Theirs {
     /// One map and one unmap of the whole GiB (unmap: invalid flags, the
     /// region's own start as the PA, as the manager does).
     fn map_unmap(&mut self) {
-        let ipa = black_box(IPA) as usize;
+        let ipa = black_box(IPA).0 as usize;
         let region = MemoryRegion::new(ipa, ipa + GIB);
         self.mapping
             .map_range(
                 &region,
-                PhysicalAddress(black_box(PA)),
+                PhysicalAddress(black_box(PA).0),
                 RAM_FLAGS,
                 Constraints::NO_CONTIGUOUS_HINT,
             )
@@ -126,7 +126,7 @@ impl Theirs {
 /// two cycles: the manager may keep an emptied level-2 table after the first).
 /// Returns the pool's free pages between cycles, for the later leak checks.
 fn check_same_layout(ours: &mut Ours, theirs: &mut Theirs) -> usize {
-    let ipa_region = MemoryRegion::new(IPA as usize, IPA as usize + GIB);
+    let ipa_region = MemoryRegion::new(IPA.0 as usize, IPA.0 as usize + GIB);
     let mut free_between = Vec::new();
     for _ in 0..2 {
         let free_before = ours.pool.free_pages();
@@ -137,18 +137,18 @@ fn check_same_layout(ours: &mut Ours, theirs: &mut Theirs) -> usize {
             .mapping
             .map_range(
                 &ipa_region,
-                PhysicalAddress(PA),
+                PhysicalAddress(PA.0),
                 RAM_FLAGS,
                 Constraints::NO_CONTIGUOUS_HINT,
             )
             .expect("map_range (check)");
         assert!(free_before - ours.pool.free_pages() <= TABLES);
         for off in [0, 0x1000, 0x1234_5000, GIB - PAGE_SIZE] {
-            let ipa = IPA + off as u64;
+            let ipa = IPA.add(off as u64);
             let t = ours.s2.query(ipa).expect("mapped");
-            assert_eq!((t.pa, t.level), (PA + off, 3), "IPA {ipa:#x}");
-            let a = leaf_descriptor(ours.s2.root(), ipa);
-            let b = leaf_descriptor(theirs.mapping.root_address().0, ipa);
+            assert_eq!((t.pa, t.level), (PA.add(off), 3), "IPA {ipa:#x}");
+            let a = leaf_descriptor(ours.s2.root().0, ipa.0);
+            let b = leaf_descriptor(theirs.mapping.root_address().0, ipa.0);
             assert!(a.is_some() && a == b, "IPA {ipa:#x}: {a:x?} != {b:x?}");
         }
         ours.s2.unmap(IPA, GIB).expect("unmap (check)");
@@ -156,14 +156,17 @@ fn check_same_layout(ours: &mut Ours, theirs: &mut Theirs) -> usize {
             .mapping
             .map_range(
                 &ipa_region,
-                PhysicalAddress(IPA as usize),
+                PhysicalAddress(IPA.0 as usize),
                 Stage2Attributes::empty(),
                 Constraints::NO_CONTIGUOUS_HINT,
             )
             .expect("unmap (check)");
         assert!(ours.mm.nothing_pending());
-        assert_eq!(leaf_descriptor(ours.s2.root(), IPA), None);
-        assert_eq!(leaf_descriptor(theirs.mapping.root_address().0, IPA), None);
+        assert_eq!(leaf_descriptor(ours.s2.root().0, IPA.0), None);
+        assert_eq!(
+            leaf_descriptor(theirs.mapping.root_address().0, IPA.0),
+            None
+        );
         free_between.push(ours.pool.free_pages());
     }
     assert_eq!(

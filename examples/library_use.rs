@@ -14,7 +14,7 @@ use lazyhyp::mm::arch::{NoopArch, Vmid};
 use lazyhyp::mm::lazy::MmCtx;
 use lazyhyp::mm::pool::{PageBuffer, PagePool};
 use lazyhyp::mm::stage2::{S2Attrs, S2Perm, Stage2};
-use lazyhyp::mm::{BLOCK_2M, PAGE_SIZE, PhysAddr};
+use lazyhyp::mm::{BLOCK_2M, Ipa, PAGE_SIZE, PhysAddr};
 
 const GIB: u64 = 1 << 30;
 
@@ -47,30 +47,35 @@ fn main() {
     );
 
     // 4 MiB of guest RAM at IPA 1 GiB, backed 2 MiB-aligned: two blocks.
-    let backing: PhysAddr = 0x8000_0000;
+    let backing: PhysAddr = PhysAddr(0x8000_0000);
     let c = s2
-        .map(GIB, 2 * BLOCK_2M, backing, S2Attrs::RAM)
+        .map(Ipa(GIB), 2 * BLOCK_2M, backing, S2Attrs::RAM)
         .expect("map");
     println!("map 4 MiB:                {c:?}");
 
     // One lazy section: the barriers and TLBIs are paid once, at `leave`.
     mm.enter();
-    let c = s2.unmap(GIB + 0x5000, PAGE_SIZE).expect("unmap");
+    let c = s2.unmap(Ipa(GIB + 0x5000), PAGE_SIZE).expect("unmap");
     println!("unmap a page (splits):    {c:?}");
     let c = s2
-        .protect(GIB + BLOCK_2M as u64, BLOCK_2M, S2Perm::RO)
+        .protect(Ipa(GIB + BLOCK_2M as u64), BLOCK_2M, S2Perm::RO)
         .expect("protect");
     println!("write-protect a block:    {c:?}");
     let c = s2
-        .remap(GIB + 0x10_0000, 16 * PAGE_SIZE, 0x9000_0000, S2Attrs::RAM)
+        .remap(
+            Ipa(GIB + 0x10_0000),
+            16 * PAGE_SIZE,
+            PhysAddr(0x9000_0000),
+            S2Attrs::RAM,
+        )
         .expect("remap");
     println!("remap 16 pages:           {c:?}");
-    let c = s2.unmap(GIB, BLOCK_2M).expect("unmap");
+    let c = s2.unmap(Ipa(GIB), BLOCK_2M).expect("unmap");
     println!("unmap the split 2 MiB:    {c:?}");
     mm.leave();
 
     for ipa in [GIB, GIB + 0x10_0000, GIB + BLOCK_2M as u64] {
-        match s2.query(ipa) {
+        match s2.query(Ipa(ipa)) {
             Some(t) => println!(
                 "IPA {ipa:#x} -> PA {:#x}, {:?}, level {}",
                 t.pa, t.attrs.perm, t.level

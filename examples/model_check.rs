@@ -7,6 +7,7 @@
 
 use lazyhyp::mm::lazy::NestPolicy;
 use lazyhyp::mm::testkit::{Kit, VMID};
+use lazyhyp::mm::{Ipa, PhysAddr};
 use lazyhyp::vm::guest_mm::{FaultAction, GuestMemory, GuestRam};
 use lazyhyp::workloads::{self, Mode, Workload};
 
@@ -16,7 +17,14 @@ const MIB: u64 = 1 << 20;
 /// nothing stale or pending.
 fn check_workload(w: Workload, mode: Mode) -> bool {
     let mut kit = Kit::new(1100, true, NestPolicy::Flatten);
-    let r = workloads::run(w, mode, &mut kit.s2, kit.mm, 0x8020_0000, &mut |_| {});
+    let r = workloads::run(
+        w,
+        mode,
+        &mut kit.s2,
+        kit.mm,
+        PhysAddr(0x8020_0000),
+        &mut |_| {},
+    );
     r == Ok(true) && kit.model.stale_entries().is_empty() && kit.model.is_quiescent()
 }
 
@@ -32,15 +40,15 @@ fn check_first_touch(mode: Mode, fault_around: usize) -> bool {
     let base = 1u64 << 30;
     let mut mem = GuestMemory::new(
         GuestRam {
-            ipa: base..base + 64 * MIB,
-            backing: 0x8000_0000,
+            ipa: Ipa(base)..Ipa(base + 64 * MIB),
+            backing: PhysAddr(0x8000_0000),
             mem: lazyhyp::mm::stage2::MemType::Normal,
         },
         fault_around,
     );
     for ipa in (base..base + 8 * MIB).step_by(4096) {
         if kit.model.guest_access(VMID, ipa, false).is_err() {
-            if mem.stage2_fault(&mut kit.s2, kit.mm, ipa, 0x07) == FaultAction::Inject {
+            if mem.stage2_fault(&mut kit.s2, kit.mm, Ipa(ipa), 0x07) == FaultAction::Inject {
                 return false;
             }
             if kit.model.guest_access(VMID, ipa, false) != Ok(0x8000_0000 + (ipa - base) as usize) {

@@ -7,7 +7,7 @@ use log::LevelFilter;
 use crate::mm::PhysAddr;
 
 /// Where xtask loads the guest payload when `payload=` is not given.
-pub const DEFAULT_PAYLOAD: PhysAddr = 0x4800_0000;
+pub const DEFAULT_PAYLOAD: PhysAddr = PhysAddr(0x4800_0000);
 
 /// Guest RAM size when `guest.ram_mib=` is not given.
 pub const DEFAULT_GUEST_RAM_MIB: usize = 256;
@@ -130,7 +130,7 @@ impl Default for BootArgs {
             fault_around_kib: 2048,
             uart_passthrough: false,
             linux: false,
-            initrd: (0, 0),
+            initrd: (PhysAddr(0), 0),
             vcpus: 1,
             vms: None,
             linux_payload: None,
@@ -205,12 +205,12 @@ impl BootArgs {
             let bad = BootArgsError::BadValue { key, value };
             match key {
                 "log" => args.log = parse_level(value).ok_or(bad)?,
-                "payload" => args.payload = parse_number(value).ok_or(bad)?,
+                "payload" => args.payload = PhysAddr(parse_number(value).ok_or(bad)?),
                 "vms" => {
                     args.vms = Some(crate::vm::config::VmConfig::parse(value).map_err(|_| bad)?);
                 }
                 "linux.payload" => {
-                    args.linux_payload = Some(parse_number(value).ok_or(bad)?);
+                    args.linux_payload = Some(PhysAddr(parse_number(value).ok_or(bad)?));
                 }
                 "guest.vcpus" => {
                     args.vcpus = parse_number(value)
@@ -236,7 +236,7 @@ impl BootArgs {
                         _ => return Err(bad),
                     };
                 }
-                "linux.initrd" => args.initrd.0 = parse_number(value).ok_or(bad)?,
+                "linux.initrd" => args.initrd.0 = PhysAddr(parse_number(value).ok_or(bad)?),
                 "linux.initrd_size" => args.initrd.1 = parse_number(value).ok_or(bad)?,
                 "guest.uart" => {
                     args.uart_passthrough = match value {
@@ -429,7 +429,7 @@ mod tests {
         );
         assert!(!BootArgs::default().uart_passthrough);
         assert_eq!(a.log, LevelFilter::Debug);
-        assert_eq!(a.payload, 0x4900_0000);
+        assert_eq!(a.payload, PhysAddr(0x4900_0000));
         assert_eq!(a.guest_ram_mib, 64);
         assert_eq!(a.guest_flags, guest_flags::FAIL);
     }

@@ -250,8 +250,8 @@ mod tests {
         fn clean_invalidate_to_poc(&self, pa: PhysAddr, len: usize) {
             let mut cache = self.cache.borrow_mut();
             let mut memory = self.memory.borrow_mut();
-            let mut line = pa & !(LINE - 1);
-            while line < pa + len {
+            let mut line = pa.0 & !(LINE - 1);
+            while line < pa.0 + len {
                 if let Some(l) = cache.remove(&line)
                     && l.dirty
                 {
@@ -277,12 +277,12 @@ mod tests {
     fn a_write_into_a_stale_line_does_not_undo_the_guests_writes() {
         for policy in BOTH {
             let m = Machine::new(4096, policy);
-            policy.before_hyp_read(&m, 128, 8);
+            policy.before_hyp_read(&m, PhysAddr(128), 8);
             let _ = m.hyp_read(128);
             m.guest_write(160, 0x77);
-            policy.before_hyp_write(&m, 128, 1);
+            policy.before_hyp_write(&m, PhysAddr(128), 1);
             m.hyp_write(128, 0x40);
-            policy.after_hyp_write(&m, 128, 1);
+            policy.after_hyp_write(&m, PhysAddr(128), 1);
             m.evict_all();
             assert_eq!(m.guest_read(160), 0x77, "{policy:?}");
             assert_eq!(m.guest_read(128), 0x40, "{policy:?}");
@@ -292,7 +292,7 @@ mod tests {
         let _ = m.hyp_read(128);
         m.guest_write(160, 0x77);
         m.hyp_write(128, 0x40);
-        Coherency::Maintenance.after_hyp_write(&m, 128, 1);
+        Coherency::Maintenance.after_hyp_write(&m, PhysAddr(128), 1);
         assert_eq!(m.guest_read(160), 0, "the stale line was written back");
     }
 
@@ -303,11 +303,11 @@ mod tests {
             let m = Machine::new(4096, policy);
             // The guest touched the buffer first (its old contents).
             m.guest_write(128, 1);
-            policy.before_hyp_write(&m, 128, 8);
+            policy.before_hyp_write(&m, PhysAddr(128), 8);
             for (i, a) in (128..136).enumerate() {
                 m.hyp_write(a, 0x40 + i as u8);
             }
-            policy.after_hyp_write(&m, 128, 8);
+            policy.after_hyp_write(&m, PhysAddr(128), 8);
             assert_eq!(m.guest_read(128), 0x40, "{policy:?}");
             assert_eq!(m.guest_read(135), 0x47, "{policy:?}");
         }
@@ -329,11 +329,11 @@ mod tests {
         for policy in BOTH {
             let m = Machine::new(4096, policy);
             m.guest_write(256, 1);
-            policy.before_hyp_read(&m, 256, 1);
+            policy.before_hyp_read(&m, PhysAddr(256), 1);
             assert_eq!(m.hyp_read(256), 1, "{policy:?}");
             // The guest changes it; the hypervisor's line is now stale.
             m.guest_write(256, 2);
-            policy.before_hyp_read(&m, 256, 1);
+            policy.before_hyp_read(&m, PhysAddr(256), 1);
             assert_eq!(m.hyp_read(256), 2, "{policy:?}");
         }
         // Without the invalidate, the stale line is read.
@@ -353,7 +353,7 @@ mod tests {
             for a in 4096..8192 {
                 m.hyp_write(a, 0xee);
             }
-            policy.before_guest_map(&m, 4096, 4096);
+            policy.before_guest_map(&m, PhysAddr(4096), 4096);
             m.guest_write(4100, 7);
             m.evict_all();
             assert_eq!(m.guest_read(4100), 7, "{policy:?}");
@@ -374,13 +374,13 @@ mod tests {
     fn maintenance_is_counted_and_bounded_by_the_range() {
         let m = Machine::new(1 << 16, Coherency::ForcedWriteBack);
         let fwb = Coherency::ForcedWriteBack;
-        fwb.before_hyp_read(&m, 0, 4096);
-        fwb.before_hyp_write(&m, 0, 4096);
-        fwb.after_hyp_write(&m, 0, 4096);
-        fwb.before_guest_map(&m, 0, 1 << 16);
+        fwb.before_hyp_read(&m, PhysAddr(0), 4096);
+        fwb.before_hyp_write(&m, PhysAddr(0), 4096);
+        fwb.after_hyp_write(&m, PhysAddr(0), 4096);
+        fwb.before_guest_map(&m, PhysAddr(0), 1 << 16);
         assert_eq!(m.lines_maintained.get(), 0);
         assert_eq!(m.icache_invalidations.get(), 0);
-        fwb.after_code_load(&m, 0, 4096);
+        fwb.after_code_load(&m, PhysAddr(0), 4096);
         fwb.after_exec_remap(&m);
         assert_eq!(
             (m.lines_maintained.get(), m.icache_invalidations.get()),
@@ -388,20 +388,20 @@ mod tests {
         );
         let m = Machine::new(1 << 16, Coherency::Maintenance);
         let cmo = Coherency::Maintenance;
-        cmo.before_hyp_read(&m, 0, 4096);
+        cmo.before_hyp_read(&m, PhysAddr(0), 4096);
         assert_eq!(
             (m.lines_maintained.get(), m.icache_invalidations.get()),
             (64, 0)
         );
-        cmo.before_guest_map(&m, 0, 1 << 16);
+        cmo.before_guest_map(&m, PhysAddr(0), 1 << 16);
         assert_eq!(m.lines_maintained.get(), 64 + 1024);
         assert_eq!(m.icache_invalidations.get(), 0);
-        cmo.after_code_load(&m, 0, 4096);
+        cmo.after_code_load(&m, PhysAddr(0), 4096);
         assert_eq!(
             (m.lines_maintained.get(), m.icache_invalidations.get()),
             (64 + 1024 + 64, 1)
         );
-        cmo.after_code_load(&m, 0, 0);
+        cmo.after_code_load(&m, PhysAddr(0), 0);
         assert_eq!(
             m.icache_invalidations.get(),
             1,

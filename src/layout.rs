@@ -16,7 +16,7 @@
 
 use core::ops::Range;
 
-use crate::mm::{BLOCK_2M, PhysAddr, align_up};
+use crate::mm::{BLOCK_2M, PhysAddr};
 
 /// Size of the hypervisor heap (the global allocator).
 pub const HEAP_SIZE: usize = 8 << 20;
@@ -94,7 +94,7 @@ fn first_fit(
     // range (rounded up), so only those candidates need trying.
     core::iter::once(ram.start)
         .chain(taken.iter().map(|t| t.end))
-        .map(|start| align_up(start, align))
+        .map(|start| start.align_up(align))
         .filter_map(|start| Some(start..start.checked_add(size)?))
         .filter(|r| r.start >= ram.start && r.end <= ram.end)
         .filter(|r| taken.iter().all(|t| !overlaps(r, t)))
@@ -123,7 +123,7 @@ impl Layout {
         }
         // Runs before the heap exists: no allocation. The in-use regions,
         // then each region placed, in a fixed array.
-        let mut taken: [Range<PhysAddr>; 8] = core::array::from_fn(|_| 0..0);
+        let mut taken: [Range<PhysAddr>; 8] = core::array::from_fn(|_| PhysAddr(0)..PhysAddr(0));
         for (slot, (_, r)) in taken.iter_mut().zip(&input.in_use) {
             *slot = r.clone();
         }
@@ -150,15 +150,19 @@ impl Layout {
 mod tests {
     use super::*;
 
+    fn pa(r: Range<usize>) -> Range<PhysAddr> {
+        PhysAddr(r.start)..PhysAddr(r.end)
+    }
+
     fn qemu_1g(guest_ram: usize) -> LayoutInput {
         LayoutInput {
-            ram: 0x4000_0000..0x8000_0000,
+            ram: pa(0x4000_0000..0x8000_0000),
             in_use: [
-                ("device tree", 0x4000_0000..0x4010_0000),
-                ("hypervisor image", 0x4020_0000..0x4031_0000),
-                ("guest payload", 0x4800_0000..0x4802_0000),
-                ("Linux payload", 0..0),
-                ("initrd", 0..0),
+                ("device tree", pa(0x4000_0000..0x4010_0000)),
+                ("hypervisor image", pa(0x4020_0000..0x4031_0000)),
+                ("guest payload", pa(0x4800_0000..0x4802_0000)),
+                ("Linux payload", pa(0..0)),
+                ("initrd", pa(0..0)),
             ],
             guest_ram,
         }
@@ -167,13 +171,13 @@ mod tests {
     #[test]
     fn qemu_layout_is_disjoint_aligned_and_in_ram() {
         let l = Layout::new(&qemu_1g(128 << 20)).expect("fits");
-        assert_eq!(l.heap, 0x4040_0000..0x40c0_0000);
-        assert_eq!(l.pool, 0x40c0_0000..0x41c0_0000);
+        assert_eq!(l.heap, pa(0x4040_0000..0x40c0_0000));
+        assert_eq!(l.pool, pa(0x40c0_0000..0x41c0_0000));
         // The backing skips the payload at 0x4800_0000.
-        assert_eq!(l.guest_backing, 0x4820_0000..0x5020_0000);
+        assert_eq!(l.guest_backing, pa(0x4820_0000..0x5020_0000));
         let input = qemu_1g(128 << 20);
         for r in [&l.heap, &l.pool, &l.guest_backing] {
-            assert_eq!(r.start % BLOCK_2M, 0);
+            assert!(r.start.is_aligned(BLOCK_2M));
             for (_, used) in &input.in_use {
                 assert!(!overlaps(r, used), "{r:x?} overlaps {used:x?}");
             }
@@ -194,12 +198,12 @@ mod tests {
     #[test]
     fn overlapping_inputs_are_rejected() {
         let mut input = qemu_1g(1 << 20);
-        input.in_use[2].1 = 0x4030_0000..0x4040_0000;
+        input.in_use[2].1 = pa(0x4030_0000..0x4040_0000);
         assert_eq!(
             Layout::new(&input),
             Err(LayoutError::Overlap("hypervisor image", "guest payload"))
         );
-        input.in_use[2].1 = 0x8000_0000..0x8000_1000;
+        input.in_use[2].1 = pa(0x8000_0000..0x8000_1000);
         assert!(matches!(
             Layout::new(&input),
             Err(LayoutError::OutsideRam("guest payload", _))

@@ -13,7 +13,7 @@ use crate::mm::stage2::{MemType, S2Attrs, S2Perm, Stage2, Stage2Error};
 use crate::mm::{Ipa, PAGE_SIZE, PhysAddr};
 
 /// Where workloads map: 4 GiB, a 1 GiB-aligned scratch range.
-pub const SCRATCH_IPA: Ipa = 4 << 30;
+pub const SCRATCH_IPA: Ipa = Ipa(4 << 30);
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -113,69 +113,72 @@ pub fn run<A: MmArch>(
     let base = SCRATCH_IPA;
     // Pages from a PA that is 4 KiB aligned but not 2 MiB aligned: the
     // manager must use pages, never blocks.
-    let page_pa = pa + PAGE_SIZE;
+    let page_pa = pa.add(PAGE_SIZE);
     // In eager mode sections are disabled: enter/leave do nothing.
     let section = |on: bool| if on { mm.enter() } else { mm.leave() };
     let result = (|| -> Result<bool, Stage2Error> {
         match w {
             Workload::W1 => {
                 // The level-2 table exists; the level-3 tables do not.
-                s2.map(base + 64 * MIB, PAGE_SIZE, pa, RW)?;
+                s2.map(base.add(64 * MIB), PAGE_SIZE, pa, RW)?;
                 measure(true);
                 section(true);
                 let r = (0..512u64).try_for_each(|i| {
-                    let ipa = base + (i / 64) * 2 * MIB + (i % 64) * PAGE;
-                    s2.map(ipa, PAGE_SIZE, page_pa + i as usize * PAGE_SIZE, RW)
+                    let ipa = base.add((i / 64) * 2 * MIB + (i % 64) * PAGE);
+                    s2.map(ipa, PAGE_SIZE, page_pa.add(i as usize * PAGE_SIZE), RW)
                         .map(|_| ())
                 });
                 section(false);
                 measure(false);
                 r?;
                 Ok((0..512u64).all(|i| {
-                    let ipa = base + (i / 64) * 2 * MIB + (i % 64) * PAGE;
-                    s2.query(ipa)
-                        .is_some_and(|t| t.pa == page_pa + i as usize * PAGE_SIZE && t.level == 3)
+                    let ipa = base.add((i / 64) * 2 * MIB + (i % 64) * PAGE);
+                    s2.query(ipa).is_some_and(|t| {
+                        t.pa == page_pa.add(i as usize * PAGE_SIZE) && t.level == 3
+                    })
                 }))
             }
             Workload::W2 => {
                 s2.map(base, GIB as usize, page_pa, RW)?;
                 measure(true);
                 section(true);
-                let r = (0..512u64)
-                    .try_for_each(|i| s2.unmap(base + i * 2 * MIB, 2 * MIB as usize).map(|_| ()));
+                let r = (0..512u64).try_for_each(|i| {
+                    s2.unmap(base.add(i * 2 * MIB), 2 * MIB as usize)
+                        .map(|_| ())
+                });
                 section(false);
                 measure(false);
                 r?;
                 Ok((0..GIB)
                     .step_by(PAGE_SIZE * 61)
-                    .all(|off| s2.query(base + off).is_none()))
+                    .all(|off| s2.query(base.add(off)).is_none()))
             }
             Workload::W3 => {
                 s2.map(base, 256 * MIB as usize, page_pa, RW)?;
                 measure(true);
                 section(true);
                 let r = (0..128u64).try_for_each(|i| {
-                    s2.protect(base + i * 2 * MIB, 2 * MIB as usize, S2Perm::RO)
+                    s2.protect(base.add(i * 2 * MIB), 2 * MIB as usize, S2Perm::RO)
                         .map(|_| ())
                 });
                 section(false);
                 measure(false);
                 r?;
                 Ok((0..256 * MIB).step_by(PAGE_SIZE * 61).all(|off| {
-                    s2.query(base + off)
-                        .is_some_and(|t| t.attrs == RO && t.pa == page_pa + off as usize)
+                    s2.query(base.add(off))
+                        .is_some_and(|t| t.attrs == RO && t.pa == page_pa.add(off as usize))
                 }))
             }
             Workload::W4 => {
                 s2.map(base, GIB as usize, pa, RW)?;
-                let new = pa + GIB as usize;
+                let new = pa.add(GIB as usize);
                 measure(true);
                 section(true);
                 let r = (0..512u64).try_for_each(|i| {
                     s2.remap(
-                        base + i * 2 * MIB,
+                        base.add(i * 2 * MIB),
                         2 * MIB as usize,
-                        new + (i * 2 * MIB) as usize,
+                        new.add((i * 2 * MIB) as usize),
                         RW,
                     )
                     .map(|_| ())
@@ -184,8 +187,8 @@ pub fn run<A: MmArch>(
                 measure(false);
                 r?;
                 Ok((0..GIB).step_by(PAGE_SIZE * 61).all(|off| {
-                    s2.query(base + off)
-                        .is_some_and(|t| t.pa == new + off as usize && t.level == 2)
+                    s2.query(base.add(off))
+                        .is_some_and(|t| t.pa == new.add(off as usize) && t.level == 2)
                 }))
             }
         }
@@ -214,8 +217,15 @@ mod tests {
             for mode in Mode::ALL {
                 let mut kit = Kit::new(1100, true, NestPolicy::Flatten);
                 kit.model
-                    .set_stage2_root(crate::mm::testkit::VMID, kit.s2.root());
-                let r = run(w, mode, &mut kit.s2, kit.mm, 0x8020_0000, &mut |_| {});
+                    .set_stage2_root(crate::mm::testkit::VMID, kit.s2.root().0);
+                let r = run(
+                    w,
+                    mode,
+                    &mut kit.s2,
+                    kit.mm,
+                    PhysAddr(0x8020_0000),
+                    &mut |_| {},
+                );
                 let clean = kit.model.stale_entries().is_empty() && kit.model.is_quiescent();
                 if w == Workload::W1 && mode == Mode::Lazy(NestPolicy::Naive) {
                     assert!(r.is_err(), "Naive W1 must fail in the model");

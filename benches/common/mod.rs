@@ -28,12 +28,12 @@ pub fn leak<T>(x: T) -> &'static T {
 }
 
 /// `pages` pages of zeroed, page-aligned host memory, leaked.
-pub fn host_region(pages: usize) -> std::ops::Range<usize> {
+pub fn host_region(pages: usize) -> std::ops::Range<PhysAddr> {
     let layout = Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).expect("layout");
     // SAFETY: the layout has a non-zero size.
     let base = unsafe { alloc_zeroed(layout) } as usize;
     assert_ne!(base, 0, "host allocation failed");
-    base..base + pages * PAGE_SIZE
+    PhysAddr(base)..PhysAddr(base + pages * PAGE_SIZE)
 }
 
 /// The manager's side: context, pool, one guest's tables.

@@ -546,11 +546,11 @@ struct LazyCpu {
 /// `'static` or leaked pool needed):
 ///
 /// ```
-/// use lazyhyp::mm::{arch::NoopArch, lazy::MmCtx, pool::{PagePool, PageBuffer}};
+/// use lazyhyp::mm::{PhysAddr, arch::NoopArch, lazy::MmCtx, pool::{PagePool, PageBuffer}};
 /// let mut mem = PageBuffer::new(4).expect("host memory");
 /// let mm = MmCtx::new(NoopArch);
 /// let pool = PagePool::with_buffer(&mut mem, &mm);
-/// let free = |pages: &[usize]| {
+/// let free = |pages: &[PhysAddr]| {
 ///     // SAFETY: the mm core hands over only detached tables whose TLB
 ///     // maintenance has completed.
 ///     unsafe { pool.free_many(pages) }
@@ -1042,7 +1042,7 @@ impl<'h, A: MmArch> MmCtx<'h, A> {
             // live stage-2 table, identity-mapped, that nothing detaches
             // while the make is pending (every stage-2 operation overlapping
             // it, `compact` and `Drop` complete it first).
-            unsafe { (m.desc as *mut u64).write_volatile(m.value) };
+            unsafe { (m.desc.0 as *mut u64).write_volatile(m.value) };
         }
         add(&counters.pte_writes, makes.len() as u64);
     }

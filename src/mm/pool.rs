@@ -140,8 +140,8 @@ impl PageBuffer {
     /// The buffer's address range (page-aligned).
     #[must_use]
     pub fn range(&self) -> Range<PhysAddr> {
-        let start = self.base.as_ptr() as PhysAddr;
-        start..start + self.pages * PAGE_SIZE
+        let start = PhysAddr(self.base.as_ptr() as usize);
+        start..start.add(self.pages * PAGE_SIZE)
     }
 
     /// Pages in the buffer.
@@ -194,17 +194,17 @@ impl<'m, A: MmArch> PagePool<'m, A> {
     ) -> Self {
         assert!(
             region.start < region.end
-                && region.start.is_multiple_of(PAGE_SIZE)
-                && region.end.is_multiple_of(PAGE_SIZE),
+                && region.start.is_aligned(PAGE_SIZE)
+                && region.end.is_aligned(PAGE_SIZE),
             "pool region {:#x}..{:#x} must be non-empty and page-aligned",
             region.start,
             region.end
         );
         let mut frames = FrameAllocator::new();
-        frames.add_frame(region.start / PAGE_SIZE, region.end / PAGE_SIZE);
+        frames.add_frame(region.start.0 / PAGE_SIZE, region.end.0 / PAGE_SIZE);
         let pool = Self {
             state: SpinMutex::new(PoolState {
-                free_pages: (region.end - region.start) / PAGE_SIZE,
+                free_pages: region.end.offset_from(region.start) / PAGE_SIZE,
                 frames,
                 fail_after: None,
             }),
@@ -215,13 +215,13 @@ impl<'m, A: MmArch> PagePool<'m, A> {
         };
         if let Some(el2) = pool.guard {
             let mut writes = 0;
-            for va in pool.region.clone().step_by(PAGE_SIZE) {
-                writes += el2.set_page(va, false);
+            for va in (pool.region.start.0..pool.region.end.0).step_by(PAGE_SIZE) {
+                writes += el2.set_page(PhysAddr(va), false);
             }
             mm.note_writes(writes, false);
             mm.queue_el2_invalidation(
-                pool.region.start as u64,
-                (pool.region.end - pool.region.start) as u64,
+                pool.region.start.0 as u64,
+                pool.region.end.offset_from(pool.region.start) as u64,
             );
             mm.flush();
         }
@@ -277,14 +277,14 @@ impl<'m, A: MmArch> PagePool<'m, A> {
             let mut st = self.state.lock();
             for _ in 0..want {
                 let Some(frame) = st.frames.alloc(1) else {
-                    for &pa in &taken {
+                    for &PhysAddr(pa) in &taken {
                         st.frames.dealloc(pa / PAGE_SIZE, 1);
                     }
                     st.free_pages += taken.len();
                     return Err(PoolError::Exhausted);
                 };
                 st.free_pages -= 1;
-                taken.push(frame * PAGE_SIZE);
+                taken.push(PhysAddr(frame * PAGE_SIZE));
             }
         }
         if self.guard.is_some() {
@@ -292,14 +292,14 @@ impl<'m, A: MmArch> PagePool<'m, A> {
             add(&self.mm.counters().guard_maps, taken.len() as u64);
             if taken
                 .iter()
-                .any(|&pa| !self.mm.arch.el2_access_ok(pa, true))
+                .any(|&pa| !self.mm.arch.el2_access_ok(pa.0, true))
             {
                 // SAFETY: never handed out.
                 unsafe { self.free_many(&taken) };
                 return Err(PoolError::GuardFault);
             }
         }
-        for &pa in &taken {
+        for &PhysAddr(pa) in &taken {
             // SAFETY: a page of the pool's region, ours alone, mapped
             // read-write (identity, or by guard mode just above).
             unsafe { core::ptr::write_bytes(pa as *mut u8, 0, PAGE_SIZE) };
@@ -324,7 +324,7 @@ impl<'m, A: MmArch> PagePool<'m, A> {
     /// Pages in the pool.
     #[must_use]
     pub fn total_pages(&self) -> usize {
-        (self.region.end - self.region.start) / PAGE_SIZE
+        self.region.end.offset_from(self.region.start) / PAGE_SIZE
     }
 
     /// Makes the allocation after `n` more successful ones fail with
@@ -360,14 +360,14 @@ impl<'m, A: MmArch> PagePool<'m, A> {
             }
             let frame = st.frames.alloc(1).ok_or(PoolError::Exhausted)?;
             st.free_pages -= 1;
-            frame * PAGE_SIZE
+            PhysAddr(frame * PAGE_SIZE)
         };
         if self.guard.is_some() {
             self.guard_update(&[pa], true);
             inc(&self.mm.counters().guard_maps);
             // On hardware a write to a page whose EL2 entry is not yet in
             // effect would fault here; the model tells us instead.
-            if !self.mm.arch.el2_access_ok(pa, true) {
+            if !self.mm.arch.el2_access_ok(pa.0, true) {
                 // SAFETY: the page was never handed out.
                 unsafe { self.free(pa) };
                 return Err(PoolError::GuardFault);
@@ -376,7 +376,7 @@ impl<'m, A: MmArch> PagePool<'m, A> {
         // SAFETY: `pa` is a page of the pool's region, ours alone (`new`'s
         // contract) and mapped read-write (identity, or by guard mode just
         // above); the allocator just handed it out, so no one else uses it.
-        unsafe { core::ptr::write_bytes(pa as *mut u8, 0, PAGE_SIZE) };
+        unsafe { core::ptr::write_bytes(pa.0 as *mut u8, 0, PAGE_SIZE) };
         inc(&self.mm.counters().pool_allocs);
         Ok(pa)
     }
@@ -412,7 +412,7 @@ impl<'m, A: MmArch> PagePool<'m, A> {
     pub unsafe fn free_many(&self, pages: &[PhysAddr]) {
         for &pa in pages {
             assert!(
-                self.region.contains(&pa) && pa.is_multiple_of(PAGE_SIZE),
+                self.region.contains(&pa) && pa.is_aligned(PAGE_SIZE),
                 "freeing {pa:#x}, which is not a page of the pool"
             );
         }
@@ -420,14 +420,14 @@ impl<'m, A: MmArch> PagePool<'m, A> {
             return;
         }
         for &pa in pages {
-            self.mm.arch.table_page_freed(pa);
+            self.mm.arch.table_page_freed(pa.0);
         }
         if self.guard.is_some() {
             self.guard_update(pages, false);
             add(&self.mm.counters().guard_unmaps, pages.len() as u64);
         }
         let mut st = self.state.lock();
-        for &pa in pages {
+        for &PhysAddr(pa) in pages {
             st.frames.dealloc(pa / PAGE_SIZE, 1);
         }
         st.free_pages += pages.len();
@@ -443,7 +443,8 @@ impl<'m, A: MmArch> PagePool<'m, A> {
                 let writes = el2.set_page(pa, valid);
                 self.mm.note_writes(writes, valid);
                 if !valid {
-                    self.mm.queue_el2_invalidation(pa as u64, PAGE_SIZE as u64);
+                    self.mm
+                        .queue_el2_invalidation(pa.0 as u64, PAGE_SIZE as u64);
                 }
             }
         };
@@ -476,17 +477,17 @@ pub mod test_support {
     //! Host memory for pools, and an EL2-page map that only counts.
 
     use super::{El2PageMap, MmArch, MmCtx, PagePool};
-    use crate::mm::PAGE_SIZE;
+    use crate::mm::{PAGE_SIZE, PhysAddr};
     use alloc::alloc::{Layout, alloc_zeroed};
     use core::ops::Range;
 
     /// `pages` pages of zeroed, page-aligned host memory, leaked.
-    pub fn host_region(pages: usize) -> Range<usize> {
+    pub fn host_region(pages: usize) -> Range<PhysAddr> {
         let layout = Layout::from_size_align(pages * PAGE_SIZE, PAGE_SIZE).expect("layout");
         // SAFETY: the layout has a non-zero size.
         let base = unsafe { alloc_zeroed(layout) } as usize;
         assert_ne!(base, 0, "host allocation failed");
-        base..base + pages * PAGE_SIZE
+        PhysAddr(base)..PhysAddr(base + pages * PAGE_SIZE)
     }
 
     /// A pool of `pages` pages of host memory, without guard mode.
@@ -506,7 +507,7 @@ pub mod test_support {
     pub struct CountingEl2;
 
     impl El2PageMap for CountingEl2 {
-        fn set_page(&self, _va: usize, _valid: bool) -> u64 {
+        fn set_page(&self, _va: PhysAddr, _valid: bool) -> u64 {
             1
         }
     }
@@ -524,12 +525,12 @@ mod tests {
         let pool = host_pool(4, &mm);
         let a = pool.alloc_zeroed().expect("page");
         // SAFETY: `a` is a pool page we own.
-        unsafe { core::ptr::write_bytes(a as *mut u8, 0xaa, PAGE_SIZE) };
+        unsafe { core::ptr::write_bytes(a.0 as *mut u8, 0xaa, PAGE_SIZE) };
         // SAFETY: nothing refers to `a`.
         unsafe { pool.free(a) };
         let b = pool.alloc_zeroed().expect("page");
         // SAFETY: `b` is a pool page we own, PAGE_SIZE long.
-        let bytes = unsafe { core::slice::from_raw_parts(b as *const u8, PAGE_SIZE) };
+        let bytes = unsafe { core::slice::from_raw_parts(b.0 as *const u8, PAGE_SIZE) };
         assert!(
             bytes.iter().all(|&x| x == 0),
             "a reused page must come back zeroed"

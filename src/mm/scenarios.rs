@@ -6,11 +6,11 @@ use alloc::vec::Vec;
 use core::ops::Range;
 use proptest::prelude::*;
 
-use super::PAGE_SIZE;
 use super::lazy::NestPolicy;
 use super::pool::PoolError;
 use super::stage2::{S2Perm, Stage2Error};
 use super::testkit::{Kit, VMID, ram};
+use super::{Ipa, PAGE_SIZE, PhysAddr};
 
 const MIB: usize = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -30,9 +30,12 @@ fn seed_scenario_naive_goes_wrong_the_others_do_not() {
     for policy in NestPolicy::ALL {
         let mut kit = Kit::new(64, true, policy);
         kit.mm.enter();
-        let r = kit
-            .s2
-            .map(GIB, 64 * PAGE_SIZE, 0x8000_0000, ram(S2Perm::RW));
+        let r = kit.s2.map(
+            Ipa(GIB),
+            64 * PAGE_SIZE,
+            PhysAddr(0x8000_0000),
+            ram(S2Perm::RW),
+        );
         kit.mm.leave();
         if policy == NestPolicy::Naive {
             assert_eq!(
@@ -42,7 +45,7 @@ fn seed_scenario_naive_goes_wrong_the_others_do_not() {
             );
         } else {
             assert!(r.is_ok(), "{policy:?}: {r:?}");
-            kit.ref_map(GIB, 64 * PAGE_SIZE, 0x8000_0000, S2Perm::RW);
+            kit.ref_map(Ipa(GIB), 64 * PAGE_SIZE, PhysAddr(0x8000_0000), S2Perm::RW);
             kit.check(&(GIB..GIB + 2 * MIB as u64))
                 .unwrap_or_else(|e| panic!("{policy:?}: {e}"));
         }
@@ -69,19 +72,24 @@ fn w1_with(policy: NestPolicy, reserve: bool) -> (Kit, u64) {
     // The level-2 table exists before the measured section.
     kit.s2
         .map(
-            GIB + 64 * MIB as u64,
+            Ipa(GIB + 64 * MIB as u64),
             PAGE_SIZE,
-            0x9000_0000,
+            PhysAddr(0x9000_0000),
             ram(S2Perm::RW),
         )
         .expect("warm-up");
-    kit.ref_map(GIB + 64 * MIB as u64, PAGE_SIZE, 0x9000_0000, S2Perm::RW);
+    kit.ref_map(
+        Ipa(GIB + 64 * MIB as u64),
+        PAGE_SIZE,
+        PhysAddr(0x9000_0000),
+        S2Perm::RW,
+    );
     kit.mm.reset_counters();
     if reserve {
         let maps: Vec<_> = (0..512u64)
             .map(|i| {
                 let (ipa, pa) = w1_map(i);
-                (ipa, PAGE_SIZE, pa)
+                (Ipa(ipa), PAGE_SIZE, PhysAddr(pa))
             })
             .collect();
         assert_eq!(
@@ -94,9 +102,9 @@ fn w1_with(policy: NestPolicy, reserve: bool) -> (Kit, u64) {
     for i in 0..512u64 {
         let (ipa, pa) = w1_map(i);
         kit.s2
-            .map(ipa, PAGE_SIZE, pa, ram(S2Perm::RW))
+            .map(Ipa(ipa), PAGE_SIZE, PhysAddr(pa), ram(S2Perm::RW))
             .expect("map");
-        kit.ref_map(ipa, PAGE_SIZE, pa, S2Perm::RW);
+        kit.ref_map(Ipa(ipa), PAGE_SIZE, PhysAddr(pa), S2Perm::RW);
     }
     kit.mm.leave();
     let nests = kit.mm.total("guard_maps") - kit.mm.total("reserve_topped");
@@ -152,9 +160,9 @@ fn every_correct_policy_is_correct_and_flush_inner_stops_batching() {
         eager
             .s2
             .map(
-                ipa,
+                Ipa(ipa),
                 PAGE_SIZE,
-                0x8000_0000 + i as usize * PAGE_SIZE,
+                PhysAddr(0x8000_0000 + i as usize * PAGE_SIZE),
                 ram(S2Perm::RW),
             )
             .expect("map");
@@ -172,7 +180,7 @@ fn counted_pays_the_outer_batch_at_each_nest_flatten_does_not() {
         let mut kit = Kit::new(64, true, policy);
         let window = GIB..GIB + 16 * MIB as u64;
         kit.s2
-            .map(GIB, 2 * MIB, 0x8000_0000, ram(S2Perm::RW))
+            .map(Ipa(GIB), 2 * MIB, PhysAddr(0x8000_0000), ram(S2Perm::RW))
             .expect("map");
         kit.touch(&window);
         kit.mm.reset_counters();
@@ -180,19 +188,19 @@ fn counted_pays_the_outer_batch_at_each_nest_flatten_does_not() {
         for i in 0..8u64 {
             // Owe a TLBI, then need a new table (a nest).
             kit.s2
-                .unmap(GIB + i * PAGE_SIZE as u64, PAGE_SIZE)
+                .unmap(Ipa(GIB + i * PAGE_SIZE as u64), PAGE_SIZE)
                 .expect("unmap");
             let ipa = GIB + (i + 1) * 2 * MIB as u64;
             kit.s2
-                .map(ipa, PAGE_SIZE, 0x9000_0000, ram(S2Perm::RW))
+                .map(Ipa(ipa), PAGE_SIZE, PhysAddr(0x9000_0000), ram(S2Perm::RW))
                 .expect("map");
-            kit.ref_map(ipa, PAGE_SIZE, 0x9000_0000, S2Perm::RW);
+            kit.ref_map(Ipa(ipa), PAGE_SIZE, PhysAddr(0x9000_0000), S2Perm::RW);
         }
         kit.mm.leave();
         kit.ref_map(
-            GIB + 8 * PAGE_SIZE as u64,
+            Ipa(GIB + 8 * PAGE_SIZE as u64),
             2 * MIB - 8 * PAGE_SIZE,
-            0x8000_8000,
+            PhysAddr(0x8000_8000),
             S2Perm::RW,
         );
         kit.check(&window)
@@ -216,17 +224,17 @@ fn naive_leaves_a_freed_page_reachable_flatten_does_not() {
         let kit = Kit::new(16, true, policy);
         let page = kit.pool.alloc_zeroed().expect("page");
         assert!(
-            kit.model.el2_access(page, true).is_ok(),
+            kit.model.el2_access(page.0, true).is_ok(),
             "allocated page is mapped"
         );
         kit.mm.enter();
         // SAFETY: the page is ours and unused.
         unsafe { kit.pool.free(page) };
-        let reachable = kit.model.el2_access(page, false).is_ok();
+        let reachable = kit.model.el2_access(page.0, false).is_ok();
         kit.mm.leave();
         assert_eq!(reachable, policy == NestPolicy::Naive, "{policy:?}");
         assert!(
-            kit.model.el2_access(page, false).is_err(),
+            kit.model.el2_access(page.0, false).is_err(),
             "unmapped once the section ends"
         );
     }
@@ -239,18 +247,23 @@ fn write_protect_in_a_section_takes_effect_at_leave() {
     let mut kit = Kit::new(64, true, NestPolicy::Flatten);
     let window = GIB..GIB + 4 * MIB as u64;
     kit.s2
-        .map(GIB, 4 * MIB, 0x8000_0000, ram(S2Perm::RW))
+        .map(Ipa(GIB), 4 * MIB, PhysAddr(0x8000_0000), ram(S2Perm::RW))
         .expect("map");
-    kit.ref_map(GIB, 4 * MIB, 0x8000_0000, S2Perm::RW);
+    kit.ref_map(Ipa(GIB), 4 * MIB, PhysAddr(0x8000_0000), S2Perm::RW);
     for ipa in (window.start..window.end).step_by(PAGE_SIZE) {
         kit.model.guest_access(VMID, ipa, true).expect("writable");
     }
     kit.mm.enter();
     kit.s2
-        .protect(GIB + 0x1000, 3 * MIB, S2Perm::RO)
+        .protect(Ipa(GIB + 0x1000), 3 * MIB, S2Perm::RO)
         .expect("protect");
     kit.mm.leave();
-    kit.ref_map(GIB + 0x1000, 3 * MIB, 0x8000_1000, S2Perm::RO);
+    kit.ref_map(
+        Ipa(GIB + 0x1000),
+        3 * MIB,
+        PhysAddr(0x8000_1000),
+        S2Perm::RO,
+    );
     kit.check(&window).expect("state after write-protect");
     assert!(kit.model.guest_access(VMID, GIB + 0x2000, true).is_err());
     assert!(kit.model.guest_access(VMID, GIB, true).is_ok());
@@ -263,15 +276,15 @@ fn remap_of_touched_blocks_reaches_only_the_new_backing() {
     let mut kit = Kit::new(64, true, NestPolicy::Flatten);
     let window = GIB..GIB + 8 * MIB as u64;
     kit.s2
-        .map(GIB, 8 * MIB, 0x8000_0000, ram(S2Perm::RWX))
+        .map(Ipa(GIB), 8 * MIB, PhysAddr(0x8000_0000), ram(S2Perm::RWX))
         .expect("map");
     kit.touch(&window);
     kit.mm.enter();
     kit.s2
-        .remap(GIB, 8 * MIB, 0xa000_0000, ram(S2Perm::RWX))
+        .remap(Ipa(GIB), 8 * MIB, PhysAddr(0xa000_0000), ram(S2Perm::RWX))
         .expect("remap");
     kit.mm.leave();
-    kit.ref_map(GIB, 8 * MIB, 0xa000_0000, S2Perm::RWX);
+    kit.ref_map(Ipa(GIB), 8 * MIB, PhysAddr(0xa000_0000), S2Perm::RWX);
     kit.check(&window).expect("after remap");
     assert_eq!(
         kit.mm.total("bbm"),
@@ -359,12 +372,13 @@ pub(super) fn op() -> impl Strategy<Value = Op> {
 /// Every 2 MiB-aligned part of `[ipa, ipa + size)` mapped from a 2 MiB-aligned
 /// PA is one block (issue 13: also where an empty table was left, or pages
 /// were remapped).
-fn assert_blocks_where_aligned(kit: &Kit, ipa: u64, size: usize, pa: usize) {
+fn assert_blocks_where_aligned(kit: &Kit, ipa: Ipa, size: usize, pa: PhysAddr) {
+    let (ipa, pa) = (ipa.0, pa.0);
     let block = 2 * MIB as u64;
     let mut start = ipa.next_multiple_of(block);
     while start + block <= ipa + size as u64 {
         if (pa + (start - ipa) as usize).is_multiple_of(2 * MIB) {
-            let level = kit.s2.query(start).map(|t| t.level);
+            let level = kit.s2.query(Ipa(start)).map(|t| t.level);
             assert_eq!(level, Some(2), "aligned 2 MiB at {start:#x} not a block");
         }
         start += block;
@@ -376,16 +390,16 @@ fn assert_blocks_where_aligned(kit: &Kit, ipa: u64, size: usize, pa: usize) {
 /// block.
 fn assert_uniform_regions_are_blocks(kit: &Kit) {
     for start in (WINDOW.start..WINDOW.end).step_by(2 * MIB) {
-        let Some(&(pa, perm)) = kit.reference.get(&start) else {
+        let Some(&(pa, perm)) = kit.reference.get(&Ipa(start)) else {
             continue;
         };
-        let uniform = pa.is_multiple_of(2 * MIB)
+        let uniform = pa.is_aligned(2 * MIB)
             && (0..512u64).all(|i| {
-                kit.reference.get(&(start + i * PAGE_SIZE as u64))
-                    == Some(&(pa + i as usize * PAGE_SIZE, perm))
+                kit.reference.get(&Ipa(start + i * PAGE_SIZE as u64))
+                    == Some(&(pa.add(i as usize * PAGE_SIZE), perm))
             });
         if uniform {
-            let level = kit.s2.query(start).map(|t| t.level);
+            let level = kit.s2.query(Ipa(start)).map(|t| t.level);
             assert_eq!(level, Some(2), "uniform 2 MiB at {start:#x} not merged");
         }
     }
@@ -395,8 +409,8 @@ fn assert_uniform_regions_are_blocks(kit: &Kit) {
 /// a pending deferred make, the look-up completes it first).
 fn assert_query_matches(kit: &Kit, page: u64) {
     let ipa = WINDOW.start + page * PAGE_SIZE as u64;
-    let got = kit.s2.query(ipa).map(|t| (t.pa, t.attrs.perm));
-    assert_eq!(got, kit.reference.get(&ipa).copied(), "query {ipa:#x}");
+    let got = kit.s2.query(Ipa(ipa)).map(|t| (t.pa, t.attrs.perm));
+    assert_eq!(got, kit.reference.get(&Ipa(ipa)).copied(), "query {ipa:#x}");
     assert!(!kit.mm.make_pending(VMID, ipa, PAGE_SIZE as u64));
 }
 
@@ -406,13 +420,13 @@ pub(super) fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bo
     let clip = |page: u64, pages: u64| {
         let end = (page + pages).min(WINDOW_PAGES);
         (
-            WINDOW.start + page * PAGE_SIZE as u64,
+            Ipa(WINDOW.start + page * PAGE_SIZE as u64),
             ((end - page) as usize) * PAGE_SIZE,
         )
     };
-    let mapped = |kit: &Kit, ipa: u64, size: usize| {
+    let mapped = |kit: &Kit, ipa: Ipa, size: usize| {
         (0..size / PAGE_SIZE)
-            .filter(|i| kit.reference.contains_key(&(ipa + (i * PAGE_SIZE) as u64)))
+            .filter(|i| kit.reference.contains_key(&ipa.add((i * PAGE_SIZE) as u64)))
             .count()
     };
     match *op {
@@ -423,7 +437,7 @@ pub(super) fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bo
             perm,
         } => {
             let (ipa, size) = clip(page, pages);
-            let pa = 0x8000_0000 + pa_page as usize * PAGE_SIZE;
+            let pa = PhysAddr(0x8000_0000 + pa_page as usize * PAGE_SIZE);
             if let Some(n) = fail_next.take() {
                 kit.pool.fail_after(Some(n.into()));
             }
@@ -454,7 +468,7 @@ pub(super) fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bo
             match kit.s2.protect(ipa, size, perm_of(perm)) {
                 Ok(c) => {
                     assert_eq!(c.pages, (size / PAGE_SIZE) as u64, "{c:?}");
-                    for e in kit.reference.range_mut(ipa..ipa + size as u64) {
+                    for e in kit.reference.range_mut(ipa..ipa.add(size as u64)) {
                         e.1.1 = perm_of(perm);
                     }
                     assert_eq!(mapped(kit, ipa, size), size / PAGE_SIZE, "protected a hole");
@@ -469,7 +483,7 @@ pub(super) fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bo
             pa_page,
         } => {
             let (ipa, size) = clip(page, pages);
-            let pa = 0x9000_0000 + pa_page as usize * PAGE_SIZE;
+            let pa = PhysAddr(0x9000_0000 + pa_page as usize * PAGE_SIZE);
             if let Some(n) = fail_next.take() {
                 kit.pool.fail_after(Some(n.into()));
             }
@@ -492,7 +506,7 @@ pub(super) fn apply(kit: &mut Kit, op: &Op, fail_next: &mut Option<u8>, lazy: bo
         }
         Op::Merge => {
             kit.s2
-                .merge(WINDOW.start, (WINDOW.end - WINDOW.start) as usize)
+                .merge(Ipa(WINDOW.start), (WINDOW.end - WINDOW.start) as usize)
                 .expect("merge");
             if !lazy {
                 assert_uniform_regions_are_blocks(kit);
@@ -567,9 +581,9 @@ fn w1_barrier_counts_per_policy() {
         let pa = 0x8000_0000 + i as usize * PAGE_SIZE;
         eager
             .s2
-            .map(ipa, PAGE_SIZE, pa, ram(S2Perm::RW))
+            .map(Ipa(ipa), PAGE_SIZE, PhysAddr(pa), ram(S2Perm::RW))
             .expect("map");
-        eager.ref_map(ipa, PAGE_SIZE, pa, S2Perm::RW);
+        eager.ref_map(Ipa(ipa), PAGE_SIZE, PhysAddr(pa), S2Perm::RW);
     }
     let row = |name: &str, kit: &Kit, correct: bool| {
         let t = |k: &str| kit.mm.total(k);
@@ -599,7 +613,9 @@ fn w1_barrier_counts_per_policy() {
             // Naive cannot even finish W1: its first nest faults in the model.
             let mut kit = Kit::new(64, true, policy);
             kit.mm.enter();
-            let r = kit.s2.map(GIB, PAGE_SIZE, 0x8000_0000, ram(S2Perm::RW));
+            let r = kit
+                .s2
+                .map(Ipa(GIB), PAGE_SIZE, PhysAddr(0x8000_0000), ram(S2Perm::RW));
             kit.mm.leave();
             assert!(r.is_err());
             std::println!(
@@ -635,14 +651,24 @@ fn unmap_run_from_pages_into_a_block_does_not_split_the_block() {
     let mut kit = Kit::new(64, true, NestPolicy::Flatten);
     let window = GIB..GIB + 4 * MIB as u64;
     kit.s2
-        .map(GIB + 0x1f_f000, PAGE_SIZE, 0x8000_0000, ram(S2Perm::RW))
+        .map(
+            Ipa(GIB + 0x1f_f000),
+            PAGE_SIZE,
+            PhysAddr(0x8000_0000),
+            ram(S2Perm::RW),
+        )
         .expect("page");
     kit.s2
-        .map(GIB + 2 * MIB as u64, 2 * MIB, 0x9000_0000, ram(S2Perm::RW))
+        .map(
+            Ipa(GIB + 2 * MIB as u64),
+            2 * MIB,
+            PhysAddr(0x9000_0000),
+            ram(S2Perm::RW),
+        )
         .expect("block");
     kit.touch(&window);
     kit.s2
-        .unmap(GIB + 0x1f_f000, 2 * MIB + PAGE_SIZE)
+        .unmap(Ipa(GIB + 0x1f_f000), 2 * MIB + PAGE_SIZE)
         .expect("unmap");
     assert_eq!(kit.mm.total("splits"), 0);
     kit.check(&window)
@@ -656,17 +682,17 @@ fn map_over_a_range_whose_invalidation_is_queued_completes_it_first() {
     let mut kit = Kit::new(64, true, NestPolicy::Flatten);
     let window = GIB..GIB + 2 * MIB as u64;
     kit.s2
-        .map(GIB, 2 * MIB, 0x8000_0000, ram(S2Perm::RW))
+        .map(Ipa(GIB), 2 * MIB, PhysAddr(0x8000_0000), ram(S2Perm::RW))
         .expect("block");
     kit.touch(&window);
     kit.mm.enter();
-    kit.s2.unmap(GIB, 2 * MIB).expect("unmap");
+    kit.s2.unmap(Ipa(GIB), 2 * MIB).expect("unmap");
     assert!(
         kit.mm
             .stage2_invalidation_pending(VMID, GIB, PAGE_SIZE as u64)
     );
     kit.s2
-        .map(GIB, PAGE_SIZE, 0x9000_0000, ram(S2Perm::RW))
+        .map(Ipa(GIB), PAGE_SIZE, PhysAddr(0x9000_0000), ram(S2Perm::RW))
         .expect("map");
     assert!(
         !kit.mm
@@ -674,7 +700,7 @@ fn map_over_a_range_whose_invalidation_is_queued_completes_it_first() {
         "flushed before the make"
     );
     kit.mm.leave();
-    kit.ref_map(GIB, PAGE_SIZE, 0x9000_0000, S2Perm::RW);
+    kit.ref_map(Ipa(GIB), PAGE_SIZE, PhysAddr(0x9000_0000), S2Perm::RW);
     kit.check(&window).expect("state");
 }
 
@@ -692,9 +718,9 @@ fn compact_orders_its_table_writes_before_the_tlbis_and_frees_after() {
     // Pages in two 2 MiB regions: two level-3 tables under one level-2.
     kit.s2
         .map(
-            GIB + PAGE_SIZE as u64,
+            Ipa(GIB + PAGE_SIZE as u64),
             2 * MIB,
-            0x8000_1000,
+            PhysAddr(0x8000_1000),
             ram(S2Perm::RW),
         )
         .expect("map");
@@ -703,10 +729,10 @@ fn compact_orders_its_table_writes_before_the_tlbis_and_frees_after() {
     // Unmap in halves, so no run covers a whole table: both stay, empty.
     let half = MIB as u64;
     kit.s2
-        .unmap(GIB + PAGE_SIZE as u64, MIB)
+        .unmap(Ipa(GIB + PAGE_SIZE as u64), MIB)
         .expect("unmap first half");
     kit.s2
-        .unmap(GIB + PAGE_SIZE as u64 + half, MIB)
+        .unmap(Ipa(GIB + PAGE_SIZE as u64 + half), MIB)
         .expect("unmap second half");
     assert_eq!(kit.table_pages(), tables, "empty tables kept by unmap");
     kit.touch_all_cpus(&window);
@@ -728,9 +754,9 @@ fn drop_invalidates_then_deregisters_the_root_then_frees() {
     let window = GIB..GIB + 4 * MIB as u64;
     kit.s2
         .map(
-            GIB + PAGE_SIZE as u64,
+            Ipa(GIB + PAGE_SIZE as u64),
             3 * MIB,
-            0x8000_1000,
+            PhysAddr(0x8000_1000),
             ram(S2Perm::RW),
         )
         .expect("map");
@@ -775,15 +801,16 @@ fn stage2_operations_inside_a_pause_are_refused() {
     kit.mm.enter();
     let paused = kit.mm.pause();
     let r = std::panic::catch_unwind(core::panic::AssertUnwindSafe(|| {
-        kit.s2.map(GIB, PAGE_SIZE, 0x8000_0000, ram(S2Perm::RW))
+        kit.s2
+            .map(Ipa(GIB), PAGE_SIZE, PhysAddr(0x8000_0000), ram(S2Perm::RW))
     }));
     assert!(r.is_err(), "a map inside a pause must be refused");
     kit.mm.resume(paused);
     kit.s2
-        .map(GIB, PAGE_SIZE, 0x8000_0000, ram(S2Perm::RW))
+        .map(Ipa(GIB), PAGE_SIZE, PhysAddr(0x8000_0000), ram(S2Perm::RW))
         .expect("map after resume");
     kit.mm.leave();
-    kit.ref_map(GIB, PAGE_SIZE, 0x8000_0000, S2Perm::RW);
+    kit.ref_map(Ipa(GIB), PAGE_SIZE, PhysAddr(0x8000_0000), S2Perm::RW);
     kit.check(&(GIB..GIB + 2 * MIB as u64)).expect("state");
 }
 
@@ -796,7 +823,7 @@ fn a_table_removal_drops_the_walk_caches_of_both_cpus() {
     let mut kit = Kit::new(64, true, NestPolicy::Flatten);
     let window = GIB..GIB + 4 * MIB as u64;
     kit.s2
-        .map(GIB, 2 * MIB, 0x8000_1000, ram(S2Perm::RW))
+        .map(Ipa(GIB), 2 * MIB, PhysAddr(0x8000_1000), ram(S2Perm::RW))
         .expect("map pages");
     kit.touch_all_cpus(&window);
     let walks = |kit: &Kit, cpu| {
@@ -812,7 +839,9 @@ fn a_table_removal_drops_the_walk_caches_of_both_cpus() {
         "L1 and L2 entries"
     );
     let tables = kit.table_pages();
-    kit.s2.unmap(GIB, 2 * MIB).expect("unmap the table's worth");
+    kit.s2
+        .unmap(Ipa(GIB), 2 * MIB)
+        .expect("unmap the table's worth");
     assert_eq!(kit.table_pages(), tables - 1, "level-3 table detached");
     kit.check(&window).expect("after the table removal");
     assert_eq!(kit.model.stats().tlbi_leaf_only, 0, "no leaf-only TLBI");
@@ -834,32 +863,38 @@ fn a_map_over_an_empty_table_writes_a_block() {
     let mut kit = Kit::new(64, true, NestPolicy::Flatten);
     let window = GIB..GIB + 4 * MIB as u64;
     kit.s2
-        .map(GIB, 2 * MIB, 0x8000_1000, ram(S2Perm::RW))
+        .map(Ipa(GIB), 2 * MIB, PhysAddr(0x8000_1000), ram(S2Perm::RW))
         .expect("pages");
     kit.touch_all_cpus(&window);
-    kit.s2.unmap(GIB, MIB).expect("first half");
-    kit.s2.unmap(GIB + MIB as u64, MIB).expect("second half");
+    kit.s2.unmap(Ipa(GIB), MIB).expect("first half");
+    kit.s2
+        .unmap(Ipa(GIB + MIB as u64), MIB)
+        .expect("second half");
     let tables = kit.table_pages();
     kit.touch_all_cpus(&window);
     for lazy in [false, true] {
         if lazy {
-            kit.s2.unmap(GIB, 2 * MIB).expect("unmap the block");
-            kit.ref_unmap(GIB, 2 * MIB);
+            kit.s2.unmap(Ipa(GIB), 2 * MIB).expect("unmap the block");
+            kit.ref_unmap(Ipa(GIB), 2 * MIB);
             kit.s2
-                .map(GIB, PAGE_SIZE, 0x8000_1000, ram(S2Perm::RW))
+                .map(Ipa(GIB), PAGE_SIZE, PhysAddr(0x8000_1000), ram(S2Perm::RW))
                 .expect("a page: a table again");
-            kit.s2.unmap(GIB, PAGE_SIZE).expect("and empty");
+            kit.s2.unmap(Ipa(GIB), PAGE_SIZE).expect("and empty");
             kit.touch_all_cpus(&window);
             kit.mm.enter();
         }
         kit.s2
-            .map(GIB, 2 * MIB, 0x8020_0000, ram(S2Perm::RW))
+            .map(Ipa(GIB), 2 * MIB, PhysAddr(0x8020_0000), ram(S2Perm::RW))
             .expect("block");
         if lazy {
             kit.mm.leave();
         }
-        kit.ref_map(GIB, 2 * MIB, 0x8020_0000, S2Perm::RW);
-        assert_eq!(kit.s2.query(GIB).map(|t| t.level), Some(2), "lazy={lazy}");
+        kit.ref_map(Ipa(GIB), 2 * MIB, PhysAddr(0x8020_0000), S2Perm::RW);
+        assert_eq!(
+            kit.s2.query(Ipa(GIB)).map(|t| t.level),
+            Some(2),
+            "lazy={lazy}"
+        );
         assert_eq!(kit.table_pages(), tables - 1, "the empty table went back");
         kit.check(&window)
             .unwrap_or_else(|e| panic!("lazy={lazy}: {e}"));
@@ -869,26 +904,37 @@ fn a_map_over_an_empty_table_writes_a_block() {
     let gib = 2 * GIB;
     kit.s2
         .map(
-            gib + 4 * MIB as u64,
+            Ipa(gib + 4 * MIB as u64),
             4 * PAGE_SIZE,
-            0x8000_1000,
+            PhysAddr(0x8000_1000),
             ram(S2Perm::RW),
         )
         .expect("pages");
     kit.touch_all_cpus(&(gib..gib + 8 * MIB as u64));
     kit.s2
-        .unmap(gib + 4 * MIB as u64, 2 * PAGE_SIZE)
+        .unmap(Ipa(gib + 4 * MIB as u64), 2 * PAGE_SIZE)
         .expect("unmap");
     kit.s2
-        .unmap(gib + 4 * MIB as u64 + 2 * PAGE_SIZE as u64, 2 * PAGE_SIZE)
+        .unmap(
+            Ipa(gib + 4 * MIB as u64 + 2 * PAGE_SIZE as u64),
+            2 * PAGE_SIZE,
+        )
         .expect("unmap");
     let tables = kit.table_pages();
     kit.s2
-        .map(gib, GIB as usize, 0x1_0000_0000, ram(S2Perm::RW))
+        .map(
+            Ipa(gib),
+            GIB as usize,
+            PhysAddr(0x1_0000_0000),
+            ram(S2Perm::RW),
+        )
         .expect("1 GiB");
-    assert_eq!(kit.s2.query(gib + 5 * MIB as u64).map(|t| t.level), Some(1));
+    assert_eq!(
+        kit.s2.query(Ipa(gib + 5 * MIB as u64)).map(|t| t.level),
+        Some(1)
+    );
     assert_eq!(kit.table_pages(), tables - 2, "both empty tables went back");
-    kit.ref_map(gib, 8 * MIB, 0x1_0000_0000, S2Perm::RW);
+    kit.ref_map(Ipa(gib), 8 * MIB, PhysAddr(0x1_0000_0000), S2Perm::RW);
     kit.check(&(gib..gib + 8 * MIB as u64))
         .expect("after the GiB");
 }
@@ -901,30 +947,43 @@ fn a_remap_onto_aligned_backing_makes_blocks() {
     let mut kit = Kit::new(64, true, NestPolicy::Flatten);
     let window = GIB..GIB + 4 * MIB as u64;
     kit.s2
-        .map(GIB, 4 * MIB, 0x8000_1000, ram(S2Perm::RW))
+        .map(Ipa(GIB), 4 * MIB, PhysAddr(0x8000_1000), ram(S2Perm::RW))
         .expect("pages");
     kit.touch_all_cpus(&window);
     let tables = kit.table_pages();
     kit.mm.enter();
     kit.s2
-        .remap(GIB, 4 * MIB, 0xa000_0000, ram(S2Perm::RW))
+        .remap(Ipa(GIB), 4 * MIB, PhysAddr(0xa000_0000), ram(S2Perm::RW))
         .expect("remap");
     kit.mm.leave();
-    kit.ref_map(GIB, 4 * MIB, 0xa000_0000, S2Perm::RW);
-    assert_eq!(kit.s2.query(GIB + 3 * MIB as u64).map(|t| t.level), Some(2));
+    kit.ref_map(Ipa(GIB), 4 * MIB, PhysAddr(0xa000_0000), S2Perm::RW);
+    assert_eq!(
+        kit.s2.query(Ipa(GIB + 3 * MIB as u64)).map(|t| t.level),
+        Some(2)
+    );
     assert_eq!(kit.table_pages(), tables - 2);
     kit.check(&window).expect("after the remap");
     // A GiB of 2 MiB blocks onto GiB-aligned backing.
     let gib = 2 * GIB;
     kit.s2
-        .map(gib, GIB as usize, 0x8020_0000, ram(S2Perm::RW))
+        .map(
+            Ipa(gib),
+            GIB as usize,
+            PhysAddr(0x8020_0000),
+            ram(S2Perm::RW),
+        )
         .expect("blocks");
     kit.touch_all_cpus(&(gib..gib + 8 * MIB as u64));
     kit.s2
-        .remap(gib, GIB as usize, 0x1_0000_0000, ram(S2Perm::RW))
+        .remap(
+            Ipa(gib),
+            GIB as usize,
+            PhysAddr(0x1_0000_0000),
+            ram(S2Perm::RW),
+        )
         .expect("remap");
-    assert_eq!(kit.s2.query(gib).map(|t| t.level), Some(1));
-    kit.ref_map(gib, 8 * MIB, 0x1_0000_0000, S2Perm::RW);
+    assert_eq!(kit.s2.query(Ipa(gib)).map(|t| t.level), Some(1));
+    kit.ref_map(Ipa(gib), 8 * MIB, PhysAddr(0x1_0000_0000), S2Perm::RW);
     kit.check(&(gib..gib + 8 * MIB as u64))
         .expect("after the GiB remap");
 }
@@ -937,23 +996,31 @@ fn merge_builds_a_gib_block_where_a_whole_gib_is_uniform() {
     let mut kit = Kit::new(64, true, NestPolicy::Flatten);
     let window = GIB..GIB + 8 * MIB as u64;
     kit.s2
-        .map(GIB, GIB as usize, 0x1_0000_0000, ram(S2Perm::RWX))
+        .map(
+            Ipa(GIB),
+            GIB as usize,
+            PhysAddr(0x1_0000_0000),
+            ram(S2Perm::RWX),
+        )
         .expect("1 GiB block");
     let tables = kit.table_pages();
     // Split it (a level-2 table of blocks and one level-3 table of pages),
     // then give the page its permissions back: uniform again.
     kit.s2
-        .protect(GIB + 2 * MIB as u64, PAGE_SIZE, S2Perm::RO)
+        .protect(Ipa(GIB + 2 * MIB as u64), PAGE_SIZE, S2Perm::RO)
         .expect("split");
     kit.s2
-        .protect(GIB + 2 * MIB as u64, PAGE_SIZE, S2Perm::RWX)
+        .protect(Ipa(GIB + 2 * MIB as u64), PAGE_SIZE, S2Perm::RWX)
         .expect("back");
     assert_eq!(kit.table_pages(), tables + 2);
     kit.touch_all_cpus(&window);
-    assert_eq!(kit.s2.merge(GIB, GIB as usize), Ok(1));
-    assert_eq!(kit.s2.query(GIB + 2 * MIB as u64).map(|t| t.level), Some(1));
+    assert_eq!(kit.s2.merge(Ipa(GIB), GIB as usize), Ok(1));
+    assert_eq!(
+        kit.s2.query(Ipa(GIB + 2 * MIB as u64)).map(|t| t.level),
+        Some(1)
+    );
     assert_eq!(kit.table_pages(), tables);
-    kit.ref_map(GIB, 8 * MIB, 0x1_0000_0000, S2Perm::RWX);
+    kit.ref_map(Ipa(GIB), 8 * MIB, PhysAddr(0x1_0000_0000), S2Perm::RWX);
     kit.check(&window).expect("after the merge");
     assert_eq!(kit.mm.total("merges"), 1);
 }
@@ -1001,11 +1068,11 @@ fn reserve_pages_are_zeroed_mapped_and_unmapped_when_released() {
     let free = kit.pool.free_pages();
     let dirty = kit.pool.alloc_zeroed().expect("page");
     // SAFETY: a pool page we own.
-    unsafe { core::ptr::write_bytes(dirty as *mut u8, 0xa5, PAGE_SIZE) };
+    unsafe { core::ptr::write_bytes(dirty.0 as *mut u8, 0xa5, PAGE_SIZE) };
     // SAFETY: nothing refers to it.
     unsafe { kit.pool.free(dirty) };
     assert!(
-        kit.model.el2_access(dirty, false).is_err(),
+        kit.model.el2_access(dirty.0, false).is_err(),
         "free: unmapped"
     );
     kit.mm.reset_counters();
@@ -1017,18 +1084,21 @@ fn reserve_pages_are_zeroed_mapped_and_unmapped_when_released() {
     for _ in 0..free {
         let pa = kit.pool.alloc_zeroed().expect("from the reserve");
         assert!(
-            kit.model.el2_access(pa, true).is_ok(),
+            kit.model.el2_access(pa.0, true).is_ok(),
             "reserve pages are mapped"
         );
         // SAFETY: a pool page we own, PAGE_SIZE long.
-        let bytes = unsafe { core::slice::from_raw_parts(pa as *const u8, PAGE_SIZE) };
+        let bytes = unsafe { core::slice::from_raw_parts(pa.0 as *const u8, PAGE_SIZE) };
         assert!(
             bytes.iter().all(|&b| b == 0),
             "reserve page {pa:#x} not zeroed"
         );
         // SAFETY: unused.
         unsafe { kit.pool.free(pa) };
-        assert!(kit.model.el2_access(pa, false).is_err(), "freed: unmapped");
+        assert!(
+            kit.model.el2_access(pa.0, false).is_err(),
+            "freed: unmapped"
+        );
     }
     assert_eq!(kit.mm.total("reserve_allocs"), free as u64);
     kit.pool.top_up(2).expect("top up");
@@ -1061,7 +1131,7 @@ fn w4(policy: Option<NestPolicy>, tlbi_range: bool) -> (Kit, bool) {
     let new = pa + GIB as usize;
     let block = 2 * MIB as u64;
     kit.s2
-        .map(base, GIB as usize, pa, ram(S2Perm::RW))
+        .map(Ipa(base), GIB as usize, PhysAddr(pa), ram(S2Perm::RW))
         .expect("map");
     for cpu in 0..super::model::MODEL_CPUS {
         for i in 0..512 {
@@ -1077,9 +1147,9 @@ fn w4(policy: Option<NestPolicy>, tlbi_range: bool) -> (Kit, bool) {
     for i in 0..512u64 {
         kit.s2
             .remap(
-                base + i * block,
+                Ipa(base + i * block),
                 block as usize,
-                new + (i * block) as usize,
+                PhysAddr(new + (i * block) as usize),
                 ram(S2Perm::RW),
             )
             .expect("remap");
@@ -1087,7 +1157,7 @@ fn w4(policy: Option<NestPolicy>, tlbi_range: bool) -> (Kit, bool) {
     if policy.is_some() {
         kit.mm.leave();
     }
-    kit.ref_map(base, GIB as usize, new, S2Perm::RW);
+    kit.ref_map(Ipa(base), GIB as usize, PhysAddr(new), S2Perm::RW);
     let reaches = (0..super::model::MODEL_CPUS).all(|cpu| {
         (0..512u64).all(|i| {
             let ipa = base + i * block + 0x3000;
@@ -1170,21 +1240,27 @@ fn w4_barrier_counts_per_policy() {
 #[test]
 fn deferred_breaks_complete_before_anything_touches_their_range() {
     let block = 2 * MIB as u64;
+    let at = |off: u64| Ipa(GIB + off);
     let mut kit = Kit::new(64, true, NestPolicy::Flatten);
     let window = GIB..GIB + 8 * block;
     kit.s2
-        .map(GIB, 8 * block as usize, 0x8000_0000, ram(S2Perm::RW))
+        .map(
+            at(0),
+            8 * block as usize,
+            PhysAddr(0x8000_0000),
+            ram(S2Perm::RW),
+        )
         .expect("map");
-    kit.ref_map(GIB, 8 * block as usize, 0x8000_0000, S2Perm::RW);
+    kit.ref_map(at(0), 8 * block as usize, PhysAddr(0x8000_0000), S2Perm::RW);
     kit.touch_all_cpus(&window);
     kit.mm.reset_counters();
     kit.mm.enter();
     for i in 0..2 {
         kit.s2
             .remap(
-                GIB + i * block,
+                at(i * block),
                 block as usize,
-                0xa000_0000 + (i * block) as usize,
+                PhysAddr(0xa000_0000 + (i * block) as usize),
                 ram(S2Perm::RW),
             )
             .expect("remap");
@@ -1195,61 +1271,77 @@ fn deferred_breaks_complete_before_anything_touches_their_range() {
     // A remap that needs a table (a split) and cannot have it: refused
     // before its first break, its block untouched, the makes still pending.
     kit.pool.fail_after(Some(0));
-    let r = kit
-        .s2
-        .remap(GIB + 2 * block + 0x1000, 4096, 0xc000_0000, ram(S2Perm::RW));
+    let r = kit.s2.remap(
+        at(2 * block + 0x1000),
+        4096,
+        PhysAddr(0xc000_0000),
+        ram(S2Perm::RW),
+    );
     kit.pool.fail_after(None);
     assert_eq!(r, Err(Stage2Error::OutOfTableMemory(PoolError::Injected)));
     assert_eq!(kit.mm.deferred_makes(), 2);
     assert_eq!(
-        kit.s2.query(GIB + 2 * block).map(|t| (t.pa, t.level)),
-        Some((0x8040_0000, 2))
+        kit.s2.query(at(2 * block)).map(|t| (t.pa, t.level)),
+        Some((PhysAddr(0x8040_0000), 2))
     );
     // A look-up over a pending make completes it (all of them: one flush).
-    assert_eq!(kit.s2.query(GIB + 0x5000).map(|t| t.pa), Some(0xa000_5000));
+    assert_eq!(
+        kit.s2.query(at(0x5000)).map(|t| t.pa),
+        Some(PhysAddr(0xa000_5000))
+    );
     assert_eq!(kit.mm.deferred_makes(), 0);
     assert!(kit.model.violations().is_empty());
     // A remap over a pending make, then a split over it.
     for pa in [0xb000_0000usize, 0xb020_0000] {
         kit.s2
-            .remap(GIB, block as usize, pa, ram(S2Perm::RW))
+            .remap(at(0), block as usize, PhysAddr(pa), ram(S2Perm::RW))
             .expect("remap");
         assert_eq!(kit.mm.deferred_makes(), 1);
     }
     kit.s2
-        .unmap(GIB + 0x1000, 0x1000)
+        .unmap(at(0x1000), 0x1000)
         .expect("split over a pending make");
     assert_eq!(kit.mm.deferred_makes(), 0);
     // A map over a pending make completes it, then finds the range mapped.
     kit.s2
         .remap(
-            GIB + 3 * block,
+            at(3 * block),
             block as usize,
-            0xd000_0000,
+            PhysAddr(0xd000_0000),
             ram(S2Perm::RW),
         )
         .expect("remap");
     assert_eq!(
         kit.s2
-            .map(GIB + 3 * block, 4096, 0xe000_0000, ram(S2Perm::RW)),
+            .map(at(3 * block), 4096, PhysAddr(0xe000_0000), ram(S2Perm::RW)),
         Err(Stage2Error::AlreadyMapped)
     );
     assert_eq!(kit.mm.deferred_makes(), 0);
     // A last one, paid by the section's end.
     kit.s2
         .remap(
-            GIB + 4 * block,
+            at(4 * block),
             block as usize,
-            0xd020_0000,
+            PhysAddr(0xd020_0000),
             ram(S2Perm::RW),
         )
         .expect("remap");
     kit.mm.leave();
-    kit.ref_map(GIB, 2 * block as usize, 0xa000_0000, S2Perm::RW);
-    kit.ref_map(GIB, block as usize, 0xb020_0000, S2Perm::RW);
-    kit.ref_unmap(GIB + 0x1000, 0x1000);
-    kit.ref_map(GIB + 3 * block, block as usize, 0xd000_0000, S2Perm::RW);
-    kit.ref_map(GIB + 4 * block, block as usize, 0xd020_0000, S2Perm::RW);
+    kit.ref_map(at(0), 2 * block as usize, PhysAddr(0xa000_0000), S2Perm::RW);
+    kit.ref_map(at(0), block as usize, PhysAddr(0xb020_0000), S2Perm::RW);
+    kit.ref_unmap(at(0x1000), 0x1000);
+    kit.ref_map(
+        at(3 * block),
+        block as usize,
+        PhysAddr(0xd000_0000),
+        S2Perm::RW,
+    );
+    kit.ref_map(
+        at(4 * block),
+        block as usize,
+        PhysAddr(0xd020_0000),
+        S2Perm::RW,
+    );
     kit.check(&window).expect("after the section");
 }
 
@@ -1262,7 +1354,7 @@ fn changed_reports_pages_blocks_splits_and_tables() {
     let block = 2 * MIB;
     let c = kit
         .s2
-        .map(GIB, block, 0x8000_1000, ram(S2Perm::RW))
+        .map(Ipa(GIB), block, PhysAddr(0x8000_1000), ram(S2Perm::RW))
         .expect("pages");
     assert_eq!(
         (c.pages, c.blocks, c.tables_allocated, c.tables_detached),
@@ -1271,23 +1363,23 @@ fn changed_reports_pages_blocks_splits_and_tables() {
     // 512 pages, 2 table entries, and guard mode's EL2 entry of each of
     // the 2 table pages.
     assert_eq!(c.descriptors, 512 + 2 + 2);
-    let c = kit.s2.unmap(GIB, block).expect("unmap");
+    let c = kit.s2.unmap(Ipa(GIB), block).expect("unmap");
     // One run over the whole table replaces its entry: the table detached.
     assert_eq!((c.pages, c.tables_detached), (512, 1));
     assert_eq!(kit.table_pages(), 2);
     let c = kit
         .s2
-        .map(GIB, block, 0x8020_0000, ram(S2Perm::RW))
+        .map(Ipa(GIB), block, PhysAddr(0x8020_0000), ram(S2Perm::RW))
         .expect("block");
     assert_eq!(
         (c.pages, c.blocks, c.tables_allocated, c.tables_detached),
         (512, 1, 0, 0)
     );
     kit.mm.enter();
-    let c = kit.s2.unmap(GIB + 0x3000, PAGE_SIZE).expect("split");
+    let c = kit.s2.unmap(Ipa(GIB + 0x3000), PAGE_SIZE).expect("split");
     kit.mm.leave();
     assert_eq!((c.pages, c.splits, c.tables_allocated), (1, 1, 1));
-    kit.ref_map(GIB, block, 0x8020_0000, S2Perm::RW);
-    kit.ref_unmap(GIB + 0x3000, PAGE_SIZE);
+    kit.ref_map(Ipa(GIB), block, PhysAddr(0x8020_0000), S2Perm::RW);
+    kit.ref_unmap(Ipa(GIB + 0x3000), PAGE_SIZE);
     kit.check(&(GIB..GIB + block as u64)).expect("check");
 }

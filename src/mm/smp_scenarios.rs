@@ -19,13 +19,13 @@ use alloc::vec::Vec;
 use proptest::prelude::*;
 use spin::Mutex;
 
-use super::PAGE_SIZE;
 use super::arch::{MmArch, Vmid};
 use super::lazy::NestPolicy;
 use super::model::Fault;
 use super::scenarios::{Op, WINDOW, WINDOW_PAGES, apply, sections};
 use super::stage2::{S2Perm, Stage2};
 use super::testkit::{Kit, VMID, ram};
+use super::{Ipa, PAGE_SIZE, PhysAddr};
 
 /// The physical address a guest access on `cpu` reaches.
 fn pa_on(
@@ -102,9 +102,9 @@ fn check_all_cpus(kit: &Kit, focus: &[u64]) -> Result<(), alloc::string::String>
             let ipa = WINDOW.start + p * PAGE;
             let read = pa_on(&kit.model, cpu, VMID, ipa, false);
             let write = pa_on(&kit.model, cpu, VMID, ipa, true);
-            match kit.reference.get(&ipa) {
+            match kit.reference.get(&Ipa(ipa)) {
                 Some(&(pa, perm)) => {
-                    if read != Ok(pa) {
+                    if read != Ok(pa.0) {
                         return Err(alloc::format!(
                             "CPU {cpu}: read of {ipa:#x} gives {read:?}, want {pa:#x}"
                         ));
@@ -288,7 +288,12 @@ fn a_detached_table_is_freed_only_after_every_cpu_dropped_it() {
         let mut kit = Kit::new_smp(64, true, NestPolicy::Flatten, CPUS);
         kit.model.set_local_tlbis(local);
         kit.s2
-            .map(GIB, 2 * MIB as usize, 0x8000_1000, ram(S2Perm::RW))
+            .map(
+                Ipa(GIB),
+                2 * MIB as usize,
+                PhysAddr(0x8000_1000),
+                ram(S2Perm::RW),
+            )
             .expect("map pages");
         let table = kit.table_pages();
         assert_eq!(table, 3, "root, level-2 and level-3 tables");
@@ -297,7 +302,7 @@ fn a_detached_table_is_freed_only_after_every_cpu_dropped_it() {
             assert!(!kit.model.walk_entries(cpu).is_empty());
         }
         kit.mm.enter();
-        kit.s2.unmap(GIB, 2 * MIB as usize).expect("unmap");
+        kit.s2.unmap(Ipa(GIB), 2 * MIB as usize).expect("unmap");
         kit.mm.leave();
         assert_eq!(kit.table_pages(), 2, "the level-3 table was detached");
         let freed_early = kit
@@ -321,23 +326,38 @@ fn two_cpus_in_sections_on_two_vms_pay_only_their_own() {
     let mut s2b = Stage2::new(vm2, kit.mm, kit.pool).expect("VM 2");
     let mut s2a = kit.s2;
     let (a, b) = (GIB, 2 * GIB);
-    s2a.map(a, 16 * PAGE_SIZE, 0x8000_0000, ram(S2Perm::RW))
-        .expect("VM 1");
-    s2b.map(b, 16 * PAGE_SIZE, 0x9000_0000, ram(S2Perm::RW))
-        .expect("VM 2");
+    s2a.map(
+        Ipa(a),
+        16 * PAGE_SIZE,
+        PhysAddr(0x8000_0000),
+        ram(S2Perm::RW),
+    )
+    .expect("VM 1");
+    s2b.map(
+        Ipa(b),
+        16 * PAGE_SIZE,
+        PhysAddr(0x9000_0000),
+        ram(S2Perm::RW),
+    )
+    .expect("VM 2");
     // VM 1 runs on CPU 2, VM 2 on CPU 3.
     assert_eq!(kit.model.touch_guest_on(2, VMID, a..a + 16 * PAGE), 16);
     assert_eq!(kit.model.touch_guest_on(3, vm2, b..b + 16 * PAGE), 16);
 
     kit.model.set_cpu_id(0);
     kit.mm.enter();
-    s2a.map(a + 64 * PAGE, 4 * PAGE_SIZE, 0x8010_0000, ram(S2Perm::RW))
-        .expect("map VM 1");
-    s2a.unmap(a, PAGE_SIZE).expect("unmap VM 1");
+    s2a.map(
+        Ipa(a + 64 * PAGE),
+        4 * PAGE_SIZE,
+        PhysAddr(0x8010_0000),
+        ram(S2Perm::RW),
+    )
+    .expect("map VM 1");
+    s2a.unmap(Ipa(a), PAGE_SIZE).expect("unmap VM 1");
     kit.model.set_cpu_id(1);
     assert!(kit.mm.nothing_pending(), "CPU 1 owes nothing of CPU 0's");
     kit.mm.enter();
-    s2b.protect(b, 16 * PAGE_SIZE, S2Perm::RO)
+    s2b.protect(Ipa(b), 16 * PAGE_SIZE, S2Perm::RO)
         .expect("protect VM 2");
     kit.mm.leave();
     // CPU 1's DSBs did not publish CPU 0's descriptors: VM 1's new pages
@@ -386,7 +406,7 @@ fn a_store_is_published_by_its_own_cpus_dsb_only() {
     let mut kit = Kit::new_smp(16, false, NestPolicy::Flatten, CPUS);
     kit.mm.enter();
     kit.s2
-        .map(GIB, PAGE_SIZE, 0x8000_0000, ram(S2Perm::RW))
+        .map(Ipa(GIB), PAGE_SIZE, PhysAddr(0x8000_0000), ram(S2Perm::RW))
         .expect("map");
     kit.model.set_cpu_id(1);
     kit.model.dsb_ish();
@@ -397,6 +417,6 @@ fn a_store_is_published_by_its_own_cpus_dsb_only() {
     kit.model.set_cpu_id(0);
     kit.mm.leave();
     assert_eq!(pa_on(&kit.model, 2, VMID, GIB, false), Ok(0x8000_0000));
-    kit.ref_map(GIB, PAGE_SIZE, 0x8000_0000, S2Perm::RW);
+    kit.ref_map(Ipa(GIB), PAGE_SIZE, PhysAddr(0x8000_0000), S2Perm::RW);
     kit.check(&(GIB..GIB + 2 * MIB)).expect("check");
 }

@@ -79,7 +79,7 @@ use super::{BLOCK_1G, BLOCK_2M, Ipa, PAGE_SIZE, PhysAddr};
 pub const IPA_BITS: u32 = 39;
 
 /// First IPA beyond the guest's IPA space.
-pub const IPA_LIMIT: Ipa = 1 << IPA_BITS;
+pub const IPA_LIMIT: Ipa = Ipa(1 << IPA_BITS);
 
 /// Level at which stage-2 walks start (with `IPA_BITS` and a 4 KiB granule).
 const ROOT_LEVEL: usize = 1;
@@ -294,13 +294,16 @@ impl Translation<Stage2Attributes> for TableReserve {
             .reserve
             .pop()
             .expect("stage-2 table reserve exhausted: prepare step under-counted");
-        let ptr = NonNull::new(pa as *mut PageTable<Stage2Attributes>)
+        let ptr = NonNull::new(pa.0 as *mut PageTable<Stage2Attributes>)
             .expect("pool pages are never at address 0");
-        (ptr, PhysicalAddress(pa))
+        (ptr, PhysicalAddress(pa.0))
     }
 
     unsafe fn deallocate_table(&mut self, page_table: NonNull<PageTable<Stage2Attributes>>) {
-        self.0.lock().detached.push(page_table.as_ptr() as PhysAddr);
+        self.0
+            .lock()
+            .detached
+            .push(PhysAddr(page_table.as_ptr() as usize));
     }
 
     fn physical_to_virtual(&self, pa: PhysicalAddress) -> NonNull<PageTable<Stage2Attributes>> {
@@ -333,7 +336,7 @@ struct Leaf {
     level: usize,
     valid: bool,
     /// Output address of the entry's first byte (valid entries).
-    pa: PhysAddr,
+    pa: usize,
     flags: Stage2Attributes,
 }
 
@@ -342,7 +345,7 @@ struct Leaf {
 #[derive(Clone, Debug)]
 struct Piece {
     range: Range<usize>,
-    pa: PhysAddr,
+    pa: usize,
     flags: Stage2Attributes,
 }
 
@@ -351,7 +354,7 @@ struct Piece {
 enum Change {
     Unmap,
     Protect(S2Perm),
-    Remap { pa: PhysAddr, attrs: S2Attrs },
+    Remap { pa: usize, attrs: S2Attrs },
 }
 
 /// One guest's stage-2 translation tables.
@@ -449,13 +452,13 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     /// Physical address of the root table.
     #[must_use]
     pub fn root(&self) -> PhysAddr {
-        self.mapping.root_address().0
+        PhysAddr(self.mapping.root_address().0)
     }
 
     /// The value for `VTTBR_EL2`: root table address and VMID.
     #[must_use]
     pub fn vttbr(&self) -> u64 {
-        self.root() as u64 | (u64::from(self.vmid.0) << 48)
+        self.root().0 as u64 | (u64::from(self.vmid.0) << 48)
     }
 
     /// Maps `[ipa, ipa + size)` to `[pa, pa + size)` with `attrs`, using
@@ -491,7 +494,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     ) -> Result<(), Stage2Error> {
         self.mm.debug_assert_not_paused();
         let region = checked_region(ipa, size)?;
-        check_pa(pa, size)?;
+        let pa = check_pa(pa, size)?;
         self.complete_deferred(&region);
         let piece = Piece {
             range: region.clone(),
@@ -560,7 +563,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         let mut pieces = Vec::with_capacity(maps.len());
         for &(ipa, size, pa) in maps {
             let range = checked_region(ipa, size)?;
-            check_pa(pa, size)?;
+            let pa = check_pa(pa, size)?;
             self.complete_deferred(&range);
             pieces.push(Piece {
                 range,
@@ -638,7 +641,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         pa: PhysAddr,
         attrs: S2Attrs,
     ) -> Result<Changed, Stage2Error> {
-        check_pa(pa, size)?;
+        let pa = check_pa(pa, size)?;
         let before = self.tally();
         self.change(ipa, size, Change::Remap { pa, attrs })?;
         Ok(self.changed_since(before, Some((size / PAGE_SIZE) as u64)))
@@ -712,7 +715,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         self.mm.debug_assert_not_paused();
         // A table whose entries are all broken with their makes deferred
         // looks empty: complete the makes before anything is detached.
-        self.complete_deferred(&(0..IPA_LIMIT as usize));
+        self.complete_deferred(&(0..IPA_LIMIT.0 as usize));
         self.mapping.compact_subtables();
         let detached = self.reserve_pages().detached.len();
         if detached > 0 {
@@ -729,11 +732,12 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         if ipa >= IPA_LIMIT {
             return None;
         }
-        let page = ipa as usize & !(PAGE_SIZE - 1);
+        let ipa = ipa.0 as usize;
+        let page = ipa & !(PAGE_SIZE - 1);
         self.complete_deferred(&(page..page + PAGE_SIZE));
         let leaf = self.leaves(&(page..page + PAGE_SIZE)).pop()?;
         leaf.valid.then(|| S2Translation {
-            pa: leaf.pa + (ipa as usize - leaf.entry.start),
+            pa: PhysAddr(leaf.pa + (ipa - leaf.entry.start)),
             attrs: S2Attrs::from_descriptor_flags(leaf.flags),
             level: leaf.level,
         })
@@ -756,11 +760,11 @@ impl<'m, A: MmArch> Stage2<'m, A> {
                 return;
             }
             let t = S2Translation {
-                pa: l.pa + (l.chunk.start - l.entry.start),
+                pa: PhysAddr(l.pa + (l.chunk.start - l.entry.start)),
                 attrs: S2Attrs::from_descriptor_flags(l.flags),
                 level: l.level,
             };
-            f(l.chunk.start as Ipa..l.chunk.end as Ipa, t);
+            f(Ipa(l.chunk.start as u64)..Ipa(l.chunk.end as u64), t);
         });
     }
 
@@ -935,7 +939,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     fn table_windows(
         &self,
         region: &Range<usize>,
-        pa_of: impl Fn(usize) -> PhysAddr,
+        pa_of: impl Fn(usize) -> usize,
     ) -> Vec<(Range<usize>, usize)> {
         let mut out: Vec<(Range<usize>, usize)> = Vec::new();
         for (gran, level) in [(BLOCK_1G, 1), (BLOCK_2M, 2)] {
@@ -984,7 +988,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     /// output addresses from a block-aligned start, with one set of
     /// attributes.
     fn uniform(&self, window: &Range<usize>, level: usize) -> Option<Piece> {
-        let mut first: Option<(PhysAddr, Stage2Attributes)> = None;
+        let mut first: Option<(usize, Stage2Attributes)> = None;
         let mut ok = true;
         self.walk_leaves(window, |l| {
             if !ok {
@@ -1130,7 +1134,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     /// invalidations have completed. Returns false (nothing done) when the
     /// remap does not qualify or no section is open: the caller takes the
     /// path that breaks, flushes and makes at once.
-    fn defer_remap(&mut self, region: &Range<usize>, pa: PhysAddr, attrs: S2Attrs) -> bool {
+    fn defer_remap(&mut self, region: &Range<usize>, pa: usize, attrs: S2Attrs) -> bool {
         if !self.mm.in_lazy_mode() || self.mm.is_paused() {
             return false;
         }
@@ -1175,7 +1179,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
                     vmid: self.vmid,
                     ipa: e.start as u64,
                     size: (e.end - e.start) as u64,
-                    desc: self.desc_addr(e.start, *level),
+                    desc: PhysAddr(self.desc_addr(e.start, *level)),
                     value: (pa + (e.start - region.start)) as u64 | (flags | page).bits() as u64,
                 }
             })
@@ -1199,9 +1203,9 @@ impl<'m, A: MmArch> Stage2<'m, A> {
 
     /// The identity-mapped address of the descriptor of the entry at
     /// `level` covering `ipa` (every level above it a table).
-    fn desc_addr(&self, ipa: usize, level: usize) -> PhysAddr {
+    fn desc_addr(&self, ipa: usize, level: usize) -> usize {
         let index = |l: usize| (ipa >> (12 + 9 * (3 - l))) & 511;
-        let mut table = self.root();
+        let mut table = self.root().0;
         for l in ROOT_LEVEL..level {
             // SAFETY: `table` is a live table of this stage 2 (the root, or
             // one a table descriptor read here points at), identity-mapped.
@@ -1219,7 +1223,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     fn scan_pages(&self, window: &Range<usize>) -> Option<PageScan> {
         debug_assert!(window.start >> 21 == (window.end - 1) >> 21);
         let index = |ipa: usize, l: usize| (ipa >> (12 + 9 * (3 - l))) & 511;
-        let mut table = self.root();
+        let mut table = self.root().0;
         for l in ROOT_LEVEL..3 {
             // SAFETY: `table` is a live table of this stage 2 (the root, or
             // one a table descriptor read here points at), identity-mapped.
@@ -1494,7 +1498,7 @@ impl<A: MmArch> Drop for Stage2<'_, A> {
     /// A section open on this CPU is paid by step 1's flush.
     fn drop(&mut self) {
         self.mm.debug_assert_not_paused();
-        let pages = self.mapped_pages(&(0..IPA_LIMIT as usize));
+        let pages = self.mapped_pages(&(0..IPA_LIMIT.0 as usize));
         sub(&self.mm.counters().pages_mapped, pages as u64);
         self.mm.queue_stage2_invalidation_all(self.vmid);
         self.mm.flush();
@@ -1655,22 +1659,24 @@ fn checked_region(ipa: Ipa, size: usize) -> Result<Range<usize>, Stage2Error> {
     if size == 0 {
         return Err(Stage2Error::EmptyRange);
     }
-    if !ipa.is_multiple_of(PAGE_SIZE as u64) || !size.is_multiple_of(PAGE_SIZE) {
+    if !ipa.is_aligned(PAGE_SIZE as u64) || !size.is_multiple_of(PAGE_SIZE) {
         return Err(Stage2Error::Unaligned);
     }
     let end = ipa.checked_add(size as u64).ok_or(Stage2Error::Overflow)?;
     if end > IPA_LIMIT {
         return Err(Stage2Error::OutsideIpaSpace);
     }
-    Ok(ipa as usize..end as usize)
+    Ok(ipa.0 as usize..end.0 as usize)
 }
 
-fn check_pa(pa: PhysAddr, size: usize) -> Result<(), Stage2Error> {
-    if !pa.is_multiple_of(PAGE_SIZE) {
+/// Validates the output address of a `size`-byte mapping and returns it as
+/// an address for the walks.
+fn check_pa(pa: PhysAddr, size: usize) -> Result<usize, Stage2Error> {
+    if !pa.is_aligned(PAGE_SIZE) {
         return Err(Stage2Error::Unaligned);
     }
     pa.checked_add(size).ok_or(Stage2Error::Overflow)?;
-    Ok(())
+    Ok(pa.0)
 }
 
 /// Size of the address range one entry at `level` covers.
@@ -1711,8 +1717,9 @@ mod tests {
         Fixture { mm, pool, s2 }
     }
 
-    fn level_at(s2: &Stage2<'_, NoopArch>, ipa: usize) -> Option<(PhysAddr, usize, S2Attrs)> {
-        s2.query(ipa as Ipa).map(|t| (t.pa, t.level, t.attrs))
+    fn level_at(s2: &Stage2<'_, NoopArch>, ipa: usize) -> Option<(usize, usize, S2Attrs)> {
+        s2.query(Ipa(ipa as u64))
+            .map(|t| (t.pa.0, t.level, t.attrs))
     }
 
     #[test]
@@ -1725,20 +1732,30 @@ mod tests {
     #[test]
     fn aligned_map_uses_blocks_and_unaligned_uses_pages() {
         let mut f = setup(64);
-        f.s2.map(0x4000_0000, 4 * MIB, 0x8000_0000, S2Attrs::RAM)
-            .expect("map");
+        f.s2.map(
+            Ipa(0x4000_0000),
+            4 * MIB,
+            PhysAddr(0x8000_0000),
+            S2Attrs::RAM,
+        )
+        .expect("map");
         assert_eq!(
             level_at(&f.s2, 0x4012_3456),
             Some((0x8012_3456, 2, S2Attrs::RAM))
         );
-        f.s2.map(0x4040_0000, 8 << 12, 0x9000_1000, S2Attrs::DEVICE)
-            .expect("map");
+        f.s2.map(
+            Ipa(0x4040_0000),
+            8 << 12,
+            PhysAddr(0x9000_1000),
+            S2Attrs::DEVICE,
+        )
+        .expect("map");
         assert_eq!(
             level_at(&f.s2, 0x4040_1008),
             Some((0x9000_2008, 3, S2Attrs::DEVICE))
         );
         assert_eq!(
-            f.s2.query(0x4040_8000),
+            f.s2.query(Ipa(0x4040_8000)),
             None,
             "one past the end stays unmapped"
         );
@@ -1763,13 +1780,13 @@ mod tests {
             0b1111 << 2,
             "MemAttr 0b1111: inner and outer write-back without FWB"
         );
-        f.s2.map(0x4000_0000, 4 * MIB, 0x8000_0000, fwb)
+        f.s2.map(Ipa(0x4000_0000), 4 * MIB, PhysAddr(0x8000_0000), fwb)
             .expect("map");
-        f.s2.map(0x4040_0000, 8 << 12, 0x9000_0000, fwb)
+        f.s2.map(Ipa(0x4040_0000), 8 << 12, PhysAddr(0x9000_0000), fwb)
             .expect("map");
         assert_eq!(level_at(&f.s2, 0x4012_3456), Some((0x8012_3456, 2, fwb)));
         // Protecting keeps the memory type.
-        f.s2.protect(0x4040_0000, 4096, S2Perm::RO)
+        f.s2.protect(Ipa(0x4040_0000), 4096, S2Perm::RO)
             .expect("protect");
         assert_eq!(
             level_at(&f.s2, 0x4040_0008).map(|(_, _, a)| a),
@@ -1784,9 +1801,9 @@ mod tests {
     fn a_gib_aligned_map_is_one_block_and_takes_no_table_pages() {
         let mut f = setup(8);
         let free_before = f.pool.free_pages();
-        f.s2.map(GIB as u64, GIB, 2 * GIB, S2Attrs::RAM)
+        f.s2.map(Ipa(GIB as u64), GIB, PhysAddr(2 * GIB), S2Attrs::RAM)
             .expect("map");
-        assert_eq!(f.s2.query(GIB as u64 + 5).map(|t| t.level), Some(1));
+        assert_eq!(f.s2.query(Ipa(GIB as u64 + 5)).map(|t| t.level), Some(1));
         assert_eq!(f.pool.free_pages(), free_before);
     }
 
@@ -1794,34 +1811,38 @@ mod tests {
     fn bad_ranges_are_refused_with_their_reason() {
         let mut f = setup(8);
         let r = S2Attrs::RAM;
-        assert_eq!(f.s2.map(0x1000, 0, 0x1000, r), Err(Stage2Error::EmptyRange));
         assert_eq!(
-            f.s2.map(0x1001, 4096, 0x1000, r),
+            f.s2.map(Ipa(0x1000), 0, PhysAddr(0x1000), r),
+            Err(Stage2Error::EmptyRange)
+        );
+        assert_eq!(
+            f.s2.map(Ipa(0x1001), 4096, PhysAddr(0x1000), r),
             Err(Stage2Error::Unaligned)
         );
         assert_eq!(
-            f.s2.map(0x1000, 4096, 0x1001, r),
+            f.s2.map(Ipa(0x1000), 4096, PhysAddr(0x1001), r),
             Err(Stage2Error::Unaligned)
         );
         assert_eq!(
-            f.s2.map(IPA_LIMIT - 4096, 8192, 0, r),
+            f.s2.map(Ipa(IPA_LIMIT.0 - 4096), 8192, PhysAddr(0), r),
             Err(Stage2Error::OutsideIpaSpace)
         );
         assert_eq!(
-            f.s2.map(u64::MAX - 4095, 8192, 0, r),
+            f.s2.map(Ipa(u64::MAX - 4095), 8192, PhysAddr(0), r),
             Err(Stage2Error::Overflow)
         );
-        f.s2.map(0x4000_0000, 4096, 0x1000, r).expect("map");
+        f.s2.map(Ipa(0x4000_0000), 4096, PhysAddr(0x1000), r)
+            .expect("map");
         assert_eq!(
-            f.s2.map(0x3fff_f000, 8192, 0x1000, r),
+            f.s2.map(Ipa(0x3fff_f000), 8192, PhysAddr(0x1000), r),
             Err(Stage2Error::AlreadyMapped)
         );
         assert_eq!(
-            f.s2.protect(0x3fff_f000, 8192, S2Perm::RO),
+            f.s2.protect(Ipa(0x3fff_f000), 8192, S2Perm::RO),
             Err(Stage2Error::NotMapped)
         );
         assert_eq!(
-            f.s2.remap(0x4000_0000, 8192, 0x2000, r),
+            f.s2.remap(Ipa(0x4000_0000), 8192, PhysAddr(0x2000), r),
             Err(Stage2Error::NotMapped)
         );
     }
@@ -1829,14 +1850,19 @@ mod tests {
     #[test]
     fn unmapping_the_middle_of_a_block_splits_it_with_break_before_make() {
         let mut f = setup(16);
-        f.s2.map(0x4000_0000, 2 * MIB, 0x8000_0000, S2Attrs::RAM)
-            .expect("map");
-        f.s2.unmap(0x4010_0000, 4096).expect("unmap");
+        f.s2.map(
+            Ipa(0x4000_0000),
+            2 * MIB,
+            PhysAddr(0x8000_0000),
+            S2Attrs::RAM,
+        )
+        .expect("map");
+        f.s2.unmap(Ipa(0x4010_0000), 4096).expect("unmap");
         assert_eq!(
             level_at(&f.s2, 0x400f_f000),
             Some((0x800f_f000, 3, S2Attrs::RAM))
         );
-        assert_eq!(f.s2.query(0x4010_0000), None);
+        assert_eq!(f.s2.query(Ipa(0x4010_0000)), None);
         assert_eq!(
             level_at(&f.s2, 0x4010_1000),
             Some((0x8010_1000, 3, S2Attrs::RAM))
@@ -1849,10 +1875,15 @@ mod tests {
     #[test]
     fn protect_changes_permissions_and_splits_only_straddlers() {
         let mut f = setup(16);
-        f.s2.map(0x4000_0000, 4 * MIB, 0x8000_0000, S2Attrs::RAM)
-            .expect("map");
+        f.s2.map(
+            Ipa(0x4000_0000),
+            4 * MIB,
+            PhysAddr(0x8000_0000),
+            S2Attrs::RAM,
+        )
+        .expect("map");
         // Whole second block: in place, no BBM.
-        f.s2.protect(0x4020_0000, 2 * MIB, S2Perm::RO)
+        f.s2.protect(Ipa(0x4020_0000), 2 * MIB, S2Perm::RO)
             .expect("protect");
         let ro = S2Attrs {
             perm: S2Perm::RO,
@@ -1861,7 +1892,8 @@ mod tests {
         assert_eq!(level_at(&f.s2, 0x4020_0000), Some((0x8020_0000, 2, ro)));
         assert_eq!(f.mm.total("bbm"), 0);
         // Half of the first: split.
-        f.s2.protect(0x4000_0000, MIB, S2Perm::RO).expect("protect");
+        f.s2.protect(Ipa(0x4000_0000), MIB, S2Perm::RO)
+            .expect("protect");
         assert_eq!(level_at(&f.s2, 0x4000_0000), Some((0x8000_0000, 3, ro)));
         assert_eq!(
             level_at(&f.s2, 0x4010_0000),
@@ -1873,9 +1905,14 @@ mod tests {
     #[test]
     fn remap_moves_backing_and_merge_restores_the_block() {
         let mut f = setup(16);
-        f.s2.map(0x4000_0000, 2 * MIB, 0x8000_0000, S2Attrs::RAM)
-            .expect("map");
-        f.s2.remap(0x4000_0000, 4096, 0x9000_0000, S2Attrs::RAM)
+        f.s2.map(
+            Ipa(0x4000_0000),
+            2 * MIB,
+            PhysAddr(0x8000_0000),
+            S2Attrs::RAM,
+        )
+        .expect("map");
+        f.s2.remap(Ipa(0x4000_0000), 4096, PhysAddr(0x9000_0000), S2Attrs::RAM)
             .expect("remap");
         assert_eq!(
             level_at(&f.s2, 0x4000_0000),
@@ -1886,14 +1923,14 @@ mod tests {
             Some((0x8000_1000, 3, S2Attrs::RAM))
         );
         assert_eq!(
-            f.s2.merge(0x4000_0000, 2 * MIB),
+            f.s2.merge(Ipa(0x4000_0000), 2 * MIB),
             Ok(0),
             "not uniform: nothing merged"
         );
-        f.s2.remap(0x4000_0000, 4096, 0x8000_0000, S2Attrs::RAM)
+        f.s2.remap(Ipa(0x4000_0000), 4096, PhysAddr(0x8000_0000), S2Attrs::RAM)
             .expect("remap back");
         let free = f.pool.free_pages();
-        assert_eq!(f.s2.merge(0x4000_0000, 2 * MIB), Ok(1));
+        assert_eq!(f.s2.merge(Ipa(0x4000_0000), 2 * MIB), Ok(1));
         assert_eq!(
             level_at(&f.s2, 0x4000_1000),
             Some((0x8000_1000, 2, S2Attrs::RAM))
@@ -1913,29 +1950,33 @@ mod tests {
         // a level-3 table.
         for fail_at in 0..3 {
             let mut f = setup(16);
-            f.s2.map(0x4000_0000, 4096, 0x1000, S2Attrs::RAM)
+            f.s2.map(Ipa(0x4000_0000), 4096, PhysAddr(0x1000), S2Attrs::RAM)
                 .expect("first map");
             let free_before = f.pool.free_pages();
             f.pool.fail_after(Some(fail_at));
-            let r = f.s2.map(0x8000_0000, 4 * MIB, 0x1000, S2Attrs::RAM);
+            let r =
+                f.s2.map(Ipa(0x8000_0000), 4 * MIB, PhysAddr(0x1000), S2Attrs::RAM);
             assert_eq!(r, Err(Stage2Error::OutOfTableMemory(PoolError::Injected)));
             f.pool.fail_after(None);
             assert_eq!(f.pool.free_pages(), free_before, "no page leaked");
-            assert_eq!(f.s2.query(0x8000_0000), None, "nothing mapped");
-            assert!(f.s2.query(0x4000_0000).is_some(), "earlier mapping intact");
+            assert_eq!(f.s2.query(Ipa(0x8000_0000)), None, "nothing mapped");
+            assert!(
+                f.s2.query(Ipa(0x4000_0000)).is_some(),
+                "earlier mapping intact"
+            );
         }
         for fail_at in 0..2 {
             let mut f = setup(16);
-            f.s2.map(GIB as u64, GIB, 2 * GIB, S2Attrs::RAM)
+            f.s2.map(Ipa(GIB as u64), GIB, PhysAddr(2 * GIB), S2Attrs::RAM)
                 .expect("block");
             let free_before = f.pool.free_pages();
             f.pool.fail_after(Some(fail_at));
-            let r = f.s2.unmap(GIB as u64 + 0x1234_5000, 4096);
+            let r = f.s2.unmap(Ipa(GIB as u64 + 0x1234_5000), 4096);
             assert_eq!(r, Err(Stage2Error::OutOfTableMemory(PoolError::Injected)));
             f.pool.fail_after(None);
             assert_eq!(f.pool.free_pages(), free_before);
             assert_eq!(
-                f.s2.query(GIB as u64 + 0x1234_5000).map(|t| t.level),
+                f.s2.query(Ipa(GIB as u64 + 0x1234_5000)).map(|t| t.level),
                 Some(1),
                 "block intact"
             );
@@ -1958,16 +1999,26 @@ mod tests {
         };
         let run = |lazy: bool| {
             let mut f = setup(64);
-            f.s2.map(0x4000_0000, 4 * MIB, 0x8000_0000, S2Attrs::RAM)
-                .expect("map");
-            f.s2.map(0x4040_0000, 16 << 12, 0x9000_1000, S2Attrs::RAM)
-                .expect("map");
+            f.s2.map(
+                Ipa(0x4000_0000),
+                4 * MIB,
+                PhysAddr(0x8000_0000),
+                S2Attrs::RAM,
+            )
+            .expect("map");
+            f.s2.map(
+                Ipa(0x4040_0000),
+                16 << 12,
+                PhysAddr(0x9000_1000),
+                S2Attrs::RAM,
+            )
+            .expect("map");
             if lazy {
                 f.mm.enter();
             }
-            f.s2.remap(0x4000_0000, 4 * MIB, 0xa000_0000, ro_dev)
+            f.s2.remap(Ipa(0x4000_0000), 4 * MIB, PhysAddr(0xa000_0000), ro_dev)
                 .expect("remap blocks");
-            f.s2.remap(0x4040_0000, 16 << 12, 0xb000_3000, fwb)
+            f.s2.remap(Ipa(0x4040_0000), 16 << 12, PhysAddr(0xb000_3000), fwb)
                 .expect("remap pages");
             let deferred = f.mm.deferred_makes();
             if lazy {
@@ -1998,9 +2049,14 @@ mod tests {
     fn dropping_the_tables_gives_every_page_back() {
         let mut f = setup(32);
         let total = f.pool.total_pages();
-        f.s2.map(0x4000_0000, 6 * MIB, 0x8000_1000, S2Attrs::RAM)
-            .expect("map");
-        f.s2.unmap(0x4000_0000, MIB).expect("unmap");
+        f.s2.map(
+            Ipa(0x4000_0000),
+            6 * MIB,
+            PhysAddr(0x8000_1000),
+            S2Attrs::RAM,
+        )
+        .expect("map");
+        f.s2.unmap(Ipa(0x4000_0000), MIB).expect("unmap");
         drop(f.s2);
         assert_eq!(f.pool.free_pages(), total);
     }
@@ -2017,8 +2073,8 @@ mod unmap_cost {
     const MIB: usize = 1 << 20;
     /// 256 MiB of pages (a PA that is not 2 MiB-aligned: no blocks).
     const SIZE: usize = 256 * MIB;
-    const IPA: Ipa = 1 << 30;
-    const PA: PhysAddr = 0x8000_1000;
+    const IPA: Ipa = Ipa(1 << 30);
+    const PA: PhysAddr = PhysAddr(0x8000_1000);
 
     fn fixture() -> (&'static MmCtx<'static, NoopArch>, Stage2<'static, NoopArch>) {
         let mm = leak(MmCtx::new(NoopArch));
@@ -2068,7 +2124,8 @@ mod unmap_cost {
         let (full, full_queue) = best(&|_| {});
         let (alternating, alt_queue) = best(&|s2| {
             for page in (0..SIZE).step_by(2 * PAGE_SIZE) {
-                s2.unmap(IPA + page as u64, PAGE_SIZE).expect("give back");
+                s2.unmap(IPA.add(page as u64), PAGE_SIZE)
+                    .expect("give back");
             }
         });
         std::println!(

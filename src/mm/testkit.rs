@@ -23,7 +23,7 @@ use super::model::{Model, Regime};
 use super::pool::test_support::{host_region, leak};
 use super::pool::{El2PageMap, PagePool};
 use super::stage2::{S2Attrs, S2Perm, Stage2};
-use super::{PAGE_SIZE, PhysAddr};
+use super::{Ipa, PAGE_SIZE, PhysAddr};
 
 /// Table pages for the host EL2 map: a bump allocator over a host region.
 #[derive(Debug)]
@@ -102,8 +102,8 @@ impl El2PageMap for HostEl2 {
         self.0
             .lock()
             .map_range(
-                &MemoryRegion::new(va, va + PAGE_SIZE),
-                PhysicalAddress(va),
+                &MemoryRegion::new(va.0, va.0 + PAGE_SIZE),
+                PhysicalAddress(va.0),
                 flags,
                 Constraints::NO_BLOCK_MAPPINGS,
             )
@@ -127,7 +127,7 @@ pub struct Kit {
     /// The guest's stage 2.
     pub s2: Stage2<'static, Model>,
     /// What the guest's stage 2 must translate to.
-    pub reference: BTreeMap<u64, (PhysAddr, S2Perm)>,
+    pub reference: BTreeMap<Ipa, (PhysAddr, S2Perm)>,
 }
 
 impl Kit {
@@ -141,11 +141,13 @@ impl Kit {
     pub fn new_smp(pool_pages: usize, guard: bool, policy: NestPolicy, cpus: usize) -> Self {
         let pool_region = host_region(pool_pages);
         let el2_tables = host_region(8);
+        // The model and the EL2 map work on raw addresses.
+        let raw = |r: &Range<PhysAddr>| r.start.0..r.end.0;
         // SAFETY: both regions are leaked host memory that outlive the model.
-        let model = unsafe { Model::new_smp(&[pool_region.clone(), el2_tables.clone()], cpus) };
+        let model = unsafe { Model::new_smp(&[raw(&pool_region), raw(&el2_tables)], cpus) };
         let mm = leak(MmCtx::new(model.clone()));
         mm.set_policy(policy);
-        let el2: &'static HostEl2 = leak(HostEl2::new(el2_tables, &pool_region));
+        let el2: &'static HostEl2 = leak(HostEl2::new(raw(&el2_tables), &raw(&pool_region)));
         model.set_el2_root(el2.root());
         // The EL2 map as built is in effect (as on the hypervisor, where it
         // is switched to before the pool exists).
@@ -162,7 +164,7 @@ impl Kit {
             unsafe { pool.free_many(pages) };
         }));
         let s2 = Stage2::new(VMID, mm, pool).expect("root table");
-        model.set_stage2_root(VMID, s2.root());
+        model.set_stage2_root(VMID, s2.root().0);
         mm.reset_counters();
         model.reset_stats();
         Self {
@@ -175,16 +177,17 @@ impl Kit {
     }
 
     /// Records in the reference that `[ipa, ipa + size)` maps to `pa` with `perm`.
-    pub fn ref_map(&mut self, ipa: u64, size: usize, pa: PhysAddr, perm: S2Perm) {
+    pub fn ref_map(&mut self, ipa: Ipa, size: usize, pa: PhysAddr, perm: S2Perm) {
         for off in (0..size).step_by(PAGE_SIZE) {
-            self.reference.insert(ipa + off as u64, (pa + off, perm));
+            self.reference
+                .insert(ipa.add(off as u64), (pa.add(off), perm));
         }
     }
 
     /// Records in the reference that `[ipa, ipa + size)` is unmapped.
-    pub fn ref_unmap(&mut self, ipa: u64, size: usize) {
+    pub fn ref_unmap(&mut self, ipa: Ipa, size: usize) {
         for off in (0..size).step_by(PAGE_SIZE) {
-            self.reference.remove(&(ipa + off as u64));
+            self.reference.remove(&ipa.add(off as u64));
         }
     }
 
@@ -218,7 +221,7 @@ impl Kit {
             }
             n
         }
-        count(self.s2.root(), 1)
+        count(self.s2.root().0, 1)
     }
 
     /// Checks the state a guest would run on (after an eager operation or a
@@ -260,12 +263,12 @@ impl Kit {
         }
         for ipa in (window.start..window.end).step_by(PAGE_SIZE) {
             let live = self.model.walk_live(Regime::Stage2(VMID), ipa);
-            let want = self.reference.get(&ipa);
+            let want = self.reference.get(&Ipa(ipa));
             match (live, want) {
                 (None, None) => {}
                 (Some(l), Some(&(pa, perm))) => {
                     let got = l.out + (ipa - l.base) as usize;
-                    if got != pa
+                    if got != pa.0
                         || l.perm.read != perm.read
                         || l.perm.write != perm.write
                         || l.perm.exec != perm.exec
@@ -276,7 +279,7 @@ impl Kit {
                     }
                     // The guest gets there, with the right permissions.
                     match self.model.guest_access(VMID, ipa, false) {
-                        Ok(got) if got == pa => {}
+                        Ok(got) if got == pa.0 => {}
                         other => {
                             return Err(format!(
                                 "IPA {ipa:#x}: guest read gives {other:?}, want {pa:#x}"

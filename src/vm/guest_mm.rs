@@ -125,19 +125,25 @@ impl GuestRam {
     /// The physical range backing all of guest RAM.
     #[must_use]
     pub fn backing_range(&self) -> Range<PhysAddr> {
-        self.backing..self.backing + (self.ipa.end - self.ipa.start) as usize
+        self.backing..self.backing.add(self.size() as usize)
     }
 
-    /// The backing of `ipa` (inside guest RAM).
+    /// Bytes of guest RAM.
+    #[must_use]
+    pub fn size(&self) -> u64 {
+        self.ipa.end.offset_from(self.ipa.start)
+    }
+
+    /// The backing of `ipa` (inside guest RAM): the one place an IPA of
+    /// guest RAM becomes a physical address without a stage-2 walk.
     #[must_use]
     pub fn backing_of(&self, ipa: Ipa) -> PhysAddr {
-        self.backing + (ipa - self.ipa.start) as usize
+        debug_assert!(self.ipa.start <= ipa && ipa <= self.ipa.end);
+        self.backing.add(ipa.offset_from(self.ipa.start) as usize)
     }
 
-    fn check(&self, ipa: u64, size: u64) -> Result<(), BatchError> {
-        if size == 0
-            || !ipa.is_multiple_of(PAGE_SIZE as u64)
-            || !size.is_multiple_of(PAGE_SIZE as u64)
+    fn check(&self, ipa: Ipa, size: u64) -> Result<(), BatchError> {
+        if size == 0 || !ipa.is_aligned(PAGE_SIZE as u64) || !size.is_multiple_of(PAGE_SIZE as u64)
         {
             return Err(BatchError::BadRange);
         }
@@ -155,7 +161,7 @@ impl GuestRam {
 ///
 /// The first reason the operation is invalid.
 pub fn validate(op: &MmOp, ram: &GuestRam) -> Result<(), BatchError> {
-    ram.check(op.ipa, op.size)?;
+    ram.check(Ipa(op.ipa), op.size)?;
     match op.kind {
         kind::POPULATE | kind::UNMAP | kind::MERGE => Ok(()),
         kind::PROTECT => {
@@ -165,7 +171,7 @@ pub fn validate(op: &MmOp, ram: &GuestRam) -> Result<(), BatchError> {
                 Ok(())
             }
         }
-        kind::REMAP_ALIAS => ram.check(op.src_ipa, op.size),
+        kind::REMAP_ALIAS => ram.check(Ipa(op.src_ipa), op.size),
         _ => Err(BatchError::UnknownKind),
     }
 }
@@ -196,41 +202,41 @@ fn run_op<A: MmArch>(
     on_map: Option<OnMap>,
 ) -> Result<(), BatchError> {
     let size = op.size as usize;
+    let ipa = Ipa(op.ipa);
     let ram_attrs = ram.attrs();
     match op.kind {
         kind::POPULATE => {
             // Map each unmapped run to its own backing, one 2 MiB window at
             // a time (bounded memory whatever the range).
-            let end = op.ipa + op.size;
-            let mut window = op.ipa;
+            let end = ipa.add(op.size);
+            let mut window = ipa;
             while window < end {
-                let window_end = ((window & !(BLOCK_2M as u64 - 1)) + BLOCK_2M as u64).min(end);
+                let window_end = window
+                    .align_down(BLOCK_2M as u64)
+                    .add(BLOCK_2M as u64)
+                    .min(end);
                 for h in unmapped_runs(s2, window..window_end) {
+                    let len = h.end.offset_from(h.start) as usize;
                     if let Some(hook) = on_map {
-                        hook(ram.backing_of(h.start), (h.end - h.start) as usize);
+                        hook(ram.backing_of(h.start), len);
                     }
-                    s2.map(
-                        h.start,
-                        (h.end - h.start) as usize,
-                        ram.backing_of(h.start),
-                        ram_attrs,
-                    )
-                    .map_err(stage2_error)?;
+                    s2.map(h.start, len, ram.backing_of(h.start), ram_attrs)
+                        .map_err(stage2_error)?;
                 }
                 window = window_end;
             }
             Ok(())
         }
-        kind::UNMAP => s2.unmap(op.ipa, size).map(|_| ()).map_err(stage2_error),
+        kind::UNMAP => s2.unmap(ipa, size).map(|_| ()).map_err(stage2_error),
         kind::PROTECT => s2
-            .protect(op.ipa, size, perm_of(op.perm))
+            .protect(ipa, size, perm_of(op.perm))
             .map(|_| ())
             .map_err(stage2_error),
         kind::REMAP_ALIAS => s2
-            .remap(op.ipa, size, ram.backing_of(op.src_ipa), ram_attrs)
+            .remap(ipa, size, ram.backing_of(Ipa(op.src_ipa)), ram_attrs)
             .map(|_| ())
             .map_err(stage2_error),
-        kind::MERGE => s2.merge(op.ipa, size).map(|_| ()).map_err(stage2_error),
+        kind::MERGE => s2.merge(ipa, size).map(|_| ()).map_err(stage2_error),
         _ => Err(BatchError::UnknownKind),
     }
 }
@@ -274,7 +280,7 @@ impl GuestMemory {
     /// bytes (rounded to a power of two of at least a page).
     #[must_use]
     pub fn new(ram: GuestRam, fault_around: usize) -> Self {
-        let pages = ((ram.ipa.end - ram.ipa.start) as usize) / PAGE_SIZE;
+        let pages = (ram.size() as usize) / PAGE_SIZE;
         let mut m = Self {
             ram,
             fault_around: PAGE_SIZE,
@@ -297,7 +303,7 @@ impl GuestMemory {
     }
 
     fn page_index(&self, ipa: Ipa) -> usize {
-        ((ipa - self.ram.ipa.start) as usize) / PAGE_SIZE
+        (ipa.offset_from(self.ram.ipa.start) as usize) / PAGE_SIZE
     }
 
     /// Forgets that `[ipa, ipa + size)` was given back (benchmarks: the
@@ -319,7 +325,7 @@ impl GuestMemory {
 
     fn set_given_back(&mut self, ipa: Ipa, size: u64, given_back: bool) {
         for off in (0..size).step_by(PAGE_SIZE) {
-            let i = self.page_index(ipa + off);
+            let i = self.page_index(ipa.add(off));
             if given_back {
                 self.given_back[i / 64] |= 1 << (i % 64);
             } else {
@@ -352,8 +358,8 @@ impl GuestMemory {
         let result = ops.iter().enumerate().try_for_each(|(i, op)| {
             run_op(s2, &self.ram, op, self.on_map).map_err(|e| (i, e))?;
             match op.kind {
-                kind::UNMAP => self.set_given_back(op.ipa, op.size, true),
-                kind::POPULATE => self.set_given_back(op.ipa, op.size, false),
+                kind::UNMAP => self.set_given_back(Ipa(op.ipa), op.size, true),
+                kind::POPULATE => self.set_given_back(Ipa(op.ipa), op.size, false),
                 _ => {}
             }
             Ok(())
@@ -366,8 +372,8 @@ impl GuestMemory {
     #[must_use]
     pub fn fault_window(&self, ipa: Ipa) -> Range<Ipa> {
         let fa = self.fault_around as u64;
-        let start = (ipa & !(fa - 1)).max(self.ram.ipa.start);
-        let end = ((ipa & !(fa - 1)) + fa).min(self.ram.ipa.end);
+        let start = ipa.align_down(fa).max(self.ram.ipa.start);
+        let end = ipa.align_down(fa).add(fa).min(self.ram.ipa.end);
         start..end
     }
 
@@ -426,28 +432,28 @@ impl GuestMemory {
                 let i = self.page_index(page);
                 let word = (64 * PAGE_SIZE) as u64;
                 let step = if i.is_multiple_of(64)
-                    && hole.end - page >= word
+                    && hole.end.offset_from(page) >= word
                     && self.given_back[i / 64] == 0
                 {
                     word
                 } else if self.is_given_back(page) {
-                    page += PAGE_SIZE as u64;
+                    page = page.add(PAGE_SIZE as u64);
                     continue;
                 } else {
                     PAGE_SIZE as u64
                 };
                 match runs.last_mut() {
-                    Some(r) if r.end == page => r.end += step,
-                    _ => runs.push(page..page + step),
+                    Some(r) if r.end == page => r.end = r.end.add(step),
+                    _ => runs.push(page..page.add(step)),
                 }
-                page += step;
+                page = page.add(step);
             }
         }
         let ram_attrs = self.ram.attrs();
         mm.enter();
         let mut pages = 0;
         for r in &runs {
-            let size = (r.end - r.start) as usize;
+            let size = r.end.offset_from(r.start) as usize;
             if let Some(hook) = self.on_map {
                 hook(self.ram.backing_of(r.start), size);
             }
@@ -482,13 +488,13 @@ impl GuestMemory {
 pub fn read_ops<A: MmArch>(
     s2: &Stage2<'_, A>,
     ram: &GuestRam,
-    list_ipa: u64,
+    list_ipa: Ipa,
     count: u64,
     mut read_pa: impl FnMut(PhysAddr, &mut [u8]),
     out: &mut [MmOp; MAX_BATCH_OPS],
 ) -> Result<usize, BatchError> {
     let count = usize::try_from(count).map_err(|_| BatchError::BadList)?;
-    if count == 0 || count > MAX_BATCH_OPS || !list_ipa.is_multiple_of(8) {
+    if count == 0 || count > MAX_BATCH_OPS || !list_ipa.is_aligned(8) {
         return Err(BatchError::BadList);
     }
     let len = (count * OP_SIZE) as u64;
@@ -501,14 +507,13 @@ pub fn read_ops<A: MmArch>(
         // An op may straddle a page boundary: translate each byte's page.
         let mut done = 0;
         while done < OP_SIZE {
-            let ipa = list_ipa + (i * OP_SIZE + done) as u64;
+            let ipa = list_ipa.add((i * OP_SIZE + done) as u64);
             let t = s2.query(ipa).ok_or(BatchError::BadList)?;
             // The translation must lead into guest RAM backing, readable.
-            let backing_end = ram.backing + (ram.ipa.end - ram.ipa.start) as usize;
-            if !t.attrs.perm.read || t.pa < ram.backing || t.pa >= backing_end {
+            if !t.attrs.perm.read || !ram.backing_range().contains(&t.pa) {
                 return Err(BatchError::BadList);
             }
-            let in_page = PAGE_SIZE - (ipa as usize % PAGE_SIZE);
+            let in_page = PAGE_SIZE - (ipa.0 as usize % PAGE_SIZE);
             let n = in_page.min(OP_SIZE - done);
             read_pa(t.pa, &mut bytes[done..done + n]);
             done += n;
@@ -522,12 +527,16 @@ pub fn read_ops<A: MmArch>(
 fn unmapped_runs<A: MmArch>(s2: &Stage2<'_, A>, range: Range<Ipa>) -> alloc::vec::Vec<Range<Ipa>> {
     let mut holes = alloc::vec::Vec::new();
     let mut cursor = range.start;
-    s2.for_each_mapping(range.start, (range.end - range.start) as usize, |r, _| {
-        if r.start > cursor {
-            holes.push(cursor..r.start);
-        }
-        cursor = r.end;
-    });
+    s2.for_each_mapping(
+        range.start,
+        range.end.offset_from(range.start) as usize,
+        |r, _| {
+            if r.start > cursor {
+                holes.push(cursor..r.start);
+            }
+            cursor = r.end;
+        },
+    );
     if cursor < range.end {
         holes.push(cursor..range.end);
     }
@@ -547,11 +556,11 @@ fn unmapped_runs<A: MmArch>(s2: &Stage2<'_, A>, range: Range<Ipa>) -> alloc::vec
 pub fn copy_to_guest<A: MmArch>(
     s2: &Stage2<'_, A>,
     ram: &GuestRam,
-    ipa: u64,
+    ipa: Ipa,
     bytes: &[u8],
     mut write_pa: impl FnMut(PhysAddr, &[u8]),
 ) -> Result<(), BatchError> {
-    if !ipa.is_multiple_of(8) {
+    if !ipa.is_aligned(8) {
         return Err(BatchError::BadRange);
     }
     let end = ipa
@@ -560,23 +569,23 @@ pub fn copy_to_guest<A: MmArch>(
     if ipa < ram.ipa.start || end > ram.ipa.end {
         return Err(BatchError::OutsideGuestRam);
     }
-    let backing_end = ram.backing + (ram.ipa.end - ram.ipa.start) as usize;
-    let translate = |at: u64| {
+    let backing = ram.backing_range();
+    let translate = |at: Ipa| {
         s2.query(at)
-            .filter(|t| t.attrs.perm.write && t.pa >= ram.backing && t.pa < backing_end)
+            .filter(|t| t.attrs.perm.write && backing.contains(&t.pa))
             .map(|t| t.pa)
             .ok_or(BatchError::NotMapped)
     };
     // Check every page first, then copy.
-    let mut at = ipa & !(PAGE_SIZE as u64 - 1);
+    let mut at = ipa.align_down(PAGE_SIZE as u64);
     while at < end {
         translate(at)?;
-        at += PAGE_SIZE as u64;
+        at = at.add(PAGE_SIZE as u64);
     }
     let mut done = 0;
     while done < bytes.len() {
-        let at = ipa + done as u64;
-        let n = (PAGE_SIZE - (at as usize % PAGE_SIZE)).min(bytes.len() - done);
+        let at = ipa.add(done as u64);
+        let n = (PAGE_SIZE - (at.0 as usize % PAGE_SIZE)).min(bytes.len() - done);
         write_pa(translate(at)?, &bytes[done..done + n]);
         done += n;
     }
@@ -606,14 +615,14 @@ mod tests {
     pub(super) fn kit() -> (Kit, GuestMemory) {
         let mut kit = Kit::new(64, true, NestPolicy::Flatten);
         let ram_ = GuestRam {
-            ipa: GIB..GIB + (16 << 20),
-            backing: 0x8000_0000,
+            ipa: Ipa(GIB)..Ipa(GIB + (16 << 20)),
+            backing: PhysAddr(0x8000_0000),
             mem: MemType::Normal,
         };
         kit.s2
-            .map(GIB, 16 << 20, 0x8000_0000, ram(S2Perm::RWX))
+            .map(Ipa(GIB), 16 << 20, PhysAddr(0x8000_0000), ram(S2Perm::RWX))
             .expect("guest RAM");
-        kit.ref_map(GIB, 16 << 20, 0x8000_0000, S2Perm::RWX);
+        kit.ref_map(Ipa(GIB), 16 << 20, PhysAddr(0x8000_0000), S2Perm::RWX);
         (kit, GuestMemory::new(ram_, DEFAULT_FAULT_AROUND))
     }
 
@@ -710,7 +719,7 @@ mod tests {
                 Err((1, why)),
                 "{bad:?}"
             );
-            assert!(kit.s2.query(GIB).is_some(), "nothing ran");
+            assert!(kit.s2.query(Ipa(GIB)).is_some(), "nothing ran");
         }
         assert_eq!(
             ram_.run_batch(&mut kit.s2, kit.mm, &[]),
@@ -735,9 +744,14 @@ mod tests {
         kit.touch(&(GIB..GIB + 16 * mib));
         ram_.run_batch(&mut kit.s2, kit.mm, &ops).expect("batch");
         assert_eq!(kit.mm.total("sections"), 1);
-        kit.ref_unmap(GIB, 0x4000);
-        kit.ref_map(GIB + 0x4000, 0x4000, 0x8000_4000, S2Perm::RO);
-        kit.ref_map(GIB + 0x8000, 0x2000, 0x8040_0000, S2Perm::RWX);
+        kit.ref_unmap(Ipa(GIB), 0x4000);
+        kit.ref_map(Ipa(GIB + 0x4000), 0x4000, PhysAddr(0x8000_4000), S2Perm::RO);
+        kit.ref_map(
+            Ipa(GIB + 0x8000),
+            0x2000,
+            PhysAddr(0x8040_0000),
+            S2Perm::RWX,
+        );
         kit.check(&(GIB..GIB + 16 * mib)).expect("effects");
         // Undo: populate, protect back, alias back, merge.
         let ops = [
@@ -747,10 +761,10 @@ mod tests {
             op(kind::MERGE, 0, GIB, 2 * mib, 0),
         ];
         ram_.run_batch(&mut kit.s2, kit.mm, &ops).expect("batch");
-        kit.ref_map(GIB, 16 << 20, 0x8000_0000, S2Perm::RWX);
+        kit.ref_map(Ipa(GIB), 16 << 20, PhysAddr(0x8000_0000), S2Perm::RWX);
         kit.check(&(GIB..GIB + 16 * mib)).expect("restored");
         assert_eq!(
-            kit.s2.query(GIB).map(|t| t.level),
+            kit.s2.query(Ipa(GIB)).map(|t| t.level),
             Some(2),
             "merged back into a block"
         );
@@ -761,28 +775,30 @@ mod tests {
         let (mut kit, ram_) = kit();
         let mut writes = alloc::vec::Vec::new();
         let data = [7u8; 24];
-        copy_to_guest(&kit.s2, &ram_.ram, GIB + 0xff8, &data, |pa, b| {
+        copy_to_guest(&kit.s2, &ram_.ram, Ipa(GIB + 0xff8), &data, |pa, b| {
             writes.push((pa, b.len()));
         })
         .expect("copy");
         assert_eq!(
             writes,
-            [(0x8000_0ff8, 8), (0x8000_1000, 16)],
+            [(PhysAddr(0x8000_0ff8), 8), (PhysAddr(0x8000_1000), 16)],
             "split at the page boundary"
         );
         assert_eq!(
-            copy_to_guest(&kit.s2, &ram_.ram, GIB + 4, &data, |_, _| {}),
+            copy_to_guest(&kit.s2, &ram_.ram, Ipa(GIB + 4), &data, |_, _| {}),
             Err(BatchError::BadRange)
         );
         assert_eq!(
-            copy_to_guest(&kit.s2, &ram_.ram, 0x1000, &data, |_, _| {}),
+            copy_to_guest(&kit.s2, &ram_.ram, Ipa(0x1000), &data, |_, _| {}),
             Err(BatchError::OutsideGuestRam)
         );
         kit.s2
-            .protect(GIB + 0x1000, 0x1000, S2Perm::RO)
+            .protect(Ipa(GIB + 0x1000), 0x1000, S2Perm::RO)
             .expect("protect");
         let mut wrote = false;
-        let r = copy_to_guest(&kit.s2, &ram_.ram, GIB + 0xff8, &data, |_, _| wrote = true);
+        let r = copy_to_guest(&kit.s2, &ram_.ram, Ipa(GIB + 0xff8), &data, |_, _| {
+            wrote = true;
+        });
         assert_eq!(r, Err(BatchError::NotMapped));
         assert!(!wrote, "nothing written when a page is read-only");
     }
@@ -795,7 +811,7 @@ mod tests {
         let n = read_ops(
             &kit.s2,
             &ram_.ram,
-            GIB + 0x10,
+            Ipa(GIB + 0x10),
             2,
             |pa, buf| {
                 reads.push(pa);
@@ -806,29 +822,29 @@ mod tests {
         assert_eq!(n, Ok(2));
         assert_eq!(
             reads,
-            [0x8000_0010, 0x8000_0030],
+            [PhysAddr(0x8000_0010), PhysAddr(0x8000_0030)],
             "read at the backing, via stage 2"
         );
         assert_eq!(
-            read_ops(&kit.s2, &ram_.ram, GIB + 4, 1, |_, _| {}, &mut out),
+            read_ops(&kit.s2, &ram_.ram, Ipa(GIB + 4), 1, |_, _| {}, &mut out),
             Err(BatchError::BadList)
         );
         assert_eq!(
-            read_ops(&kit.s2, &ram_.ram, GIB, 0, |_, _| {}, &mut out),
+            read_ops(&kit.s2, &ram_.ram, Ipa(GIB), 0, |_, _| {}, &mut out),
             Err(BatchError::BadList)
         );
         assert_eq!(
-            read_ops(&kit.s2, &ram_.ram, GIB, 65, |_, _| {}, &mut out),
+            read_ops(&kit.s2, &ram_.ram, Ipa(GIB), 65, |_, _| {}, &mut out),
             Err(BatchError::BadList)
         );
         assert_eq!(
-            read_ops(&kit.s2, &ram_.ram, 0x1000, 1, |_, _| {}, &mut out),
+            read_ops(&kit.s2, &ram_.ram, Ipa(0x1000), 1, |_, _| {}, &mut out),
             Err(BatchError::BadList)
         );
         // A list in a page the guest gave back is refused.
-        kit.s2.unmap(GIB, 0x1000).expect("unmap");
+        kit.s2.unmap(Ipa(GIB), 0x1000).expect("unmap");
         assert_eq!(
-            read_ops(&kit.s2, &ram_.ram, GIB, 1, |_, _| {}, &mut out),
+            read_ops(&kit.s2, &ram_.ram, Ipa(GIB), 1, |_, _| {}, &mut out),
             Err(BatchError::BadList)
         );
     }
@@ -851,27 +867,27 @@ mod fault_tests {
         let page = GIB + 0x5000;
         // Read-only: a write fault is real, a read fault is not.
         kit.s2
-            .protect(page, PAGE_SIZE, S2Perm::RO)
+            .protect(Ipa(page), PAGE_SIZE, S2Perm::RO)
             .expect("protect");
-        assert!(!mem.permission_fault_is_stale(&kit.s2, page, true, false));
-        assert!(mem.permission_fault_is_stale(&kit.s2, page, false, false));
-        assert!(!mem.permission_fault_is_stale(&kit.s2, page, false, true));
+        assert!(!mem.permission_fault_is_stale(&kit.s2, Ipa(page), true, false));
+        assert!(mem.permission_fault_is_stale(&kit.s2, Ipa(page), false, false));
+        assert!(!mem.permission_fault_is_stale(&kit.s2, Ipa(page), false, true));
         // Another CPU made it writable before this fault's handler ran.
         kit.s2
-            .protect(page, PAGE_SIZE, S2Perm::RWX)
+            .protect(Ipa(page), PAGE_SIZE, S2Perm::RWX)
             .expect("protect");
-        assert!(mem.permission_fault_is_stale(&kit.s2, page, true, false));
+        assert!(mem.permission_fault_is_stale(&kit.s2, Ipa(page), true, false));
         // Unmapped since: not a stale permission fault (the translation
         // fault path decides).
-        kit.s2.unmap(page, PAGE_SIZE).expect("unmap");
-        assert!(!mem.permission_fault_is_stale(&kit.s2, page, false, false));
+        kit.s2.unmap(Ipa(page), PAGE_SIZE).expect("unmap");
+        assert!(!mem.permission_fault_is_stale(&kit.s2, Ipa(page), false, false));
     }
 
     fn demand_kit(fault_around: usize) -> (Kit, GuestMemory) {
         let kit = Kit::new(128, true, NestPolicy::Flatten);
         let ram = GuestRam {
-            ipa: GIB..GIB + 64 * MIB,
-            backing: 0x8000_0000,
+            ipa: Ipa(GIB)..Ipa(GIB + 64 * MIB),
+            backing: PhysAddr(0x8000_0000),
             mem: MemType::Normal,
         };
         (kit, GuestMemory::new(ram, fault_around))
@@ -885,7 +901,7 @@ mod fault_tests {
             if kit.model.guest_access(VMID, ipa, true).is_err() {
                 faults += 1;
                 assert!(matches!(
-                    mem.stage2_fault(&mut kit.s2, kit.mm, ipa, 0x07),
+                    mem.stage2_fault(&mut kit.s2, kit.mm, Ipa(ipa), 0x07),
                     FaultAction::Populated(_)
                 ));
                 kit.model
@@ -905,7 +921,7 @@ mod fault_tests {
             "one fault per 2 MiB"
         );
         assert_eq!(
-            kit.s2.query(GIB).map(|t| t.level),
+            kit.s2.query(Ipa(GIB)).map(|t| t.level),
             Some(2),
             "populated as blocks"
         );
@@ -914,7 +930,12 @@ mod fault_tests {
             first_touch(&mut kit, &mut mem, GIB + 8 * MIB..GIB + 9 * MIB),
             256
         );
-        kit.ref_map(GIB, 9 * MIB as usize, 0x8000_0000, S2Perm::RWX);
+        kit.ref_map(
+            Ipa(GIB),
+            9 * MIB as usize,
+            PhysAddr(0x8000_0000),
+            S2Perm::RWX,
+        );
         kit.check(&(GIB..GIB + 10 * MIB))
             .expect("state after demand faults");
         assert_eq!(kit.mm.total("demand_faults"), 260);
@@ -927,7 +948,7 @@ mod fault_tests {
     fn fault_around_skips_exactly_the_given_back_pages() {
         let (mut kit, mut mem) = demand_kit(DEFAULT_FAULT_AROUND);
         let page = |i: u64| GIB + i * PAGE_SIZE as u64;
-        mem.stage2_fault(&mut kit.s2, kit.mm, GIB, 0x07);
+        mem.stage2_fault(&mut kit.s2, kit.mm, Ipa(GIB), 0x07);
         // Give back pages 0..130, 300..400 and 511; forget 0..64 (a whole
         // clear word), 65 (alone in a word with given-back pages) and
         // 300..400 (a hole starting and ending inside words).
@@ -936,20 +957,20 @@ mod fault_tests {
             mem.run_batch(&mut kit.s2, kit.mm, &[unmap]).expect("unmap");
         }
         for (first, n) in [(0, 64), (65, 1), (300, 100)] {
-            mem.forget_given_back(page(first), n * PAGE_SIZE as u64)
+            mem.forget_given_back(Ipa(page(first)), n * PAGE_SIZE as u64)
                 .expect("forget");
         }
         assert_eq!(
-            mem.stage2_fault(&mut kit.s2, kit.mm, page(10), 0x07),
+            mem.stage2_fault(&mut kit.s2, kit.mm, Ipa(page(10)), 0x07),
             FaultAction::Populated(64 + 1 + 100)
         );
         for i in 0..512 {
-            let mapped = kit.s2.query(page(i)).is_some();
+            let mapped = kit.s2.query(Ipa(page(i))).is_some();
             let expected = !((64..130).contains(&i) && i != 65 || i == 511);
             assert_eq!(mapped, expected, "page {i}");
         }
         assert_eq!(
-            mem.stage2_fault(&mut kit.s2, kit.mm, page(64), 0x07),
+            mem.stage2_fault(&mut kit.s2, kit.mm, Ipa(page(64)), 0x07),
             FaultAction::Inject,
             "still given back"
         );
@@ -965,12 +986,12 @@ mod fault_tests {
         static LOWEST: AtomicU64 = AtomicU64::new(u64::MAX);
         fn hook(pa: PhysAddr, len: usize) {
             BYTES.fetch_add(len as u64, Ordering::SeqCst);
-            LOWEST.fetch_min(pa as u64, Ordering::SeqCst);
+            LOWEST.fetch_min(pa.0 as u64, Ordering::SeqCst);
         }
         let (mut kit, mut mem) = demand_kit(DEFAULT_FAULT_AROUND);
         mem.set_on_map(hook);
         // One fault: its 2 MiB window.
-        mem.stage2_fault(&mut kit.s2, kit.mm, GIB + 0x1000, 0x07);
+        mem.stage2_fault(&mut kit.s2, kit.mm, Ipa(GIB + 0x1000), 0x07);
         assert_eq!(BYTES.load(Ordering::SeqCst), 2 * MIB);
         assert_eq!(LOWEST.load(Ordering::SeqCst), 0x8000_0000);
         // Give one page back, forget nothing: POPULATE over 4 MiB maps the
@@ -994,24 +1015,24 @@ mod fault_tests {
         let unmap = op(kind::UNMAP, 0, GIB, 0x1000, 0);
         mem.run_batch(&mut kit.s2, kit.mm, &[unmap]).expect("unmap");
         assert_eq!(
-            mem.stage2_fault(&mut kit.s2, kit.mm, GIB, 0x07),
+            mem.stage2_fault(&mut kit.s2, kit.mm, Ipa(GIB), 0x07),
             FaultAction::Inject,
             "given back"
         );
         assert_eq!(
-            mem.stage2_fault(&mut kit.s2, kit.mm, GIB + 0x1000, 0x0f),
+            mem.stage2_fault(&mut kit.s2, kit.mm, Ipa(GIB + 0x1000), 0x0f),
             FaultAction::Inject,
             "permission"
         );
         assert_eq!(
-            mem.stage2_fault(&mut kit.s2, kit.mm, GIB + 64 * MIB, 0x07),
+            mem.stage2_fault(&mut kit.s2, kit.mm, Ipa(GIB + 64 * MIB), 0x07),
             FaultAction::Inject,
             "outside RAM"
         );
         // Fault-around skips the given-back page, and populating it again
         // makes it the guest's once more.
         assert_eq!(
-            mem.stage2_fault(&mut kit.s2, kit.mm, GIB + 4 * MIB, 0x07),
+            mem.stage2_fault(&mut kit.s2, kit.mm, Ipa(GIB + 4 * MIB), 0x07),
             FaultAction::Populated(512)
         );
         let populate = MmOp {
@@ -1020,6 +1041,6 @@ mod fault_tests {
         };
         mem.run_batch(&mut kit.s2, kit.mm, &[populate])
             .expect("populate");
-        assert!(kit.s2.query(GIB).is_some());
+        assert!(kit.s2.query(Ipa(GIB)).is_some());
     }
 }

@@ -40,7 +40,7 @@ impl core::fmt::Display for LoadError {
             Self::SegmentOutsideGuestRam { start, size } => write!(
                 f,
                 "guest segment {start:#x}..{:#x} is outside guest RAM",
-                start.saturating_add(*size)
+                start.0.saturating_add(*size)
             ),
             Self::EntryOutsideImage(e) => write!(f, "guest entry point {e:#x} is not in the image"),
             Self::NothingToLoad => write!(f, "guest payload has no loadable segment"),
@@ -130,21 +130,24 @@ impl<'a> GuestElf<'a> {
         };
         let mut span: Option<Range<Ipa>> = None;
         for ph in loads() {
+            // A segment's physical address is where the guest believes it
+            // is: an IPA.
+            let start = Ipa(ph.p_paddr);
             let outside = LoadError::SegmentOutsideGuestRam {
-                start: ph.p_paddr,
+                start,
                 size: ph.p_memsz,
             };
-            let end = ph.p_paddr.checked_add(ph.p_memsz).ok_or(outside)?;
-            if ph.p_paddr < guest_ram.start || end > guest_ram.end || ph.p_filesz > ph.p_memsz {
+            let end = start.checked_add(ph.p_memsz).ok_or(outside)?;
+            if start < guest_ram.start || end > guest_ram.end || ph.p_filesz > ph.p_memsz {
                 return Err(outside);
             }
             span = Some(match span {
-                None => ph.p_paddr..end,
-                Some(s) => s.start.min(ph.p_paddr)..s.end.max(end),
+                None => start..end,
+                Some(s) => s.start.min(start)..s.end.max(end),
             });
         }
         let span = span.ok_or(LoadError::NothingToLoad)?;
-        let entry = self.elf.ehdr.e_entry;
+        let entry = Ipa(self.elf.ehdr.e_entry);
         if !span.contains(&entry) {
             return Err(LoadError::EntryOutsideImage(entry));
         }
@@ -153,11 +156,11 @@ impl<'a> GuestElf<'a> {
                 .elf
                 .segment_data(&ph)
                 .map_err(|_| LoadError::Truncated)?;
-            write(ph.p_paddr, data);
+            write(Ipa(ph.p_paddr), data);
             let tail =
                 usize::try_from(ph.p_memsz - ph.p_filesz).map_err(|_| LoadError::Truncated)?;
             if tail > 0 {
-                zero(ph.p_paddr + ph.p_filesz, tail);
+                zero(Ipa(ph.p_paddr + ph.p_filesz), tail);
             }
         }
         Ok(LoadedImage {
@@ -203,7 +206,7 @@ mod tests {
         f
     }
 
-    const RAM: Range<Ipa> = 0x4000_0000..0x4800_0000;
+    const RAM: Range<Ipa> = Ipa(0x4000_0000)..Ipa(0x4800_0000);
 
     #[test]
     fn loads_segment_and_zeroes_bss_with_trailing_ram_ignored() {
@@ -220,10 +223,10 @@ mod tests {
                 |ipa, n| zeroes.push((ipa, n)),
             )
             .expect("loads");
-        assert_eq!(writes, vec![(0x4008_0000, b"code".to_vec())]);
-        assert_eq!(zeroes, vec![(0x4008_0004, 12)]);
-        assert_eq!(img.entry, 0x4008_0000);
-        assert_eq!(img.span, 0x4008_0000..0x4008_0010);
+        assert_eq!(writes, vec![(Ipa(0x4008_0000), b"code".to_vec())]);
+        assert_eq!(zeroes, vec![(Ipa(0x4008_0004), 12)]);
+        assert_eq!(img.entry, Ipa(0x4008_0000));
+        assert_eq!(img.span, Ipa(0x4008_0000)..Ipa(0x4008_0010));
     }
 
     #[test]
@@ -240,7 +243,7 @@ mod tests {
         let elf = GuestElf::parse(&bytes).expect("parses");
         assert_eq!(
             elf.load(&RAM, |_, _| {}, |_, _| {}),
-            Err(LoadError::EntryOutsideImage(0x4100_0000))
+            Err(LoadError::EntryOutsideImage(Ipa(0x4100_0000)))
         );
         assert_eq!(GuestElf::parse(&[0u8; 256]).err(), Some(LoadError::NotElf));
         let bytes = tiny_elf(0x4008_0000, 0x4008_0000, b"code", 0);

@@ -61,11 +61,11 @@ pub(crate) fn read_boot_info() -> BootInfo {
         .regions()
         .next()
         .and_then(|r| {
-            let start = r.starting_address as usize;
+            let start = PhysAddr(r.starting_address as usize);
             Some(start..start.checked_add(r.size?)?)
         })
         .unwrap_or_else(|| setup_error(format_args!("device tree has no memory region")));
-    let dtb = DTB_ADDR..align_up(DTB_ADDR + fdt.total_size(), PAGE_SIZE);
+    let dtb = PhysAddr(DTB_ADDR)..PhysAddr(DTB_ADDR + fdt.total_size()).align_up(PAGE_SIZE);
     log::info!("RAM {:#x}..{:#x}", ram.start, ram.end);
     if in_tree > ncpus {
         log::warn!(
@@ -74,23 +74,23 @@ pub(crate) fn read_boot_info() -> BootInfo {
     }
 
     // The boot map covers the first GiB of RAM: the payloads must be there.
-    let boot_ram_end = ram.end.min(ram.start + (1 << 30));
+    let boot_ram_end = ram.end.min(ram.start.add(1 << 30));
     let config = args.vm_config();
     // The payload at `addr`, read-only, up to the end of the first GiB.
     let boot_ram = ram.start..boot_ram_end;
     let payload_at = |addr: PhysAddr, what: &str| payload_bytes(&boot_ram, addr, what);
-    let (mut test_elf, mut test_payload) = (None, 0..0);
+    let (mut test_elf, mut test_payload) = (None, Range::default());
     if config.has(VmKind::Test) {
         let elf = GuestElf::parse(payload_at(args.payload, "payload")).unwrap_or_else(|e| {
             setup_error(format_args!("guest payload at {:#x}: {e}", args.payload))
         });
-        test_payload = args.payload..align_up(args.payload + elf.file_size(), PAGE_SIZE);
+        test_payload = args.payload..args.payload.add(elf.file_size()).align_up(PAGE_SIZE);
         test_elf = Some(elf);
     }
     let (linux, linux_payload) = if config.has(VmKind::Linux) {
         read_linux_payload(&args, config.has(VmKind::Test), &payload_at)
     } else {
-        (None, 0..0)
+        (None, Range::default())
     };
     let guest_ram = config
         .iter()
@@ -98,12 +98,12 @@ pub(crate) fn read_boot_info() -> BootInfo {
         .sum();
     let (initrd_pa, initrd_size) = args.initrd;
     let initrd = if initrd_size == 0 {
-        0..0
+        Range::default()
     } else if initrd_pa
         .checked_add(initrd_size)
         .is_some_and(|end| initrd_pa >= ram.start && end <= boot_ram_end)
     {
-        initrd_pa..align_up(initrd_pa + initrd_size, PAGE_SIZE)
+        initrd_pa..initrd_pa.add(initrd_size).align_up(PAGE_SIZE)
     } else {
         setup_error(format_args!(
             "initrd {initrd_pa:#x}+{initrd_size:#x} is not in the first GiB of RAM"
@@ -131,11 +131,11 @@ fn payload_bytes(boot_ram: &Range<PhysAddr>, addr: PhysAddr, what: &str) -> &'st
             "{what} address {addr:#x} is not in the first GiB of RAM"
         ));
     }
-    let len = (boot_ram.end - addr).min(MAX_PAYLOAD);
+    let len = boot_ram.end.offset_from(addr).min(MAX_PAYLOAD);
     // SAFETY: the range is RAM covered by the boot map and the EL2 map
     // (read only); the layout keeps everything else out of the payload's
     // extent.
-    unsafe { core::slice::from_raw_parts(addr as *const u8, len) }
+    unsafe { core::slice::from_raw_parts(addr.0 as *const u8, len) }
 }
 
 /// The Linux Image a Linux VM runs: at `linux.payload=`, or at `payload=`
@@ -168,7 +168,7 @@ fn read_linux_payload(
     }
     (
         Some((header, &bytes[..size])),
-        addr..align_up(addr + size, PAGE_SIZE),
+        addr..addr.add(size).align_up(PAGE_SIZE),
     )
 }
 
@@ -182,9 +182,10 @@ pub(crate) fn switch_to_el2_map(
     // SAFETY: the layout gave the heap region to the heap alone; it is RAM
     // mapped read-write by the boot map and by the EL2 map built next.
     unsafe {
-        HEAP.heap
-            .lock()
-            .init(layout.heap.start, layout.heap.end - layout.heap.start);
+        HEAP.heap.lock().init(
+            layout.heap.start.0,
+            layout.heap.end.offset_from(layout.heap.start),
+        );
     }
     let map = el2map::build(
         image,
@@ -222,12 +223,18 @@ pub(crate) fn load_linux(
 ) -> (u64, u64) {
     let backing = &vm.backing;
     let guest_ram = vm.spec.ram_mib << 20;
-    let ram_end = GUEST_RAM_IPA + guest_ram as u64;
-    let to_pa = |ipa: u64| backing.start + (ipa - GUEST_RAM_IPA) as usize;
+    // IPAs as the device tree and the boot registers carry them; each
+    // becomes a physical address only through `to_pa` (guest RAM's backing).
+    let ram_end = GUEST_RAM_IPA.0 + guest_ram as u64;
+    let to_pa = |ipa: u64| {
+        backing
+            .start
+            .add(Ipa(ipa).offset_from(GUEST_RAM_IPA) as usize)
+    };
     let dtb_ipa = ram_end - (2 << 20);
     let initrd_ipa = ram_end.saturating_sub(64 << 20);
     // Checked: text_offset comes from the Image header.
-    let kernel = GUEST_RAM_IPA.checked_add(header.text_offset).filter(|k| {
+    let kernel = GUEST_RAM_IPA.0.checked_add(header.text_offset).filter(|k| {
         k.checked_add(image.len() as u64)
             .is_some_and(|end| end <= initrd_ipa)
     });
@@ -237,7 +244,7 @@ pub(crate) fn load_linux(
             header.text_offset
         ))
     };
-    let initrd_len = boot.initrd.end - boot.initrd.start;
+    let initrd_len = boot.initrd.end.offset_from(boot.initrd.start);
     if initrd_len > (62 << 20) {
         setup_error(format_args!("initramfs larger than 62 MiB"));
     }
@@ -257,7 +264,7 @@ pub(crate) fn load_linux(
     }
     log::info!("Linux command line: {cmdline}");
     let tree = crate::vm::linux::build_tree(&crate::vm::linux::GuestTree {
-        ram: GUEST_RAM_IPA..ram_end,
+        ram: GUEST_RAM_IPA.0..ram_end,
         initrd: (initrd_len > 0).then(|| initrd_ipa..initrd_ipa + boot.args.initrd.1 as u64),
         bootargs: &cmdline,
         gicd: (qemu_virt::GICD_BASE, qemu_virt::GICD_SIZE),
@@ -273,14 +280,14 @@ pub(crate) fn load_linux(
     // on the heap) are disjoint from it, and every destination range was
     // checked to lie in guest RAM above.
     unsafe {
-        core::ptr::write_bytes(backing.start as *mut u8, 0, guest_ram);
-        core::ptr::copy_nonoverlapping(image.as_ptr(), to_pa(kernel) as *mut u8, image.len());
+        core::ptr::write_bytes(backing.start.0 as *mut u8, 0, guest_ram);
+        core::ptr::copy_nonoverlapping(image.as_ptr(), to_pa(kernel).0 as *mut u8, image.len());
         core::ptr::copy_nonoverlapping(
-            boot.initrd.start as *const u8,
-            to_pa(initrd_ipa) as *mut u8,
+            boot.initrd.start.0 as *const u8,
+            to_pa(initrd_ipa).0 as *mut u8,
             initrd_len,
         );
-        core::ptr::copy_nonoverlapping(tree.as_ptr(), to_pa(dtb_ipa) as *mut u8, tree.len());
+        core::ptr::copy_nonoverlapping(tree.as_ptr(), to_pa(dtb_ipa).0 as *mut u8, tree.len());
     }
     // The image, initramfs and tree reach a guest that starts with its
     // caches off.
@@ -295,13 +302,13 @@ pub(crate) fn load_linux(
 /// it, then makes it all visible to a guest running with caches off.
 /// Returns the entry point.
 pub(crate) fn load_guest(elf: &GuestElf<'_>, backing: &Range<PhysAddr>, guest_ram: usize) -> u64 {
-    let to_pa = |ipa: u64| backing.start + (ipa - GUEST_RAM_IPA) as usize;
+    let to_pa = |ipa: Ipa| backing.start.add(ipa.offset_from(GUEST_RAM_IPA) as usize);
     // Fresh RAM may hold anything: the guest gets zeroes.
     // SAFETY: the backing is ours alone and mapped read-write by the EL2 map.
-    unsafe { core::ptr::write_bytes(backing.start as *mut u8, 0, guest_ram) };
+    unsafe { core::ptr::write_bytes(backing.start.0 as *mut u8, 0, guest_ram) };
     let image = elf
         .load(
-            &(GUEST_RAM_IPA..GUEST_RAM_IPA + guest_ram as u64),
+            &(GUEST_RAM_IPA..GUEST_RAM_IPA.add(guest_ram as u64)),
             |ipa, bytes| {
                 // SAFETY: `load` checked the segment lies in guest RAM, whose
                 // backing is ours and mapped read-write; source (payload) and
@@ -309,17 +316,17 @@ pub(crate) fn load_guest(elf: &GuestElf<'_>, backing: &Range<PhysAddr>, guest_ra
                 unsafe {
                     core::ptr::copy_nonoverlapping(
                         bytes.as_ptr(),
-                        to_pa(ipa) as *mut u8,
+                        to_pa(ipa).0 as *mut u8,
                         bytes.len(),
                     );
                 }
             },
             |ipa, len| {
                 // SAFETY: as above.
-                unsafe { core::ptr::write_bytes(to_pa(ipa) as *mut u8, 0, len) };
+                unsafe { core::ptr::write_bytes(to_pa(ipa).0 as *mut u8, 0, len) };
             },
         )
         .unwrap_or_else(|e| setup_error(format_args!("loading the guest: {e}")));
     coherency().after_code_load(&cache::HwCacheOps, backing.start, guest_ram);
-    image.entry
+    image.entry.0
 }

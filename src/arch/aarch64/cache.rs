@@ -12,11 +12,13 @@ fn dcache_line() -> usize {
 pub struct HwCacheOps;
 
 impl crate::coherency::CacheOps for HwCacheOps {
-    fn clean_invalidate_to_poc(&self, pa: usize, len: usize) {
+    fn clean_invalidate_to_poc(&self, pa: crate::mm::PhysAddr, len: usize) {
         let line = dcache_line();
-        let mut addr = pa & !(line - 1);
+        // The EL2 map is an identity map: the physical address is the VA
+        // `DC CIVAC` takes.
+        let (mut addr, end) = (pa.align_down(line).0, pa.0 + len);
         let mut lines = 0;
-        while addr < pa + len {
+        while addr < end {
             // SAFETY: clean+invalidate by VA only moves data between cache
             // and memory; the range is guest RAM backing, mapped in the EL2
             // map (the caller's range is inside it).

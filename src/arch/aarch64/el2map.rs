@@ -81,7 +81,7 @@ impl ImageLayout {
     /// Reads the linker symbols.
     #[must_use]
     pub fn get() -> Self {
-        let addr = |s: *const u8| s as PhysAddr;
+        let addr = |s: *const u8| PhysAddr(s as usize);
         // Only the addresses of the linker-defined symbols are taken (`&raw
         // const` of an extern static needs no `unsafe`).
         {
@@ -117,10 +117,7 @@ pub struct El2Regions {
 }
 
 fn region(r: &Range<PhysAddr>) -> MemoryRegion {
-    MemoryRegion::new(
-        r.start & !(PAGE_SIZE - 1),
-        crate::mm::align_up(r.end, PAGE_SIZE),
-    )
+    MemoryRegion::new(r.start.align_down(PAGE_SIZE).0, r.end.align_up(PAGE_SIZE).0)
 }
 
 /// Builds the EL2 map. Tables come from the heap (aarch64-paging's
@@ -147,7 +144,11 @@ pub fn build(image: &ImageLayout, regions: &El2Regions) -> IdMap<El2> {
     // stays read-only.
     // The same for each secondary CPU's stack.
     let mut guards: alloc::vec::Vec<PhysAddr> = core::iter::once(image.boot_stack.start)
-        .chain(super::smp::secondary_stacks().iter().map(|s| s.start))
+        .chain(
+            super::smp::secondary_stacks()
+                .iter()
+                .map(|s| PhysAddr(s.start)),
+        )
         .collect();
     guards.sort_unstable();
     let mut from = image.data.start;
@@ -155,7 +156,7 @@ pub fn build(image: &ImageLayout, regions: &El2Regions) -> IdMap<El2> {
         if from < guard {
             map_region(&(from..guard), DATA);
         }
-        from = guard + PAGE_SIZE;
+        from = guard.add(PAGE_SIZE);
     }
     map_region(&(from..image.data.end), DATA);
     for r in regions.read_only.iter().filter(|r| !r.is_empty()) {
@@ -164,10 +165,11 @@ pub fn build(image: &ImageLayout, regions: &El2Regions) -> IdMap<El2> {
     for r in &regions.read_write {
         map_region(r, DATA);
     }
-    map_region(&(PL011_BASE..PL011_BASE + PAGE_SIZE), DEVICE);
+    let device = |base: usize, size: usize| PhysAddr(base)..PhysAddr(base + size);
+    map_region(&device(PL011_BASE, PAGE_SIZE), DEVICE);
     // The physical GIC is the hypervisor's alone (never in a stage 2).
-    map_region(&(GICD_BASE..GICD_BASE + GICD_SIZE), DEVICE);
-    map_region(&(GICR_BASE..GICR_BASE + GICR_MAPPED), DEVICE);
+    map_region(&device(GICD_BASE, GICD_SIZE), DEVICE);
+    map_region(&device(GICR_BASE, GICR_MAPPED), DEVICE);
     map
 }
 
@@ -219,7 +221,7 @@ impl crate::mm::pool::El2PageMap for GuardPages {
         self.0
             .lock()
             .map_range_with_constraints(
-                &MemoryRegion::new(va, va + PAGE_SIZE),
+                &MemoryRegion::new(va.0, va.0 + PAGE_SIZE),
                 flags,
                 Constraints::NO_BLOCK_MAPPINGS,
             )

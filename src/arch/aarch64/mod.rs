@@ -69,7 +69,7 @@ use crate::mm::arch::Vmid;
 use crate::mm::lazy::MmCtx;
 use crate::mm::pool::{El2PageMap, PagePool};
 use crate::mm::stage2::{S2Attrs, Stage2};
-use crate::mm::{PAGE_SIZE, PhysAddr, align_up};
+use crate::mm::{Ipa, PAGE_SIZE, PhysAddr, align_up};
 use crate::vm::config::{VmKind, VmSpec};
 use crate::vm::guest_mm::{FaultAction, GuestMemory};
 use crate::vm::loader::GuestElf;
@@ -85,7 +85,7 @@ use sysreg::{read_sysreg, write_sysreg};
 use vgic_hw::HwCpuInterface;
 
 /// IPA at which guest RAM starts (as RAM does on QEMU `virt`).
-pub const GUEST_RAM_IPA: u64 = 0x4000_0000;
+pub const GUEST_RAM_IPA: Ipa = Ipa(0x4000_0000);
 
 /// Exit statuses of QEMU, as documented in `docs/run-contract.md`.
 mod exit_code {

@@ -4,6 +4,7 @@
 //! fault-around switches and the freed-page probe.
 
 use crate::mm::lazy::NestPolicy;
+use crate::mm::{Ipa, PhysAddr};
 use crate::vm::guest_mm::{self, BatchError, MAX_BATCH_OPS, MmOp, kind};
 use crate::vm::vcpu::{GuestRegs, smccc};
 
@@ -63,10 +64,12 @@ pub(super) fn mm_call(function: u32, regs: &mut GuestRegs) {
         smccc::HYP_TEST_SET_FAULT_AROUND if test => set_fault_around(a1),
         smccc::HYP_TEST_RUN_WORKLOAD if test => bench::run_workload(a1, a2),
         smccc::HYP_TEST_BENCH_MARK if test => bench::mark(a1, a2, a3),
-        smccc::HYP_TEST_FORGET if test => match current_vm().lock().mem.forget_given_back(a1, a2) {
-            Ok(()) => (smccc::SUCCESS, 0),
-            Err(e) => (status(e.code()), 0),
-        },
+        smccc::HYP_TEST_FORGET if test => {
+            match current_vm().lock().mem.forget_given_back(Ipa(a1), a2) {
+                Ok(()) => (smccc::SUCCESS, 0),
+                Err(e) => (status(e.code()), 0),
+            }
+        }
         smccc::HYP_TEST_CHECKSUM if test => {
             regs.x[2] = core::ptr::from_ref(&CANARY) as u64;
             (smccc::SUCCESS, checksum())
@@ -101,7 +104,10 @@ fn checksum() -> u64 {
         // SAFETY: the hypervisor's own text and read-only data, mapped
         // readable in the EL2 map and never written.
         let bytes = unsafe {
-            core::slice::from_raw_parts(range.start as *const u8, range.end - range.start)
+            core::slice::from_raw_parts(
+                range.start.0 as *const u8,
+                range.end.offset_from(range.start),
+            )
         };
         for &b in bytes {
             h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
@@ -112,20 +118,20 @@ fn checksum() -> u64 {
 
 /// Copies one guest-memory slice out of the RAM backing (after making what
 /// a guest with its caches off wrote visible to the cacheable read).
-fn read_backing(pa: usize, buf: &mut [u8]) {
+fn read_backing(pa: PhysAddr, buf: &mut [u8]) {
     super::coherency().before_hyp_read(&super::cache::HwCacheOps, pa, buf.len());
     // SAFETY: `guest_mm` hands out only addresses inside the guest RAM
     // backing, which the EL2 map maps read-write; the guest does not run
     // while we copy.
-    unsafe { core::ptr::copy_nonoverlapping(pa as *const u8, buf.as_mut_ptr(), buf.len()) };
+    unsafe { core::ptr::copy_nonoverlapping(pa.0 as *const u8, buf.as_mut_ptr(), buf.len()) };
 }
 
 /// Copies one slice into the guest RAM backing (and makes it what a guest
 /// with its caches off reads).
-fn write_backing(pa: usize, bytes: &[u8]) {
+fn write_backing(pa: PhysAddr, bytes: &[u8]) {
     super::coherency().before_hyp_write(&super::cache::HwCacheOps, pa, bytes.len());
     // SAFETY: as for `read_backing`, for writes.
-    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), pa as *mut u8, bytes.len()) };
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), pa.0 as *mut u8, bytes.len()) };
     super::coherency().after_hyp_write(&super::cache::HwCacheOps, pa, bytes.len());
 }
 
@@ -138,7 +144,7 @@ fn batch(list_ipa: u64, count: u64) -> (u64, u64) {
         match guest_mm::read_ops(
             &vm.stage2,
             &vm.mem.ram,
-            list_ipa,
+            Ipa(list_ipa),
             count,
             read_backing,
             &mut ops,
@@ -211,7 +217,7 @@ fn stats(buf_ipa: u64, buf_len: u64) -> (u64, u64) {
     match guest_mm::copy_to_guest(
         &vm.stage2,
         &vm.mem.ram,
-        buf_ipa,
+        Ipa(buf_ipa),
         &bytes[..count * 8],
         write_backing,
     ) {
@@ -263,9 +269,9 @@ fn freed_page_probe() -> u64 {
     mm.enter();
     // SAFETY: the page was just allocated here and nothing refers to it.
     unsafe { pool.free(page) };
-    let inside = vectors::probe_read(page).is_some();
+    let inside = vectors::probe_read(page.0).is_some();
     mm.leave();
-    let after = vectors::probe_read(page).is_some();
+    let after = vectors::probe_read(page.0).is_some();
     u64::from(inside) | (u64::from(after) << 1)
 }
 
@@ -275,6 +281,7 @@ pub(super) mod bench {
     use spin::Once;
     use spin::mutex::SpinMutex;
 
+    use crate::mm::PhysAddr;
     use crate::mm::arch::Vmid;
     use crate::mm::lazy::NestPolicy;
     use crate::mm::stage2::Stage2;
@@ -292,7 +299,7 @@ pub(super) mod bench {
     /// The scratch stage 2.
     static SCRATCH: Once<SpinMutex<Stage2<'static, HwMmArch>>> = Once::new();
     /// Physical addresses the scratch tables point at: never accessed.
-    const SCRATCH_PA: usize = 0x40_0020_0000;
+    const SCRATCH_PA: PhysAddr = PhysAddr(0x40_0020_0000);
 
     /// Counter totals (mm, then exits) and the counter value of a moment.
     struct Snapshot {

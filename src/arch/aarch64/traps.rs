@@ -109,7 +109,7 @@ pub(crate) fn handle_sync(regs: &mut GuestRegs) -> bool {
             if permission
                 && vm
                     .mem
-                    .permission_fault_is_stale(&vm.stage2, ipa, write, exec)
+                    .permission_fault_is_stale(&vm.stage2, Ipa(ipa), write, exec)
             {
                 // Another CPU changed the entry after this access faulted:
                 // the access is retried, not aborted.
@@ -146,7 +146,7 @@ pub(crate) fn handle_sync(regs: &mut GuestRegs) -> bool {
             }
             let action =
                 vm.mem
-                    .stage2_fault(&mut vm.stage2, MM.get().expect("mm exists"), ipa, fsc);
+                    .stage2_fault(&mut vm.stage2, MM.get().expect("mm exists"), Ipa(ipa), fsc);
             drop(guard);
             if action == FaultAction::Inject {
                 inject_abort(trap, regs, last_vector);
@@ -166,7 +166,12 @@ pub(crate) fn psci(vm: &'static Vm, vcpu: usize, call: PsciCall, regs: &mut Gues
             entry,
             context,
         } => {
-            let result = vm.power.lock().cpu_on(target, entry, context, &vm.ram_ipa);
+            let result = vm.power.lock().cpu_on(
+                target,
+                entry,
+                context,
+                &(vm.ram_ipa.start.0..vm.ram_ipa.end.0),
+            );
             regs.x[0] = match result {
                 Ok(started) => {
                     kick_vcpus(vm, 1 << started);
@@ -267,7 +272,8 @@ pub(crate) fn setway_flush() {
 /// All of guest RAM to the point of coherency, out of every data cache.
 pub(crate) fn clean_guest_ram() {
     let backing = current_vm().lock().mem.ram.backing_range();
-    cache::HwCacheOps.clean_invalidate_to_poc(backing.start, backing.end - backing.start);
+    cache::HwCacheOps
+        .clean_invalidate_to_poc(backing.start, backing.end.offset_from(backing.start));
     crate::mm::counters::inc(&exits().setway_flushes);
 }
 

@@ -33,7 +33,7 @@ pub(crate) struct Vm {
     pub(crate) vtcr: u64,
     pub(crate) fwb: bool,
     /// Guest RAM's IPA range (where `CPU_ON` entry points may be).
-    pub(crate) ram_ipa: Range<u64>,
+    pub(crate) ram_ipa: Range<Ipa>,
     /// Where the VM's RAM lives (its own slice of the guest backing).
     pub(crate) backing: Range<PhysAddr>,
     /// Where each vCPU's previous exit sent it with an injected abort
@@ -144,7 +144,7 @@ pub(crate) fn kick_vcpus(vm: &Vm, mask: u128) {
 /// Top of CPU `cpu`'s EL2 stack.
 pub(crate) fn stack_top(cpu: usize) -> usize {
     if cpu == 0 {
-        el2map::ImageLayout::get().boot_stack.end
+        el2map::ImageLayout::get().boot_stack.end.0
     } else {
         smp::secondary_stacks()[cpu - 1].end
     }
@@ -400,7 +400,7 @@ pub(crate) fn reset_vm(vm: &'static Vm) -> ! {
     {
         let mut state = vm.lock();
         let mm = MM.get().expect("mm exists");
-        let size = vm.ram_ipa.end - vm.ram_ipa.start;
+        let size = vm.ram_ipa.end.offset_from(vm.ram_ipa.start);
         if let Err(e) = state.stage2.unmap(vm.ram_ipa.start, size as usize) {
             log::warn!("vm{}: reset: emptying stage 2: {e:?}", vm.index + 1);
         }
@@ -473,8 +473,8 @@ pub(crate) fn build_vms(layout: &Layout, boot: &BootInfo, vtcr: u64) {
             setup_error(format_args!("VMID {} beyond {vmid_bits} bits", vmid.0));
         }
         let size = align_up(spec.ram_mib << 20, 2 << 20);
-        let backing = next_backing..next_backing + size;
-        next_backing += size;
+        let backing = next_backing..next_backing.add(size);
+        next_backing = backing.end;
         vms.push(build_vm(index, spec, vmid, backing, boot, vtcr));
         for cpu in spec.cpus() {
             PCPU_VM[cpu].store(index, Ordering::Relaxed);
@@ -496,7 +496,7 @@ pub(crate) fn build_vm(
     let mm = MM.get().expect("made by build_vms");
     let pool = POOL.get().expect("made by build_vms");
     let guest_ram = spec.ram_mib << 20;
-    let ram_ipa = GUEST_RAM_IPA..GUEST_RAM_IPA + guest_ram as u64;
+    let ram_ipa = GUEST_RAM_IPA..GUEST_RAM_IPA.add(guest_ram as u64);
     let mut stage2 = Stage2::new(vmid, mm, pool)
         .unwrap_or_else(|e| setup_error(format_args!("stage-2 root table: {e:?}")));
     let ram = crate::vm::guest_mm::GuestRam {
@@ -521,7 +521,13 @@ pub(crate) fn build_vm(
     // The GIC frames are not mapped: every access traps to the virtual GIC.
     if uart_passthrough {
         stage2
-            .map(PL011_BASE as u64, PAGE_SIZE, PL011_BASE, S2Attrs::DEVICE)
+            // Passed through at its physical address: IPA = PA.
+            .map(
+                Ipa(PL011_BASE as u64),
+                PAGE_SIZE,
+                PhysAddr(PL011_BASE),
+                S2Attrs::DEVICE,
+            )
             .unwrap_or_else(|e| setup_error(format_args!("mapping the PL011: {e:?}")));
     }
     log::info!(
