@@ -426,6 +426,32 @@ pub fn exit_rates(outcome: &RunOutcome) -> String {
     line
 }
 
+/// Each vCPU's exits in the run, from the hypervisor's `LAZYHYP-CPU`
+/// markers, one line a vCPU: `vm1 vCPU 0 (CPU 0): exits_dabt=... ...`.
+#[must_use]
+pub fn exits_per_vcpu(outcome: &RunOutcome) -> Vec<String> {
+    outcome
+        .markers
+        .iter()
+        .filter(|(kind, _)| kind == "CPU")
+        .map(|(_, rest)| {
+            let mut cpu = "";
+            let mut vm = "";
+            let mut vcpu = "";
+            let mut counts = Vec::new();
+            for (k, v) in rest.split_whitespace().filter_map(|t| t.split_once('=')) {
+                match k {
+                    "cpu" => cpu = v,
+                    "vm" => vm = v,
+                    "vcpu" => vcpu = v,
+                    _ => counts.push(format!("{k}={v}")),
+                }
+            }
+            format!("vm{vm} vCPU {vcpu} (CPU {cpu}): {}", counts.join(" "))
+        })
+        .collect()
+}
+
 /// Where a Linux run was when it stopped printing: the last phase marker.
 #[must_use]
 pub fn phase(output: &str) -> &'static str {
@@ -563,6 +589,18 @@ mod tests {
             Duration::from_secs(2),
         ]);
         assert_eq!((m, lo, hi), (2.0, 1.0, 3.0));
+    }
+
+    #[test]
+    fn exits_per_vcpu_from_the_cpu_markers() {
+        let out = "LAZYHYP-CPU: token=t cpu=1 vm=1 vcpu=1 exits_hvc=2 exits_dabt=30\n\
+                   vm1| LAZYHYP-CPU: token=t cpu=9 vm=1 vcpu=9 exits_hvc=666\n";
+        let o = RunOutcome::from_output(out.into(), Some(0), false, Duration::ZERO, "t");
+        assert_eq!(
+            exits_per_vcpu(&o),
+            ["vm1 vCPU 1 (CPU 1): exits_hvc=2 exits_dabt=30"],
+            "a guest's imitation is not believed"
+        );
     }
 
     #[test]

@@ -240,6 +240,9 @@ fn linux(
         outcome.cpu.as_secs_f64()
     );
     println!("xtask linux: {}", xtask::linux::exit_rates(&outcome));
+    for line in xtask::linux::exits_per_vcpu(&outcome) {
+        println!("xtask linux: {line}");
+    }
     let Some(n) = compare else {
         return Ok(true);
     };

@@ -374,6 +374,30 @@ fn print_stats() {
     };
     for_each_counter(0..smp::MAX_PCPUS, &mut add);
     console::marker("STATS", format_args!("{}", line.as_str().trim_start()));
+    // Each CPU's exits (so each vCPU's: one per CPU), one line a CPU.
+    for cpu in 0..smp::cpu_count() {
+        let mut line = heapless_line();
+        let mut add = |name: &str, value: u64| {
+            if name.starts_with("exits_") || name == "mmio_emulated" {
+                let _ = write!(line, " {name}={value}");
+            }
+        };
+        EXITS[cpu].for_each(&mut add);
+        let vm = PCPU_VM[cpu].load(Ordering::Relaxed);
+        if vm != usize::MAX {
+            console::marker(
+                "CPU",
+                format_args!(
+                    "cpu={cpu} vm={} vcpu={}{}",
+                    vm + 1,
+                    VMS.get()
+                        .and_then(|v| v.get(vm))
+                        .map_or(0, |v| cpu - v.spec.first_cpu),
+                    line.as_str()
+                ),
+            );
+        }
+    }
 }
 
 /// A fixed-capacity string for the stats line, so printing it needs no heap
