@@ -123,12 +123,16 @@ aarch64_rt::initial_pagetable!(
     el2map::tcr_el2(2)
 );
 
-/// The hypervisor's heap: a buddy allocator that also keeps the high-water
-/// mark of bytes in use (`heap_peak_bytes`), so a test can show that no
-/// guest call makes the heap grow with what the guest asks for.
+/// The hypervisor's heap: a buddy allocator that also keeps, per CPU, the
+/// high-water mark of bytes its own allocations hold (`heap_peak_bytes`),
+/// so a test can show that no guest call makes the heap grow with what the
+/// guest asks for, whatever another VM allocates on its own CPUs meanwhile.
+/// (A block freed on another CPU than the one that allocated it lowers the
+/// freeing CPU's count: the per-CPU figure is the net, an approximation
+/// that holds for the per-operation allocations it is used for.)
 struct TrackedHeap {
     heap: LockedHeap<32>,
-    in_use: AtomicUsize,
+    in_use: [core::sync::atomic::AtomicI64; smp::MAX_PCPUS],
 }
 
 // SAFETY: allocation and deallocation are the buddy allocator's (a sound
@@ -138,10 +142,12 @@ unsafe impl core::alloc::GlobalAlloc for TrackedHeap {
         // SAFETY: the caller's contract for `alloc` is passed on unchanged.
         let p = unsafe { self.heap.alloc(layout) };
         if !p.is_null() {
-            let now = self.in_use.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            let size = i64::try_from(layout.size()).unwrap_or(i64::MAX);
+            let cpu = smp::this_cpu() % smp::MAX_PCPUS;
+            let now = self.in_use[cpu].fetch_add(size, Ordering::Relaxed) + size;
             exits()
                 .heap_peak_bytes
-                .fetch_max(now as u64, Ordering::Relaxed);
+                .fetch_max(now.max(0).unsigned_abs(), Ordering::Relaxed);
         }
         p
     }
@@ -149,14 +155,16 @@ unsafe impl core::alloc::GlobalAlloc for TrackedHeap {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: core::alloc::Layout) {
         // SAFETY: the caller's contract for `dealloc` is passed on unchanged.
         unsafe { self.heap.dealloc(ptr, layout) };
-        self.in_use.fetch_sub(layout.size(), Ordering::Relaxed);
+        let cpu = smp::this_cpu() % smp::MAX_PCPUS;
+        let size = i64::try_from(layout.size()).unwrap_or(i64::MAX);
+        self.in_use[cpu].fetch_sub(size, Ordering::Relaxed);
     }
 }
 
 #[global_allocator]
 static HEAP: TrackedHeap = TrackedHeap {
     heap: LockedHeap::empty(),
-    in_use: AtomicUsize::new(0),
+    in_use: [const { core::sync::atomic::AtomicI64::new(0) }; smp::MAX_PCPUS],
 };
 
 /// The EL2 map; kept forever once active.

@@ -263,6 +263,17 @@ fn set_fault_around(bytes: u64) -> (u64, u64) {
 fn freed_page_probe() -> u64 {
     let mm = MM.get().expect("mm exists");
     let pool = POOL.get().expect("pool exists");
+    // No other CPU may take a page from the shared pool meanwhile: it could
+    // be the freed one, mapped again in guard mode, and the probe would
+    // read it. Every VM's lock is held for the probe, in VM order (a CPU
+    // never holds two VM locks otherwise, and this one holds none here);
+    // the pool gives guests pages only under their VM's lock.
+    let _all_vms: alloc::vec::Vec<_> = super::VMS
+        .get()
+        .expect("VMs exist")
+        .iter()
+        .map(super::Vm::lock)
+        .collect();
     let Ok(page) = pool.alloc_zeroed() else {
         return u64::MAX;
     };
