@@ -162,8 +162,8 @@ counter_set! {
         /// Synchronous external aborts injected for stage-2 aborts the
         /// guest cannot be given memory for.
         abort_injected,
-        /// The most bytes the hypervisor's heap has had allocated at once
-        /// (a high-water mark, not a count).
+        /// The most bytes this CPU's own heap allocations have held at once
+        /// (a high-water mark, not a count; net of what the CPU freed).
         heap_peak_bytes,
         /// Physical SErrors taken while the guest ran (reported, and handed
         /// to the guest as a virtual SError).
