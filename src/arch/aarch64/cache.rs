@@ -1,7 +1,7 @@
 //! Data cache maintenance by address.
 
 /// Cache line size of the smallest data cache, from `CTR_EL0.DminLine`.
-fn dcache_line() -> usize {
+pub(crate) fn dcache_line() -> usize {
     let ctr = super::sysreg::read_sysreg!("ctr_el0");
     4 << ((ctr >> 16) & 0xf)
 }

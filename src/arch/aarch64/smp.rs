@@ -250,7 +250,7 @@ pub fn start_secondaries() -> u32 {
 
 /// Cleans `[addr, addr + len)` to the point of coherency.
 fn clean_to_poc(addr: usize, len: usize) {
-    let line = 4 << ((read_sysreg!("ctr_el0") >> 16) & 0xf);
+    let line = super::cache::dcache_line();
     let mut a = addr & !(line - 1);
     while a < addr + len {
         // SAFETY: cleaning by VA only writes dirty data back; the range is

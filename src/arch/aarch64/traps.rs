@@ -574,9 +574,7 @@ pub(crate) fn vgic_exit() {
     if !LR_IN_USE[cpu].load(Ordering::Relaxed) {
         return;
     }
-    vm.lock_for_vgic()
-        .vgic
-        .exit(current_vcpu(), &mut HwCpuInterface);
+    vm.lock().vgic.exit(current_vcpu(), &mut HwCpuInterface);
     LR_IN_USE[cpu].store(false, Ordering::Relaxed);
     // What was in the list registers may still be pending (or have become
     // pending again): the next entry loads it.
@@ -601,7 +599,7 @@ pub(crate) fn vgic_enter() -> usize {
     // again and is seen at the next exit.
     VGIC_DIRTY[cpu].store(false, Ordering::Relaxed);
     let vcpu = current_vcpu();
-    let mut vm = vm.lock_for_vgic();
+    let mut vm = vm.lock();
     let ppis = vm.vgic.take_hw_deactivations(vcpu);
     for intid in (0..32).filter(|i| ppis & (1 << i) != 0) {
         gic::deactivate(intid);

@@ -56,11 +56,6 @@ impl Vm {
     /// be followed by its kicks (`Vgic::take_kicks`), which is how the
     /// vCPUs it concerns learn of it (see `traps::VGIC_DIRTY`).
     pub(crate) fn lock(&self) -> spin::mutex::SpinMutexGuard<'_, VmState> {
-        self.lock_for_vgic()
-    }
-
-    /// Takes the VM lock for the virtual GIC's world switch.
-    pub(crate) fn lock_for_vgic(&self) -> spin::mutex::SpinMutexGuard<'_, VmState> {
         if let Some(guard) = self.state.try_lock() {
             crate::mm::counters::inc(&exits().vm_lock_uncontended);
             return guard;
