@@ -61,13 +61,20 @@ pub enum Workload {
     /// Remap 512 2 MiB blocks to new backing, one block per call (each a
     /// break-before-make).
     W4,
+    /// Split 512 2 MiB blocks: write-protect one page in each, one call per
+    /// block (each a break-before-make that makes a table of pages). The
+    /// 512 table pages are reserved first, in the measured phase.
+    W6,
+    /// Merge 512 2 MiB regions of pages back into blocks, one call per
+    /// region (each a break-before-make that detaches a table).
+    W7,
 }
 
 impl Workload {
     /// All of them.
-    pub const ALL: [Self; 4] = [Self::W1, Self::W2, Self::W3, Self::W4];
+    pub const ALL: [Self; 6] = [Self::W1, Self::W2, Self::W3, Self::W4, Self::W6, Self::W7];
 
-    /// `W1`..`W4`.
+    /// `W1`..`W4`, `W6`, `W7` (W5 is the guest's).
     #[must_use]
     pub const fn name(self) -> &'static str {
         match self {
@@ -75,6 +82,8 @@ impl Workload {
             Self::W2 => "W2",
             Self::W3 => "W3",
             Self::W4 => "W4",
+            Self::W6 => "W6",
+            Self::W7 => "W7",
         }
     }
 }
@@ -191,6 +200,8 @@ pub fn run<A: MmArch>(
                         .is_some_and(|t| t.pa == new.add(off as usize) && t.level == 2)
                 }))
             }
+            Workload::W6 => split_blocks(s2, mm, pa, measure),
+            Workload::W7 => merge_regions(s2, mm, pa, measure),
         }
     })();
     // Teardown: empty the scratch range (eager, unmeasured), whatever
@@ -201,6 +212,64 @@ pub fn run<A: MmArch>(
     // Empty tables go too, so the next run allocates afresh.
     s2.compact();
     result
+}
+
+/// W6: 512 2 MiB blocks mapped, then in the measured phase the reserve
+/// topped up with the 512 tables the splits take and one page of each
+/// block write-protected (a split each).
+fn split_blocks<A: MmArch>(
+    s2: &mut Stage2<'_, A>,
+    mm: &MmCtx<A>,
+    pa: PhysAddr,
+    measure: &mut dyn FnMut(bool),
+) -> Result<bool, Stage2Error> {
+    let base = SCRATCH_IPA;
+    s2.map(base, GIB as usize, pa, RW)?;
+    let page = |i: u64| base.add(i * 2 * MIB + PAGE);
+    measure(true);
+    s2.reserve_tables(512)?;
+    mm.enter();
+    let r = (0..512u64).try_for_each(|i| s2.protect(page(i), PAGE_SIZE, S2Perm::RO).map(|_| ()));
+    mm.leave();
+    measure(false);
+    r?;
+    let pa_of = |ipa: Ipa| pa.add((ipa.0 - base.0) as usize);
+    Ok((0..512u64).all(|i| {
+        let at = |ipa: Ipa| s2.query(ipa).map(|t| (t.pa, t.attrs, t.level));
+        at(page(i)) == Some((pa_of(page(i)), RO, 3))
+            && at(page(i).add(PAGE)) == Some((pa_of(page(i).add(PAGE)), RW, 3))
+    }))
+}
+
+/// W7: 512 2 MiB blocks, each split into pages and made uniform again
+/// (unmeasured), then in the measured phase merged back, one call per
+/// region.
+fn merge_regions<A: MmArch>(
+    s2: &mut Stage2<'_, A>,
+    mm: &MmCtx<A>,
+    pa: PhysAddr,
+    measure: &mut dyn FnMut(bool),
+) -> Result<bool, Stage2Error> {
+    let base = SCRATCH_IPA;
+    s2.map(base, GIB as usize, pa, RW)?;
+    for i in 0..512u64 {
+        let ipa = base.add(i * 2 * MIB);
+        s2.protect(ipa, PAGE_SIZE, S2Perm::RO)?;
+        s2.protect(ipa, PAGE_SIZE, S2Perm::RW)?;
+    }
+    measure(true);
+    mm.enter();
+    let r = (0..512u64).try_for_each(|i| {
+        s2.merge(base.add(i * 2 * MIB), 2 * MIB as usize)
+            .map(|_| ())
+    });
+    mm.leave();
+    measure(false);
+    r?;
+    Ok((0..GIB).step_by(PAGE_SIZE * 61).all(|off| {
+        s2.query(base.add(off))
+            .is_some_and(|t| t.pa == pa.add(off as usize) && t.level == 2)
+    }))
 }
 
 #[cfg(test)]

@@ -60,7 +60,7 @@
 
 use aarch64_paging::Mapping;
 use aarch64_paging::descriptor::{PhysicalAddress, Stage2Attributes};
-use aarch64_paging::paging::{self, Constraints, MemoryRegion, PageTable, Translation};
+use aarch64_paging::paging::{self, Constraints, MemoryRegion, PageTable, RootTable, Translation};
 use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -313,6 +313,41 @@ impl Translation<Stage2Attributes> for TableReserve {
     }
 }
 
+/// The table-page source of a subtree built unpublished
+/// ([`Stage2::build_subtree`]): the same prepared reserve as the live
+/// tables'.
+struct SubtreeTables<'a>(&'a SpinMutex<ReservePages>);
+
+impl Translation<Stage2Attributes> for SubtreeTables<'_> {
+    fn allocate_table(&mut self) -> (NonNull<PageTable<Stage2Attributes>>, PhysicalAddress) {
+        let pa = self
+            .0
+            .lock()
+            .reserve
+            .pop()
+            .expect("stage-2 table reserve exhausted: prepare step under-counted");
+        let ptr = NonNull::new(pa.0 as *mut PageTable<Stage2Attributes>)
+            .expect("pool pages are never at address 0");
+        (ptr, PhysicalAddress(pa.0))
+    }
+
+    unsafe fn deallocate_table(&mut self, page_table: NonNull<PageTable<Stage2Attributes>>) {
+        // A subtree is built over invalid entries only, so nothing is ever
+        // detached from it; if something were, it goes where the live
+        // tables' detached pages go.
+        self.0
+            .lock()
+            .detached
+            .push(PhysAddr(page_table.as_ptr() as usize));
+    }
+
+    fn physical_to_virtual(&self, pa: PhysicalAddress) -> NonNull<PageTable<Stage2Attributes>> {
+        // Pool pages are identity-mapped.
+        NonNull::new(pa.0 as *mut PageTable<Stage2Attributes>)
+            .expect("table descriptors never point at address 0")
+    }
+}
+
 /// The pages of a window in one level-3 table ([`Stage2::scan_pages`]).
 #[derive(Clone, Debug)]
 struct PageScan {
@@ -347,6 +382,26 @@ struct Piece {
     range: Range<usize>,
     pa: usize,
     flags: Stage2Attributes,
+}
+
+/// An entry a deferred operation rebuilds ([`Stage2::defer_rebuild`]).
+#[derive(Clone, Debug)]
+struct Rebuild {
+    entry: Range<usize>,
+    level: usize,
+    old: Old,
+}
+
+/// What a rebuilt entry is before its break.
+#[derive(Clone, Copy, Debug)]
+enum Old {
+    /// A valid leaf: the break writes it invalid in place.
+    Leaf,
+    /// A table: the break detaches it whole.
+    Table,
+    /// Invalid already (its old contents' invalidation queued earlier in the
+    /// section): nothing to break.
+    Invalid,
 }
 
 /// What an operation changes in its range.
@@ -517,12 +572,22 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         // Inside a section the range may have been unmapped with its
         // invalidation still queued: old entries (perhaps of another size)
         // may still be cached. The new entries must not appear before those
-        // are gone (the "make" of a break-before-make): complete it first.
-        if self.mm.stage2_invalidation_pending(
+        // are gone (the "make" of a break-before-make).
+        let pending = self.mm.stage2_invalidation_pending(
             self.vmid,
             region.start as u64,
             (region.end - region.start) as u64,
-        ) {
+        );
+        if (pending || !windows.is_empty()) && self.defer_map(&region, &windows, &piece)? {
+            let c = self.mm.counters();
+            add(&c.blocks_mapped, made.blocks as u64);
+            add(&c.pages_mapped, (size / PAGE_SIZE) as u64);
+            inc(&c.mappings);
+            self.mm.op_done();
+            return Ok(());
+        }
+        if pending {
+            // Outside a section (or with the makes full): complete it first.
             self.mm.flush();
             inc(&self.mm.counters().bbm);
         }
@@ -594,8 +659,22 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     /// [`Stage2Error::OutOfTableMemory`].
     pub fn reserve_for_maps(&self, maps: &[(Ipa, usize, PhysAddr)]) -> Result<usize, Stage2Error> {
         let n = self.tables_for_maps(maps)?;
-        self.pool.top_up(n).map_err(Stage2Error::OutOfTableMemory)?;
+        self.reserve_tables(n)?;
         Ok(n)
+    }
+
+    /// Tops up this CPU's reserve in the pool ([`PagePool::top_up`]) to
+    /// `tables` pages, before a section whose operations need that many
+    /// (one per block a section will split, say): inside it the
+    /// allocations then nest nowhere.
+    ///
+    /// # Errors
+    ///
+    /// [`Stage2Error::OutOfTableMemory`].
+    pub fn reserve_tables(&self, tables: usize) -> Result<(), Stage2Error> {
+        self.pool
+            .top_up(tables)
+            .map_err(Stage2Error::OutOfTableMemory)
     }
 
     /// Unmaps whatever is mapped in `[ipa, ipa + size)` (holes are fine).
@@ -684,6 +763,26 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         candidates.sort_by_key(|p| p.range.start);
         if candidates.is_empty() {
             return Ok(0);
+        }
+        // Inside a section: each region's table detached now, its block
+        // made by the section's flush.
+        let rebuilds: Vec<Rebuild> = candidates
+            .iter()
+            .map(|p| Rebuild {
+                entry: p.range.clone(),
+                level: if p.range.end - p.range.start == BLOCK_1G {
+                    1
+                } else {
+                    2
+                },
+                old: Old::Table,
+            })
+            .collect();
+        if self.defer_rebuild(&rebuilds, &candidates)? {
+            add(&self.mm.counters().merges, candidates.len() as u64);
+            add(&self.mm.counters().blocks_mapped, candidates.len() as u64);
+            self.mm.op_done();
+            return Ok(candidates.len());
         }
         // Break: each region's table entry made invalid (aarch64-paging
         // detaches the table and any below it); nothing to allocate.
@@ -821,24 +920,23 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             Change::Remap { pa, .. } => self.table_windows(&region, |a| pa + (a - region.start)),
             _ => Vec::new(),
         };
-        if let Change::Remap { pa, attrs } = change
-            && straddling.is_empty()
-            && windows.is_empty()
-            && self.defer_remap(&region, pa, attrs)
-        {
-            return Ok(());
-        }
-        if remap {
-            needed += self.layout_of(&region, &windows, &pieces, inside).tables;
-        }
-        self.prepare(needed)?;
+        // Inside a section the breaks (straddlers, and for a remap every
+        // entry it rebuilds) are written now and their makes deferred to the
+        // section's flush (see `defer_rebuild`).
+        let deferred = self.defer_change(&region, &straddling, &windows, &pieces, change)?;
+        if !deferred {
+            if remap {
+                needed += self.layout_of(&region, &windows, &pieces, inside).tables;
+            }
+            self.prepare(needed)?;
 
-        // Break: straddling blocks, and for a remap every valid entry.
-        let broken = self.write_breaks(&region, &straddling, &windows, remap);
-        if broken > 0 {
-            self.mm.note_writes(broken, false);
-            add(&self.mm.counters().splits, straddling.len() as u64);
-            self.complete_break();
+            // Break: straddling blocks, and for a remap every valid entry.
+            let broken = self.write_breaks(&region, &straddling, &windows, remap);
+            if broken > 0 {
+                self.mm.note_writes(broken, false);
+                add(&self.mm.counters().splits, straddling.len() as u64);
+                self.complete_break();
+            }
         }
 
         // Make, or change in place.
@@ -849,24 +947,18 @@ impl<'m, A: MmArch> Stage2<'m, A> {
                 writes += w;
                 mapped_pages += pages;
             }
-            Change::Protect(perm) => self.for_each_window(&region, |s2, leaves| {
-                for l in leaves.iter().filter(|l| l.valid && inside(l)) {
-                    s2.make(&Piece {
-                        range: l.entry.clone(),
-                        pa: l.pa,
-                        flags: with_perm(l.flags, perm),
-                    });
-                    // Changed in place: the old leaf may sit in TLBs.
-                    s2.mm.queue_stage2_invalidation(
-                        s2.vmid,
-                        l.entry.start as u64,
-                        (l.entry.end - l.entry.start) as u64,
-                        InvalKind::Leaf(l.level as u8),
-                    );
-                    writes += 1;
-                }
-            }),
+            Change::Protect(perm) => writes += self.protect_inside(&region, perm),
             Change::Remap { .. } => {}
+        }
+        if deferred {
+            // The pieces are the deferred makes, written by the flush.
+            self.mm
+                .note_writes(writes as u64, matches!(change, Change::Protect(_)));
+            if let Change::Unmap = change {
+                sub(&self.mm.counters().pages_mapped, mapped_pages as u64);
+            }
+            self.mm.op_done();
+            return Ok(());
         }
         for p in &pieces {
             self.make(p);
@@ -1124,81 +1216,307 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         }
     }
 
-    /// Deferred break-before-make of a remap inside a section: when every
-    /// entry of `region` is a valid leaf inside it whose new output address
-    /// is aligned to the entry's size (so the make rewrites each entry in
-    /// place at its level, creating no table: nothing to prepare, nothing
-    /// can fail), breaks every entry (written invalid, its invalidation
-    /// queued) and records each make with the section
-    /// ([`MmCtx::defer_makes`]), which writes them once the flush's
-    /// invalidations have completed. Returns false (nothing done) when the
-    /// remap does not qualify or no section is open: the caller takes the
-    /// path that breaks, flushes and makes at once.
-    fn defer_remap(&mut self, region: &Range<usize>, pa: usize, attrs: S2Attrs) -> bool {
-        if !self.mm.in_lazy_mode() || self.mm.is_paused() {
-            return false;
-        }
-        let mut entries: Vec<(Range<usize>, usize)> = Vec::new();
-        let mut ok = true;
-        self.walk_leaves(region, |l| {
-            if !ok {
-                return;
+    /// Changes the permissions of every valid entry wholly inside
+    /// `region` in place (no break: same output address and size), each
+    /// one's invalidation queued. Returns the entries written.
+    fn protect_inside(&mut self, region: &Range<usize>, perm: S2Perm) -> usize {
+        let inside = |l: &Leaf| region.start <= l.entry.start && l.entry.end <= region.end;
+        let mut writes = 0;
+        self.for_each_window(region, |s2, leaves| {
+            for l in leaves.iter().filter(|l| l.valid && inside(l)) {
+                s2.make(&Piece {
+                    range: l.entry.clone(),
+                    pa: l.pa,
+                    flags: with_perm(l.flags, perm),
+                });
+                // Changed in place: the old leaf may sit in TLBs.
+                s2.mm.queue_stage2_invalidation(
+                    s2.vmid,
+                    l.entry.start as u64,
+                    (l.entry.end - l.entry.start) as u64,
+                    InvalKind::Leaf(l.level as u8),
+                );
+                writes += 1;
             }
-            let new = pa + (l.entry.start - region.start);
-            ok = l.valid
-                && region.start <= l.entry.start
-                && l.entry.end <= region.end
-                && new.is_multiple_of(granularity(l.level))
-                && entries.len() < MAX_DEFERRED_MAKES;
-            entries.push((l.entry.clone(), l.level));
         });
-        if !ok {
-            return false;
+        writes
+    }
+
+    /// The deferred path of [`change`](Self::change) inside a section:
+    /// the straddlers (and for a remap every entry it rebuilds) broken now,
+    /// their makes deferred ([`defer_rebuild`](Self::defer_rebuild)), with
+    /// the counts the eager path keeps. False: not deferred.
+    fn defer_change(
+        &mut self,
+        region: &Range<usize>,
+        straddling: &[Leaf],
+        windows: &[(Range<usize>, usize)],
+        pieces: &[Piece],
+        change: Change,
+    ) -> Result<bool, Stage2Error> {
+        let remap = matches!(change, Change::Remap { .. });
+        let Some(rebuilds) = self.rebuilds_of(region, straddling, windows, remap) else {
+            return Ok(false);
+        };
+        if rebuilds.is_empty() || !self.defer_rebuild(&rebuilds, pieces)? {
+            return Ok(false);
         }
-        if self.mm.deferred_makes() + entries.len() > MAX_DEFERRED_MAKES {
-            self.mm.flush();
+        add(&self.mm.counters().splits, straddling.len() as u64);
+        if let Change::Remap { pa, attrs } = change {
+            // The blocks the remap makes in its range (as the eager path
+            // counts them once made).
+            let piece = [Piece {
+                range: region.clone(),
+                pa,
+                flags: attrs.descriptor_flags(),
+            }];
+            let blocks: usize = rebuilds
+                .iter()
+                .map(|r| layout_for(&r.entry, r.level, &piece).blocks)
+                .sum();
+            inc(&self.mm.counters().mappings);
+            add(&self.mm.counters().blocks_mapped, blocks as u64);
         }
-        // Break: each entry written invalid in place (no table detached),
-        // its invalidation queued.
-        for (e, level) in &entries {
-            self.unmap_entries(e, Some(*level));
+        Ok(true)
+    }
+
+    /// The entries a change to `region` rebuilds when its breaks are
+    /// deferred: the straddling blocks, and for a remap each of `windows`
+    /// (a table, detached whole) and every other valid entry inside.
+    /// `None` if there are more than one section may hold
+    /// ([`MAX_DEFERRED_MAKES`]): that change breaks, flushes and makes at
+    /// once.
+    fn rebuilds_of(
+        &self,
+        region: &Range<usize>,
+        straddling: &[Leaf],
+        windows: &[(Range<usize>, usize)],
+        remap: bool,
+    ) -> Option<Vec<Rebuild>> {
+        if !self.mm.in_lazy_mode() || self.mm.is_paused() {
+            return None;
         }
-        debug_assert!(self.reserve_pages().detached.is_empty());
-        let flags = attrs.descriptor_flags();
-        let mut blocks = 0;
-        let makes: Vec<DeferredMake> = entries
+        let mut out: Vec<Rebuild> = straddling
             .iter()
-            .map(|(e, level)| {
-                let page = if *level == 3 {
-                    Stage2Attributes::TABLE_OR_PAGE
-                } else {
-                    blocks += 1;
-                    Stage2Attributes::empty()
-                };
-                DeferredMake {
-                    vmid: self.vmid,
-                    ipa: e.start as u64,
-                    size: (e.end - e.start) as u64,
-                    desc: PhysAddr(self.desc_addr(e.start, *level)),
-                    value: (pa + (e.start - region.start)) as u64 | (flags | page).bits() as u64,
-                }
+            .map(|l| Rebuild {
+                entry: l.entry.clone(),
+                level: l.level,
+                old: Old::Leaf,
             })
             .collect();
-        let n = makes.len() as u64;
+        if !remap {
+            return Some(out);
+        }
+        out.extend(windows.iter().map(|(w, level)| Rebuild {
+            entry: w.clone(),
+            level: *level,
+            old: Old::Table,
+        }));
+        let mut ok = true;
+        self.walk_leaves(region, |l| {
+            if !ok || !l.valid || l.entry.start < region.start || l.entry.end > region.end {
+                return;
+            }
+            if in_windows(windows, &l.entry) {
+                return;
+            }
+            ok = out.len() < MAX_DEFERRED_MAKES;
+            out.push(Rebuild {
+                entry: l.entry,
+                level: l.level,
+                old: Old::Leaf,
+            });
+        });
+        ok.then_some(out)
+    }
+
+    /// A map whose make must wait for a break (the empty tables of
+    /// `windows` detached, or old entries of the range still queued for
+    /// invalidation), deferred inside a section: every entry the map
+    /// writes is rebuilt by [`defer_rebuild`](Self::defer_rebuild). False
+    /// when it is not (outside a section, or too many entries).
+    fn defer_map(
+        &mut self,
+        region: &Range<usize>,
+        windows: &[(Range<usize>, usize)],
+        piece: &Piece,
+    ) -> Result<bool, Stage2Error> {
+        if !self.mm.in_lazy_mode() || self.mm.is_paused() {
+            return Ok(false);
+        }
+        let mut rebuilds: Vec<Rebuild> = windows
+            .iter()
+            .map(|(w, level)| Rebuild {
+                entry: w.clone(),
+                level: *level,
+                old: Old::Table,
+            })
+            .collect();
+        let mut fits = true;
+        self.walk_leaves(region, |l| {
+            if fits && !in_windows(windows, &l.entry) {
+                fits = rebuilds.len() < MAX_DEFERRED_MAKES;
+                rebuilds.push(Rebuild {
+                    entry: l.entry,
+                    level: l.level,
+                    old: Old::Invalid,
+                });
+            }
+        });
+        if !fits {
+            return Ok(false);
+        }
+        self.defer_rebuild(&rebuilds, core::slice::from_ref(piece))
+    }
+
+    /// Deferred break-before-make inside a section. Each of `rebuilds` is
+    /// broken now (a valid leaf written invalid in place, a table detached
+    /// whole, an invalid entry left as it is; the invalidations queued) and
+    /// its make, what `pieces` put into it, is recorded with the section
+    /// ([`MmCtx::defer_makes`]): the flush writes it once every break's
+    /// invalidation has completed. A make is one descriptor: a leaf where
+    /// one piece covers the entry with an aligned output address (or at
+    /// level 3), otherwise a table descriptor pointing at a subtree built
+    /// here, unpublished (nothing can walk it before the make), from the
+    /// tables the prepare step counted; an entry no piece covers stays
+    /// invalid (no make).
+    ///
+    /// Prepare/commit: the tables are prepared before the first break, so
+    /// a failure returns the error with nothing changed. Returns false
+    /// (nothing done) outside a section, while paused, or when the makes
+    /// would not fit: the caller then breaks, flushes and makes at once.
+    fn defer_rebuild(
+        &mut self,
+        rebuilds: &[Rebuild],
+        pieces: &[Piece],
+    ) -> Result<bool, Stage2Error> {
+        if !self.mm.in_lazy_mode()
+            || self.mm.is_paused()
+            || self.mm.deferred_makes() + rebuilds.len() > MAX_DEFERRED_MAKES
+        {
+            // Memory stays bounded: an operation whose makes would not fit
+            // pays at once (its flush writes the pending ones too).
+            return Ok(false);
+        }
+        let layouts: Vec<MadeLayout> = rebuilds
+            .iter()
+            .map(|r| layout_for(&r.entry, r.level, pieces))
+            .collect();
+        let needed: usize = layouts.iter().map(|m| m.tables).sum();
+        self.prepare(needed)?;
+        // A nest in the prepare step may have ended the section
+        // (`FlushInner`'s inner leave): then this pays at once, as the
+        // eager path does (break, flush, make). It may also have paid what
+        // the section owed (`Counted`'s inner leave): then entries that were
+        // invalid already have nothing left to wait for.
+        let now = !self.mm.in_lazy_mode() || self.mm.is_paused();
+        let must_wait = rebuilds.iter().any(|r| {
+            !matches!(r.old, Old::Invalid)
+                || self.mm.stage2_invalidation_pending(
+                    self.vmid,
+                    r.entry.start as u64,
+                    (r.entry.end - r.entry.start) as u64,
+                )
+        });
+        // Break.
+        let mut breaks = 0;
+        for r in rebuilds {
+            match r.old {
+                Old::Leaf => self.unmap_entries(&r.entry, Some(r.level)),
+                Old::Table => self.unmap_entries(&r.entry, None),
+                Old::Invalid => continue,
+            }
+            breaks += 1;
+        }
+        // Make, deferred: each entry's descriptor, and the subtrees behind
+        // table descriptors written now (unpublished).
+        let mut makes = Vec::with_capacity(rebuilds.len());
+        let mut subtree_writes = 0;
+        for (r, made) in rebuilds.iter().zip(&layouts) {
+            let inside = clip(pieces, &r.entry);
+            let gran = r.entry.end - r.entry.start;
+            let value = match inside.as_slice() {
+                [] => continue,
+                [p] if r.level == 3 => {
+                    p.pa as u64 | (p.flags | Stage2Attributes::TABLE_OR_PAGE).bits() as u64
+                }
+                [p] if p.range == r.entry && p.pa.is_multiple_of(gran) => {
+                    p.pa as u64 | p.flags.bits() as u64
+                }
+                _ => {
+                    subtree_writes += made.leaves + made.tables - 1;
+                    self.build_subtree(&r.entry, r.level, &inside)
+                }
+            };
+            makes.push(DeferredMake {
+                vmid: self.vmid,
+                ipa: r.entry.start as u64,
+                size: gran as u64,
+                desc: PhysAddr(self.desc_addr(r.entry.start, r.level)),
+                value,
+            });
+        }
+        self.finish(needed);
+        if now || !must_wait {
+            self.mm.note_writes((breaks + subtree_writes) as u64, false);
+            if must_wait {
+                // The flush completes the breaks' invalidations (and makes
+                // the subtrees' entries visible).
+                self.complete_break();
+            }
+            for m in &makes {
+                // SAFETY: as for `defer_makes` below; whatever the entry
+                // held before is no longer cached (the invalidation of
+                // every break completed in the flush just above, or there
+                // was nothing to wait for).
+                unsafe { publish(m) };
+            }
+            self.mm.note_writes(makes.len() as u64, true);
+            return Ok(true);
+        }
         // SAFETY: each descriptor is in a live table of this stage 2 (the
-        // break wrote it in place), invalid with its invalidation queued;
-        // every operation overlapping it, `compact` and `Drop` complete the
-        // makes before changing or detaching anything there.
+        // tables above it were walked to find the entry, and a break only
+        // writes the entry itself), invalid now with its invalidation queued
+        // (broken just above, or an invalid entry whose old contents' were
+        // queued by an earlier change in this section); every operation
+        // overlapping it, `compact` and `Drop` complete the makes before
+        // changing or detaching anything there.
         unsafe { self.mm.defer_makes(makes) };
-        self.mm.note_writes(n, false);
-        let c = self.mm.counters();
-        // One break-before-make cycle (its invalidation and make shared
-        // with the section's other deferred ones).
-        inc(&c.bbm);
-        add(&c.blocks_mapped, blocks);
-        inc(&c.mappings);
-        self.mm.op_done();
-        true
+        // The breaks, and the subtrees' entries: written now, made visible
+        // by the flush's first `DSB ISHST`, before any make publishes them.
+        self.mm.note_writes((breaks + subtree_writes) as u64, false);
+        if breaks > 0 {
+            // One break-before-make cycle (its invalidation and make shared
+            // with the section's other deferred ones).
+            inc(&self.mm.counters().bbm);
+        }
+        Ok(true)
+    }
+
+    /// Builds, in pages of the prepared reserve, the table that `pieces`
+    /// (clipped to `entry`, at `level`) make below `entry`, the way
+    /// aarch64-paging's `map_range` would build it under a live invalid
+    /// entry (blocks where aligned); returns the table descriptor that
+    /// publishes it. Nothing points at it yet, so nothing walks it.
+    fn build_subtree(&self, entry: &Range<usize>, level: usize, pieces: &[Piece]) -> u64 {
+        let mut tree: RootTable<paging::Stage2, SubtreeTables<'_>> =
+            RootTable::new(SubtreeTables(&self.pages), level + 1, paging::Stage2);
+        for p in pieces {
+            tree.map_range(
+                &MemoryRegion::new(p.range.start - entry.start, p.range.end - entry.start),
+                PhysicalAddress(p.pa),
+                p.flags,
+                Constraints::NO_CONTIGUOUS_HINT,
+            )
+            .expect("subtree map inside its entry");
+        }
+        let table = tree.to_physical().0 as u64;
+        // The tables now belong to the live stage 2 (once the make is
+        // written), which frees them as its own; the builder holds nothing
+        // else (its translation is a reference), so forgetting it leaks
+        // nothing.
+        core::mem::forget(tree);
+        table | (Stage2Attributes::TABLE_OR_PAGE | Stage2Attributes::VALID).bits() as u64
     }
 
     /// The identity-mapped address of the descriptor of the entry at
@@ -1607,18 +1925,7 @@ impl core::ops::AddAssign for MadeLayout {
 /// each of its entries is decided the same way one level down (a level-3
 /// table holds one page per covered page).
 fn layout_for(entry: &Range<usize>, level: usize, pieces: &[Piece]) -> MadeLayout {
-    let inside: Vec<Piece> = pieces
-        .iter()
-        .filter(|p| p.range.start < entry.end && entry.start < p.range.end)
-        .map(|p| {
-            let start = p.range.start.max(entry.start);
-            Piece {
-                range: start..p.range.end.min(entry.end),
-                pa: p.pa + (start - p.range.start),
-                flags: p.flags,
-            }
-        })
-        .collect();
+    let inside = clip(pieces, entry);
     let gran = entry.end - entry.start;
     match inside.as_slice() {
         [] => MadeLayout::default(),
@@ -1652,6 +1959,40 @@ fn layout_for(entry: &Range<usize>, level: usize, pieces: &[Piece]) -> MadeLayou
             made
         }
     }
+}
+
+/// Writes a make's descriptor now, with release semantics: the entries of
+/// a subtree it points at (written before) are observed before it, as
+/// aarch64-paging's own descriptor `set` orders a new table's contents
+/// before the entry that publishes it.
+///
+/// # Safety
+///
+/// `m.desc` is the identity-mapped address of a descriptor in a live
+/// stage-2 table, 8-byte aligned, that the caller may write (it holds the
+/// tables exclusively) and whose old translation is no longer cached.
+unsafe fn publish(m: &DeferredMake) {
+    // SAFETY: the caller's contract: a valid, aligned descriptor address
+    // that only this CPU writes; walkers read it with single-copy-atomic
+    // 64-bit loads, which an atomic store matches.
+    let desc = unsafe { core::sync::atomic::AtomicU64::from_ptr(m.desc.0 as *mut u64) };
+    desc.store(m.value, core::sync::atomic::Ordering::Release);
+}
+
+/// The parts of `pieces` inside `entry`.
+fn clip(pieces: &[Piece], entry: &Range<usize>) -> Vec<Piece> {
+    pieces
+        .iter()
+        .filter(|p| p.range.start < entry.end && entry.start < p.range.end)
+        .map(|p| {
+            let start = p.range.start.max(entry.start);
+            Piece {
+                range: start..p.range.end.min(entry.end),
+                pa: p.pa + (start - p.range.start),
+                flags: p.flags,
+            }
+        })
+        .collect()
 }
 
 /// Validates an IPA range and returns it as addresses.
