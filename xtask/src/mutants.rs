@@ -194,6 +194,22 @@ pub const MUTANTS: &[Mutant] = &[
         expect: Expect::Killed,
     },
     Mutant {
+        name: "rebuild-prepares-after-breaking",
+        file: "src/mm/stage2.rs",
+        find: "        self.prepare(needed)?;\n        // A nest in the prepare step may have ended the section\n        // (`FlushInner`'s inner leave): then this pays at once, as the\n        // eager path does (break, flush, make). It may also have paid what\n        // the section owed (`Counted`'s inner leave): then entries that were\n        // invalid already have nothing left to wait for.\n        let now = !self.mm.in_lazy_mode() || self.mm.is_paused();\n        let must_wait = rebuilds.iter().any(|r| {\n            !matches!(r.old, Old::Invalid)\n                || self.mm.stage2_invalidation_pending(\n                    self.vmid,\n                    r.entry.start as u64,\n                    (r.entry.end - r.entry.start) as u64,\n                )\n        });\n        // Break.\n        let mut breaks = 0;\n        for r in rebuilds {\n            match r.old {\n                Old::Leaf => self.unmap_entries(&r.entry, Some(r.level)),\n                Old::Table => self.unmap_entries(&r.entry, None),\n                Old::Invalid => continue,\n            }\n            breaks += 1;\n        }\n",
+        replace: "        // A nest in the prepare step may have ended the section\n        // (`FlushInner`'s inner leave): then this pays at once, as the\n        // eager path does (break, flush, make). It may also have paid what\n        // the section owed (`Counted`'s inner leave): then entries that were\n        // invalid already have nothing left to wait for.\n        let now = !self.mm.in_lazy_mode() || self.mm.is_paused();\n        let must_wait = rebuilds.iter().any(|r| {\n            !matches!(r.old, Old::Invalid)\n                || self.mm.stage2_invalidation_pending(\n                    self.vmid,\n                    r.entry.start as u64,\n                    (r.entry.end - r.entry.start) as u64,\n                )\n        });\n        // Break.\n        let mut breaks = 0;\n        for r in rebuilds {\n            match r.old {\n                Old::Leaf => self.unmap_entries(&r.entry, Some(r.level)),\n                Old::Table => self.unmap_entries(&r.entry, None),\n                Old::Invalid => continue,\n            }\n            breaks += 1;\n        }\n        self.prepare(needed)?;\n",
+        what: "defer_rebuild takes its tables only after the breaks (moved below them): a failed allocation leaves broken entries behind",
+        expect: Expect::Killed,
+    },
+    Mutant {
+        name: "map-over-queued-invalidation-not-waiting",
+        file: "src/mm/stage2.rs",
+        find: "                || self.mm.stage2_invalidation_pending(",
+        replace: "                || false && self.mm.stage2_invalidation_pending(",
+        what: "a map over entries whose invalidation is still queued writes its entries at once instead of after the section's flush",
+        expect: Expect::Killed,
+    },
+    Mutant {
         name: "no-clean-before-guest-map",
         file: "src/coherency.rs",
         find: "    pub fn before_guest_map(self, ops: &dyn CacheOps, pa: PhysAddr, len: usize) {\n        self.after_hyp_write(ops, pa, len);",
