@@ -236,7 +236,9 @@ fn split_blocks<A: MmArch>(
     let pa_of = |ipa: Ipa| pa.add((ipa.0 - base.0) as usize);
     Ok((0..512u64).all(|i| {
         let at = |ipa: Ipa| s2.query(ipa).map(|t| (t.pa, t.attrs, t.level));
+        let left = base.add(i * 2 * MIB);
         at(page(i)) == Some((pa_of(page(i)), RO, 3))
+            && at(left) == Some((pa_of(left), RW, 3))
             && at(page(i).add(PAGE)) == Some((pa_of(page(i).add(PAGE)), RW, 3))
     }))
 }

@@ -36,20 +36,20 @@
 //!   entries with the change applied (a split);
 //! - `merge`: a table of uniform pages is broken and made a block.
 //!
-//! A break's invalidation is paid at once, inside a lazy section too (as Xen
-//! does for superpage shattering), but once per operation however many
-//! entries it breaks: prepare all, break all, one flush, make all. That flush
-//! also pays whatever the section owed so far. Changes that need no BBM
-//! (permission changes, unmapping whole entries) only queue their
-//! invalidation in the section's batch.
+//! Outside a lazy section a break's invalidation is paid at once, but once
+//! per operation however many entries it breaks: prepare all, break all,
+//! one flush, make all. Changes that need no BBM (permission changes,
+//! unmapping whole entries) only queue their invalidation in the section's
+//! batch.
 //!
-//! Deferred break-before-make: inside a section, a `remap` whose make
-//! rewrites each entry in place (every entry a valid leaf inside the range,
-//! its new output address aligned to its size: no table, nothing to
-//! prepare) only breaks and records its makes with the section
-//! ([`MmCtx::defer_makes`]); the flush writes them after the breaks'
-//! invalidation completed. Any operation or look-up over a range with a
-//! pending make, and `compact`, complete the pending makes first
+//! Deferred break-before-make: inside a section every operation that breaks
+//! (remap, split, merge, and a map over an empty table or over entries
+//! still queued for invalidation) prepares its tables, breaks, and records
+//! its makes with the section ([`MmCtx::defer_makes`]): one descriptor per
+//! rebuilt entry, a leaf or a table descriptor pointing at a subtree built
+//! unpublished. The flush writes them after the breaks' invalidation
+//! completed. Any operation or look-up over a range with a pending make,
+//! `compact` and `Drop` complete the pending makes first
 //! (docs/lazy-mmu.md).
 //!
 //! # IPA space
@@ -237,9 +237,12 @@ pub struct Changed {
     /// 4 KiB pages whose translation the call changed: mapped, unmapped
     /// (only those that were mapped), re-protected or re-pointed.
     pub pages: u64,
-    /// Block entries (2 MiB, 1 GiB) the call wrote for its range (map and
+    /// Block entries (2 MiB, 1 GiB) the call made for its range (map and
     /// remap; the parts of a split block re-made around an unmap or a
-    /// protect are not counted here but in `descriptors`).
+    /// protect are not counted here but in `descriptors`). Inside a
+    /// section a deferred make counts here when it is recorded, and in
+    /// `descriptors` (the `pte_writes` counter) only when the section's
+    /// flush writes it.
     pub blocks: u64,
     /// Blocks split because the range cut through them.
     pub splits: u64,
@@ -1409,7 +1412,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         // eager path does (break, flush, make). It may also have paid what
         // the section owed (`Counted`'s inner leave): then entries that were
         // invalid already have nothing left to wait for.
-        let now = !self.mm.in_lazy_mode() || self.mm.is_paused();
+        let now = !self.mm.in_lazy_mode();
         let must_wait = rebuilds.iter().any(|r| {
             !matches!(r.old, Old::Invalid)
                 || self.mm.stage2_invalidation_pending(
@@ -1461,7 +1464,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             self.mm.note_writes((breaks + subtree_writes) as u64, false);
             if must_wait {
                 // The flush completes the breaks' invalidations (and makes
-                // the subtrees' entries visible).
+                // the subtrees' entries visible); counts the cycle.
                 self.complete_break();
             }
             for m in &makes {
@@ -1485,11 +1488,9 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         // The breaks, and the subtrees' entries: written now, made visible
         // by the flush's first `DSB ISHST`, before any make publishes them.
         self.mm.note_writes((breaks + subtree_writes) as u64, false);
-        if breaks > 0 {
-            // One break-before-make cycle (its invalidation and make shared
-            // with the section's other deferred ones).
-            inc(&self.mm.counters().bbm);
-        }
+        // One break-before-make cycle (its invalidation and make shared with
+        // the section's other deferred ones).
+        inc(&self.mm.counters().bbm);
         Ok(true)
     }
 
@@ -1816,6 +1817,8 @@ impl<A: MmArch> Drop for Stage2<'_, A> {
     /// A section open on this CPU is paid by step 1's flush.
     fn drop(&mut self) {
         self.mm.debug_assert_not_paused();
+        // Pending makes first: the gauge counts what they map.
+        self.complete_deferred(&(0..IPA_LIMIT.0 as usize));
         let pages = self.mapped_pages(&(0..IPA_LIMIT.0 as usize));
         sub(&self.mm.counters().pages_mapped, pages as u64);
         self.mm.queue_stage2_invalidation_all(self.vmid);
@@ -1979,11 +1982,15 @@ unsafe fn publish(m: &DeferredMake) {
     desc.store(m.value, core::sync::atomic::Ordering::Release);
 }
 
-/// The parts of `pieces` inside `entry`.
+/// The parts of `pieces` (disjoint, sorted by address) inside `entry`:
+/// found by binary search, so a call over many pieces (a merge of 4096
+/// regions) costs what the entry overlaps, not the whole list.
 fn clip(pieces: &[Piece], entry: &Range<usize>) -> Vec<Piece> {
-    pieces
+    debug_assert!(pieces.is_sorted_by_key(|p| p.range.start));
+    let first = pieces.partition_point(|p| p.range.end <= entry.start);
+    pieces[first..]
         .iter()
-        .filter(|p| p.range.start < entry.end && entry.start < p.range.end)
+        .take_while(|p| p.range.start < entry.end)
         .map(|p| {
             let start = p.range.start.max(entry.start);
             Piece {
