@@ -1,4 +1,4 @@
-//! The benchmark sequence (`cargo xtask bench`, flag bit 1): W1..W4, W6, W7 run by
+//! The benchmark sequence (`cargo xtask bench`, flag bit 1): W1..W4, W6, W7, W1-rsv run by
 //! the hypervisor on a scratch stage 2 in every mode, then W5, the first
 //! touch of 64 MiB, driven from here with fault-around off and on in every
 //! mode. The hypervisor prints one `LAZYHYP-BENCH` line per run.
@@ -26,7 +26,7 @@ pub fn run() -> (u64, u64) {
             println!("bench: {what} refused");
         }
     };
-    for w in 0..6 {
+    for w in 0..7 {
         for mode in 0..MODES {
             count(
                 "HYP_TEST_RUN_WORKLOAD",

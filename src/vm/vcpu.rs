@@ -96,7 +96,7 @@ pub mod smccc {
     pub const HYP_PROTECT: u32 = 0xc600_0013;
     /// Test builds: set the fault-around window to `x1` bytes (0: off).
     pub const HYP_TEST_SET_FAULT_AROUND: u32 = 0xc600_0f02;
-    /// Test builds: run benchmark workload `x1` (0..=5: W1..W4, W6, W7) in mode
+    /// Test builds: run benchmark workload `x1` (0..=6: W1..W4, W6, W7, W1-rsv) in mode
     /// `x2` (0 eager, 1 FlushInner, 2 Naive, 3 Flatten, 4 Counted) on a
     /// scratch stage 2; prints a `LAZYHYP-BENCH` line; `x1` = correct.
     pub const HYP_TEST_RUN_WORKLOAD: u32 = 0xc600_0f03;
