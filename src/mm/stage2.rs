@@ -1445,18 +1445,13 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     /// none at all.
     fn prepare(&mut self, pages: usize) -> Result<(), Stage2Error> {
         let mut taken = Vec::with_capacity(pages);
-        for _ in 0..pages {
-            match self.pool.alloc_zeroed() {
-                Ok(pa) => taken.push(pa),
-                Err(e) => {
-                    for pa in taken {
-                        // SAFETY: allocated just above, never published in
-                        // any table.
-                        unsafe { self.pool.free(pa) };
-                    }
-                    return Err(Stage2Error::OutOfTableMemory(e));
-                }
+        if let Err(e) = self.pool.alloc_zeroed_many(pages, &mut taken) {
+            for pa in taken {
+                // SAFETY: allocated just above, never published in any
+                // table.
+                unsafe { self.pool.free(pa) };
             }
+            return Err(Stage2Error::OutOfTableMemory(e));
         }
         let mut pages = self.reserve_pages();
         debug_assert!(
