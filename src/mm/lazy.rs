@@ -921,6 +921,29 @@ impl<'h, A: MmArch> MmCtx<'h, A> {
             .add_stage2(vmid, ipa, size, kind, range);
     }
 
+    /// [`queue_stage2_invalidation`](Self::queue_stage2_invalidation), then
+    /// [`defer_free`](Self::defer_free) of each of `pages` (the tables the
+    /// change detached), under one lock of this CPU's state: what those
+    /// calls do, in that order (so no flush can come between them).
+    ///
+    /// # Panics
+    ///
+    /// As [`queue_stage2_invalidation`](Self::queue_stage2_invalidation).
+    pub fn queue_stage2_invalidation_and_free(
+        &self,
+        vmid: Vmid,
+        ipa: u64,
+        size: u64,
+        kind: InvalKind,
+        pages: impl IntoIterator<Item = PhysAddr>,
+    ) {
+        self.debug_assert_not_paused();
+        let range = self.arch.has_tlbi_range();
+        let mut cpu = self.cpus[self.cpu()].lock();
+        cpu.owed.batch.add_stage2(vmid, ipa, size, kind, range);
+        cpu.owed.deferred_free.extend(pages);
+    }
+
     /// Queues invalidation of everything `vmid`'s stage 2 may have cached
     /// (`TLBI VMALLS12E1IS`).
     ///

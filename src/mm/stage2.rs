@@ -1343,19 +1343,23 @@ impl<'m, A: MmArch> Stage2<'m, A> {
                 Constraints::NO_CONTIGUOUS_HINT,
             )
             .expect("unmap of whole entries in a checked region");
-        let detached_table = !self.reserve_pages().detached.is_empty();
+        let mut pages = self.pages.lock();
+        let detached_table = !pages.detached.is_empty();
         let kind = match leaf_level {
             _ if detached_table => InvalKind::Table,
             Some(level) => InvalKind::Leaf(level as u8),
             None => InvalKind::Table,
         };
-        self.mm.queue_stage2_invalidation(
+        // The invalidation, then the detached tables (as
+        // `hand_over_detached`), in one call.
+        self.detached += pages.detached.len() as u64;
+        self.mm.queue_stage2_invalidation_and_free(
             self.vmid,
             range.start as u64,
             (range.end - range.start) as u64,
             kind,
+            pages.detached.drain(..),
         );
-        self.hand_over_detached();
     }
 
     /// Writes every valid entry in `window` invalid, in one pass. `window`
@@ -1391,9 +1395,11 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     /// Moves tables aarch64-paging detached into the lazy state's
     /// deferred-free list: they are freed after the next flush's TLBIs.
     fn hand_over_detached(&mut self) {
-        let detached = core::mem::take(&mut self.reserve_pages().detached);
-        self.detached += detached.len() as u64;
-        for pa in detached {
+        // Drained in place (not taken): the list keeps its allocation for the
+        // next table an unmap detaches (one per 2 MiB window).
+        let mut pages = self.pages.lock();
+        self.detached += pages.detached.len() as u64;
+        for pa in pages.detached.drain(..) {
             self.mm.defer_free(pa);
         }
     }
