@@ -52,11 +52,10 @@ impl Ours {
         // pool uses; on the host it is "mapped" read-write at its address.
         let pool = leak(unsafe { PagePool::new(host_region(pool_pages), mm, None) });
         mm.set_free_hook(leak(move |pages: &[PhysAddr]| {
-            for &pa in pages {
-                // SAFETY: the mm core hands over only detached tables whose
-                // TLB maintenance has completed.
-                unsafe { pool.free(pa) };
-            }
+            // All of them at once, as the hypervisor's hook does.
+            // SAFETY: the mm core hands over only detached tables whose TLB
+            // maintenance has completed.
+            unsafe { pool.free_many(pages) };
         }));
         let s2 = Stage2::new(Vmid(1), mm, pool).expect("root table");
         Self { mm, pool, s2 }

@@ -313,7 +313,39 @@ impl RangeQueue {
 
     /// Queues `[start, end)` of `kind`; collapses the queue once it reaches
     /// `budget`.
-    pub fn insert(&mut self, mut start: u64, mut end: u64, mut kind: InvalKind, budget: Budget) {
+    pub fn insert(&mut self, start: u64, end: u64, kind: InvalKind, budget: Budget) {
+        // The common case of a large operation, window after window: the
+        // range extends the last one queued (touching it, same kind, nothing
+        // after it). What the general path does then (the last range taken
+        // out, merged, put back), in place.
+        if start < end
+            && self.whole.is_none()
+            && let Some(mut last) = self.ranges.last_entry()
+            && *last.key() < start
+            && last.get().end == start
+            && last.get().kind == kind
+        {
+            let s = *last.key();
+            let (a, r) = ops(s, start, kind);
+            let (a2, r2) = ops(s, end, kind);
+            last.get_mut().end = end;
+            self.address_ops = self.address_ops - a + a2;
+            self.range_ops = self.range_ops - r + r2;
+            self.collapse_if_over(budget);
+            return;
+        }
+        self.insert_merging(start, end, kind, budget);
+    }
+
+    /// [`insert`](Self::insert) without its fast path: merges `[start, end)`
+    /// with every range it overlaps or touches with the same kind.
+    fn insert_merging(
+        &mut self,
+        mut start: u64,
+        mut end: u64,
+        mut kind: InvalKind,
+        budget: Budget,
+    ) {
         if start >= end {
             return;
         }
@@ -355,6 +387,11 @@ impl RangeQueue {
         self.address_ops += a;
         self.range_ops += r;
         self.ranges.insert(start, Queued { end, kind });
+        self.collapse_if_over(budget);
+    }
+
+    /// Collapses the queue once it reaches `budget`.
+    fn collapse_if_over(&mut self, budget: Budget) {
         let over = match budget {
             Budget::AddressOps(limit) => self.address_ops >= limit,
             Budget::RangeOps(limit) => self.range_ops >= limit,
@@ -882,6 +919,29 @@ impl<'h, A: MmArch> MmCtx<'h, A> {
             .owed
             .batch
             .add_stage2(vmid, ipa, size, kind, range);
+    }
+
+    /// [`queue_stage2_invalidation`](Self::queue_stage2_invalidation), then
+    /// [`defer_free`](Self::defer_free) of each of `pages` (the tables the
+    /// change detached), under one lock of this CPU's state: what those
+    /// calls do, in that order (so no flush can come between them).
+    ///
+    /// # Panics
+    ///
+    /// As [`queue_stage2_invalidation`](Self::queue_stage2_invalidation).
+    pub fn queue_stage2_invalidation_and_free(
+        &self,
+        vmid: Vmid,
+        ipa: u64,
+        size: u64,
+        kind: InvalKind,
+        pages: impl IntoIterator<Item = PhysAddr>,
+    ) {
+        self.debug_assert_not_paused();
+        let range = self.arch.has_tlbi_range();
+        let mut cpu = self.cpus[self.cpu()].lock();
+        cpu.owed.batch.add_stage2(vmid, ipa, size, kind, range);
+        cpu.owed.deferred_free.extend(pages);
     }
 
     /// Queues invalidation of everything `vmid`'s stage 2 may have cached
@@ -1618,5 +1678,45 @@ mod tests {
         mm.queue_stage2_invalidation(Vmid(1), 0, PAGE, T);
         mm.leave();
         assert!(mm.nothing_pending());
+    }
+}
+
+#[cfg(test)]
+mod range_queue_fast_path {
+    use super::{Budget, InvalKind, PAGE_SIZE, RangeQueue};
+    use proptest::prelude::*;
+
+    fn kind(k: u8) -> InvalKind {
+        match k % 4 {
+            0 => InvalKind::Table,
+            1 => InvalKind::LeafAnyLevel,
+            l => InvalKind::Leaf(l + 1),
+        }
+    }
+
+    proptest! {
+        /// `insert` (with its extend-the-last-range fast path) leaves the
+        /// queue exactly as the merging path alone does: same ranges,
+        /// kinds, TLBI counts and collapse. Ranges are mostly appended
+        /// after the last one (touching it or not), sometimes anywhere.
+        #[test]
+        fn insert_matches_the_merging_path(
+            ops in proptest::collection::vec((0u64..4, 1u64..8, 0u8..4, any::<bool>()), 1..60),
+            budget in prop_oneof![Just(u64::MAX), 4u64..64],
+            by_range in any::<bool>(),
+        ) {
+            let budget = if by_range { Budget::RangeOps(budget) } else { Budget::AddressOps(budget) };
+            let page = PAGE_SIZE as u64;
+            let (mut fast, mut merging) = (RangeQueue::default(), RangeQueue::default());
+            let mut next = 0;
+            for (gap, len, k, anywhere) in ops {
+                let start = if anywhere { (gap * 7 + len) * page } else { next + gap * page };
+                let end = start + len * page;
+                next = next.max(end);
+                fast.insert(start, end, kind(k), budget);
+                merging.insert_merging(start, end, kind(k), budget);
+                prop_assert_eq!(&fast, &merging);
+            }
+        }
     }
 }

@@ -1,6 +1,9 @@
 //! The page pool: 4 KiB pages for translation tables, handed out by a buddy
 //! allocator (`buddy_system_allocator::FrameAllocator`) over one region that
-//! the hypervisor reserved for it at boot.
+//! the hypervisor reserved for it at boot, behind a bounded cache of single
+//! free pages (a stack: freed pages are pushed on it, allocations pop it
+//! first, so the bursts of table frees and allocations of a large map or
+//! unmap rarely reach the buddy allocator's ordered sets).
 //!
 //! Pool pages are identity-mapped in the hypervisor's EL2 map, so a page's
 //! physical address is also the address the hypervisor writes it through. On
@@ -67,14 +70,62 @@ pub trait El2PageMap: Sync {
     fn set_page(&self, va: PhysAddr, valid: bool) -> u64;
 }
 
+/// Most free pages the free-page cache holds (its stack is allocated once,
+/// at the pool's creation: 8 bytes a page).
+const CACHE_PAGES: usize = 1024;
+
 struct PoolState {
     frames: FrameAllocator<32>,
+    /// The free-page cache: single free pages, most recently freed last,
+    /// taken before the buddy allocator is asked. Table pages are freed and
+    /// allocated one at a time, in bursts of hundreds (a GiB of pages is 512
+    /// tables); a stack makes each a push or a pop, where the buddy
+    /// allocator's ordered sets cost a tree update (and often a node
+    /// allocation) per page and per merge of buddies. Its pages are free
+    /// pages like the buddy allocator's: counted in `free_pages`, and
+    /// unmapped from the EL2 map in guard mode.
+    ///
+    /// The pool only ever allocates single pages, and takes from the cache
+    /// first; so a page in the cache is never missing from an allocation
+    /// the buddy allocator cannot serve (it is only asked once the cache is
+    /// empty), and no contiguous allocation needs the cached pages merged
+    /// back into blocks.
+    cache: Vec<PhysAddr>,
+    /// Pages the cache may hold: `CACHE_PAGES`, or the pool's size if
+    /// smaller; the rest of a burst of frees goes to the buddy allocator.
+    cache_cap: usize,
     free_pages: usize,
     /// Allocations left before an injected failure; `None` when not injecting.
     fail_after: Option<usize>,
 }
 
-/// A buddy allocator of 4 KiB page frames, optionally guarding free pages.
+impl PoolState {
+    /// Takes a free page: the cache's most recently freed one, else one from
+    /// the buddy allocator. `None` when neither has one (every page is
+    /// handed out or in a CPU's reserve).
+    fn take(&mut self) -> Option<PhysAddr> {
+        let pa = match self.cache.pop() {
+            Some(pa) => pa,
+            None => PhysAddr(self.frames.alloc(1)? * PAGE_SIZE),
+        };
+        self.free_pages -= 1;
+        Some(pa)
+    }
+
+    /// Gives back a free page (already unmapped from the EL2 map in guard
+    /// mode): to the cache while it has room, else to the buddy allocator.
+    fn put(&mut self, pa: PhysAddr) {
+        if self.cache.len() < self.cache_cap {
+            self.cache.push(pa);
+        } else {
+            self.frames.dealloc(pa.0 / PAGE_SIZE, 1);
+        }
+        self.free_pages += 1;
+    }
+}
+
+/// A buddy allocator of 4 KiB page frames, behind a cache of single free
+/// pages, optionally guarding free pages.
 pub struct PagePool<'m, A: MmArch> {
     state: SpinMutex<PoolState>,
     /// Per CPU: zeroed pages, valid in the EL2 map, taken first by
@@ -202,10 +253,14 @@ impl<'m, A: MmArch> PagePool<'m, A> {
         );
         let mut frames = FrameAllocator::new();
         frames.add_frame(region.start.0 / PAGE_SIZE, region.end.0 / PAGE_SIZE);
+        let pages = region.end.offset_from(region.start) / PAGE_SIZE;
+        let cache_cap = pages.min(CACHE_PAGES);
         let pool = Self {
             state: SpinMutex::new(PoolState {
-                free_pages: region.end.offset_from(region.start) / PAGE_SIZE,
+                free_pages: pages,
                 frames,
+                cache: Vec::with_capacity(cache_cap),
+                cache_cap,
                 fail_after: None,
             }),
             reserve: core::array::from_fn(|_| SpinMutex::new(Vec::new())),
@@ -275,17 +330,13 @@ impl<'m, A: MmArch> PagePool<'m, A> {
         let mut taken = Vec::with_capacity(want);
         {
             let mut st = self.state.lock();
-            for _ in 0..want {
-                let Some(frame) = st.frames.alloc(1) else {
-                    for &PhysAddr(pa) in &taken {
-                        st.frames.dealloc(pa / PAGE_SIZE, 1);
-                    }
-                    st.free_pages += taken.len();
-                    return Err(PoolError::Exhausted);
-                };
-                st.free_pages -= 1;
-                taken.push(PhysAddr(frame * PAGE_SIZE));
+            // `free_pages` counts exactly the cache's pages and the buddy
+            // allocator's: all or nothing, decided before taking any.
+            if st.free_pages < want {
+                return Err(PoolError::Exhausted);
             }
+            taken.extend(core::iter::from_fn(|| st.take()).take(want));
+            debug_assert_eq!(taken.len(), want, "`free_pages` miscounted");
         }
         if self.guard.is_some() {
             self.guard_update(&taken, true);
@@ -358,9 +409,7 @@ impl<'m, A: MmArch> PagePool<'m, A> {
                 inc(&c.pool_allocs);
                 return Ok(pa);
             }
-            let frame = st.frames.alloc(1).ok_or(PoolError::Exhausted)?;
-            st.free_pages -= 1;
-            PhysAddr(frame * PAGE_SIZE)
+            st.take().ok_or(PoolError::Exhausted)?
         };
         if self.guard.is_some() {
             self.guard_update(&[pa], true);
@@ -379,6 +428,69 @@ impl<'m, A: MmArch> PagePool<'m, A> {
         unsafe { core::ptr::write_bytes(pa.0 as *mut u8, 0, PAGE_SIZE) };
         inc(&self.mm.counters().pool_allocs);
         Ok(pa)
+    }
+
+    /// `n` calls of [`alloc_zeroed`](Self::alloc_zeroed), each page pushed
+    /// onto `out`; at the first error, the pages already pushed stay there
+    /// (for the caller to free) and the error is returned. Every counter and
+    /// every page handed out is as those calls would leave them.
+    ///
+    /// Without guard mode the pages are taken under one lock and zeroed
+    /// after it, one after the other: no atomic operation between two pages'
+    /// zeroing (on the host, a locked instruction waits for every store
+    /// before it to drain; hundreds of 4 KiB zeroings each followed by one
+    /// serialize on it). With guard mode each page is its own EL2 update, as
+    /// in `alloc_zeroed`, so this is that loop.
+    ///
+    /// # Errors
+    ///
+    /// As [`alloc_zeroed`](Self::alloc_zeroed).
+    pub fn alloc_zeroed_many(&self, n: usize, out: &mut Vec<PhysAddr>) -> Result<(), PoolError> {
+        if self.guard.is_some() {
+            for _ in 0..n {
+                out.push(self.alloc_zeroed()?);
+            }
+            return Ok(());
+        }
+        let start = out.len();
+        let (from_reserve, result) = {
+            let mut st = self.state.lock();
+            let mut reserve = self.reserve[self.mm.arch.cpu_id()].lock();
+            let mut from_reserve = 0;
+            let mut result = Ok(());
+            for _ in 0..n {
+                if let Some(left) = st.fail_after.as_mut() {
+                    if *left == 0 {
+                        result = Err(PoolError::Injected);
+                        break;
+                    }
+                    *left -= 1;
+                }
+                // The reserve first, as in `alloc_zeroed`: once it is empty
+                // it stays so (only this CPU fills it), so its pages come
+                // first in `out`, the pages to zero after them.
+                if let Some(pa) = reserve.pop() {
+                    from_reserve += 1;
+                    out.push(pa);
+                } else if let Some(pa) = st.take() {
+                    out.push(pa);
+                } else {
+                    result = Err(PoolError::Exhausted);
+                    break;
+                }
+            }
+            (from_reserve, result)
+        };
+        for &PhysAddr(pa) in &out[start + from_reserve..] {
+            // SAFETY: as in `alloc_zeroed`: a page of the pool's region,
+            // ours alone and mapped read-write (no guard mode: identity),
+            // just taken from the free pages, so no one else uses it.
+            unsafe { core::ptr::write_bytes(pa as *mut u8, 0, PAGE_SIZE) };
+        }
+        let c = self.mm.counters();
+        add(&c.reserve_allocs, from_reserve as u64);
+        add(&c.pool_allocs, (out.len() - start) as u64);
+        result
     }
 
     /// Gives a page back to the pool (unmapping it from the EL2 map first in
@@ -427,10 +539,9 @@ impl<'m, A: MmArch> PagePool<'m, A> {
             add(&self.mm.counters().guard_unmaps, pages.len() as u64);
         }
         let mut st = self.state.lock();
-        for &PhysAddr(pa) in pages {
-            st.frames.dealloc(pa / PAGE_SIZE, 1);
+        for &pa in pages {
+            st.put(pa);
         }
-        st.free_pages += pages.len();
         add(&self.mm.counters().pool_frees, pages.len() as u64);
     }
 
@@ -548,6 +659,196 @@ mod tests {
         pool.fail_after(None);
         assert!(pool.alloc_zeroed().is_ok());
         assert_eq!(pool.alloc_zeroed(), Err(PoolError::Exhausted));
+    }
+
+    /// An EL2-page map that remembers which pages it left valid.
+    #[derive(Debug, Default)]
+    struct TrackingEl2(SpinMutex<alloc::collections::BTreeSet<usize>>);
+
+    impl TrackingEl2 {
+        fn mapped(&self, pa: PhysAddr) -> bool {
+            self.0.lock().contains(&pa.0)
+        }
+    }
+
+    impl El2PageMap for TrackingEl2 {
+        fn set_page(&self, va: PhysAddr, valid: bool) -> u64 {
+            let mut mapped = self.0.lock();
+            if valid {
+                mapped.insert(va.0);
+            } else {
+                mapped.remove(&va.0);
+            }
+            1
+        }
+    }
+
+    #[test]
+    fn cached_free_pages_are_unmapped_and_counted() {
+        let mm = leak(MmCtx::new(NoopArch));
+        let el2 = leak(TrackingEl2::default());
+        let region = host_region(8);
+        // SAFETY: fresh host memory, only this pool uses it.
+        let pool = unsafe { PagePool::new(region.clone(), mm, Some(el2)) };
+        let all_unmapped = || {
+            (region.start.0..region.end.0)
+                .step_by(PAGE_SIZE)
+                .all(|pa| !el2.mapped(PhysAddr(pa)))
+        };
+        assert!(all_unmapped());
+        mm.reset_counters();
+        let pages: Vec<PhysAddr> = (0..3).map(|_| pool.alloc_zeroed().expect("page")).collect();
+        assert!(pages.iter().all(|&pa| el2.mapped(pa)));
+        assert_eq!(pool.free_pages(), 5);
+        // SAFETY: unused pages from this pool.
+        unsafe { pool.free_many(&pages[1..]) };
+        assert_eq!(pool.state.lock().cache, [pages[1], pages[2]]);
+        assert!(!el2.mapped(pages[1]) && !el2.mapped(pages[2]));
+        assert_eq!(pool.free_pages(), 7);
+        // The most recently freed page first, mapped again.
+        assert_eq!(pool.alloc_zeroed(), Ok(pages[2]));
+        assert!(el2.mapped(pages[2]));
+        assert_eq!(pool.free_pages(), 6);
+        // The reserve takes from the cache too; its pages are mapped.
+        pool.top_up(2).expect("reserve");
+        assert!(pool.state.lock().cache.is_empty());
+        assert!(el2.mapped(pages[1]));
+        assert_eq!((pool.free_pages(), pool.reserved()), (6, 2));
+        pool.release_reserve();
+        assert_eq!(pool.free_pages(), 6);
+        // SAFETY: unused pages from this pool.
+        unsafe { pool.free_many(&[pages[0], pages[2]]) };
+        assert_eq!(pool.free_pages(), 8);
+        assert!(all_unmapped(), "a free page is still mapped");
+        assert_eq!(
+            (
+                mm.total("guard_maps"),
+                mm.total("guard_unmaps"),
+                mm.total("pool_allocs"),
+                mm.total("pool_frees")
+            ),
+            (6, 6, 4, 6)
+        );
+    }
+
+    #[test]
+    fn exhaustion_takes_the_cache_and_the_buddy_allocator() {
+        let mm = MmCtx::new(NoopArch);
+        let pool = host_pool(6, &mm);
+        // A cache smaller than the burst of frees below: the rest goes to
+        // the buddy allocator.
+        pool.state.lock().cache_cap = 2;
+        let take_all = || {
+            let mut pages = Vec::new();
+            while let Ok(pa) = pool.alloc_zeroed() {
+                pages.push(pa);
+                assert_eq!(pool.free_pages(), 6 - pages.len());
+            }
+            pages
+        };
+        let mut pages = take_all();
+        assert_eq!(pages.len(), 6);
+        assert_eq!(pool.alloc_zeroed(), Err(PoolError::Exhausted));
+        // SAFETY: unused pages from this pool.
+        unsafe { pool.free_many(&pages) };
+        assert_eq!(pool.state.lock().cache.len(), 2);
+        assert_eq!(pool.free_pages(), 6);
+        // Every page comes back out, from both, each once.
+        let mut again = take_all();
+        assert_eq!(pool.alloc_zeroed(), Err(PoolError::Exhausted));
+        pages.sort_unstable();
+        again.sort_unstable();
+        assert_eq!(pages, again);
+        // A top-up the pool cannot supply leaves cache, buddy and count as
+        // they were.
+        // SAFETY: unused pages from this pool.
+        unsafe { pool.free_many(&again[..3]) };
+        let cache_before = pool.state.lock().cache.clone();
+        assert_eq!(pool.top_up(4), Err(PoolError::Exhausted));
+        assert_eq!(pool.state.lock().cache, cache_before);
+        assert_eq!((pool.free_pages(), pool.reserved()), (3, 0));
+        // An injected failure takes nothing either.
+        pool.fail_after(Some(1));
+        assert!(pool.alloc_zeroed().is_ok());
+        assert_eq!(pool.alloc_zeroed(), Err(PoolError::Injected));
+        assert_eq!(pool.free_pages(), 2);
+        pool.fail_after(None);
+        pool.top_up(2).expect("the last two");
+        // Reserve pages count as free (not handed out).
+        assert_eq!((pool.free_pages(), pool.reserved()), (2, 2));
+        assert_eq!(pool.state.lock().free_pages, 0);
+    }
+
+    /// Pages handed out (offset in the region, zeroed), the error, the
+    /// `pool_allocs` and `reserve_allocs` counters, and free pages after.
+    type Outcome = (Vec<(usize, bool)>, Option<PoolError>, [u64; 2], usize);
+
+    /// One pool's allocation of `n` pages, after `reserve` pages were put in
+    /// the reserve and `fail_after` set, every page scribbled on first: the
+    /// pages (as offsets in the region), whether each came back zeroed, the
+    /// error, and the counters and free pages after.
+    fn allocation_outcome(
+        region: &Range<PhysAddr>,
+        reserve: usize,
+        fail_after: Option<usize>,
+        n: usize,
+        many: bool,
+    ) -> Outcome {
+        let mm = leak(MmCtx::new(NoopArch));
+        let pages = region.end.offset_from(region.start) / PAGE_SIZE;
+        // SAFETY: host memory of this test that only this pool uses while it
+        // lives (the caller's previous pool over it is gone).
+        let pool = unsafe { PagePool::new(region.clone(), mm, None) };
+        // SAFETY: the whole region is free host memory of this test (nothing
+        // handed out yet), writable at its address.
+        unsafe { core::ptr::write_bytes(region.start.0 as *mut u8, 0x5a, pages * PAGE_SIZE) };
+        pool.top_up(reserve).expect("reserve");
+        pool.fail_after(fail_after);
+        mm.reset_counters();
+        let mut out = Vec::new();
+        let err = if many {
+            pool.alloc_zeroed_many(n, &mut out).err()
+        } else {
+            (0..n)
+                .try_for_each(|_| pool.alloc_zeroed().map(|pa| out.push(pa)))
+                .err()
+        };
+        let seen = out
+            .iter()
+            .map(|&pa| {
+                // SAFETY: a page just handed out, PAGE_SIZE long.
+                let bytes = unsafe { core::slice::from_raw_parts(pa.0 as *const u8, PAGE_SIZE) };
+                (pa.offset_from(region.start), bytes.iter().all(|&b| b == 0))
+            })
+            .collect();
+        let counts = [mm.total("pool_allocs"), mm.total("reserve_allocs")];
+        (seen, err, counts, pool.free_pages())
+    }
+
+    #[test]
+    fn alloc_zeroed_many_is_that_many_alloc_zeroed() {
+        for (pages, reserve, fail_after, n) in [
+            (8, 0, None, 5),
+            (8, 3, None, 6),
+            (8, 3, None, 8),
+            (8, 2, None, 9),
+            (8, 2, Some(1), 4),
+            (8, 2, Some(3), 4),
+            (8, 0, Some(0), 2),
+            (4, 4, None, 4),
+            (4, 0, None, 0),
+        ] {
+            // The same region for both (the buddy allocator's choices depend
+            // on the addresses).
+            let region = host_region(pages);
+            let one_by_one = allocation_outcome(&region, reserve, fail_after, n, false);
+            let many = allocation_outcome(&region, reserve, fail_after, n, true);
+            assert_eq!(
+                many, one_by_one,
+                "{pages} pages, {reserve} reserved, {fail_after:?}, {n}"
+            );
+            assert!(many.0.iter().all(|&(_, zeroed)| zeroed));
+        }
     }
 
     #[test]
