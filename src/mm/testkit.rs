@@ -242,6 +242,7 @@ impl Kit {
         if !self.mm.nothing_pending() {
             return Err("mm core still owes barriers or TLBIs".into());
         }
+        self.s2.check_valid_counts()?;
         if !self.model.is_quiescent() {
             return Err("model not quiescent: stores or TLBIs outstanding".into());
         }
