@@ -15,7 +15,7 @@ use crate::{Artifacts, RunOptions, RunOutcome, cargo_command, run, run_with_time
 /// One run of one workload in one mode.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BenchRecord {
-    /// `W1`..`W4`, `W5-fa-off`, `W5-fa-on`.
+    /// `W1`..`W4`, `W6`, `W7`, `W1-rsv`, `W5-fa-off`, `W5-fa-on`.
     pub workload: String,
     /// `eager`, `flush_inner`, `naive`, `flatten`, `counted`.
     pub policy: String,
