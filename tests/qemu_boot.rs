@@ -255,6 +255,10 @@ fn bench_boot_emits_every_record() {
     // two W5 runs, each in 5 modes.
     let runs = (lazyhyp::workloads::Workload::ALL.len() + 2) * 5;
     assert_eq!(records.len(), runs, "every workload in every mode");
+    // QEMU's own check of the tables after each run (Naive's bug shows on
+    // the model, not in QEMU).
+    let wrong: Vec<_> = records.iter().filter(|r| !r.correct_qemu).collect();
+    assert!(wrong.is_empty(), "{wrong:?}");
     let json = xtask::bench::to_json(&records);
     for field in [
         "\"workload\"",

@@ -1321,10 +1321,12 @@ mod tests {
         }
     }
 
-    /// Insertion cost does not grow with what is queued: 200k alternating
-    /// pages queue in about the time of 200k pages of one run (a quadratic
-    /// queue took seconds). The bound is loose (10x) so a loaded machine
-    /// does not fail it; `cargo bench` has the precise numbers.
+    /// 200k alternating pages queue as 200k ranges, 200k contiguous ones as
+    /// one. Insertion is a `BTreeMap` look-up plus the ranges it merges, so
+    /// its cost does not grow with what is queued (a quadratic queue took
+    /// seconds); the times are printed (`-- --nocapture`) for information,
+    /// not asserted: performance is judged by benchmarks, never by a timed
+    /// assertion in a test.
     #[test]
     fn insertion_is_not_quadratic() {
         let n: u64 = 200_000;
@@ -1345,10 +1347,7 @@ mod tests {
         };
         let contiguous = time(PAGE);
         let alternating = time(2 * PAGE);
-        assert!(
-            alternating < contiguous * 10 + std::time::Duration::from_millis(200),
-            "alternating {alternating:?} vs contiguous {contiguous:?}"
-        );
+        std::println!("200k inserts: contiguous {contiguous:?}, alternating {alternating:?}");
     }
 
     fn counts(mm: &MmCtx<'_, NoopArch>) -> (u64, u64, u64) {

@@ -76,10 +76,14 @@ const CACHE_PAGES: usize = 1024;
 
 struct PoolState {
     frames: FrameAllocator<32>,
-    /// The free-page cache: single free pages, most recently freed last,
-    /// taken before the buddy allocator is asked. Table pages are freed and
-    /// allocated one at a time, in bursts of hundreds (a GiB of pages is 512
-    /// tables); a stack makes each a push or a pop, where the buddy
+    /// The free-page cache: single free pages in the order they were freed,
+    /// taken (oldest first) before the buddy allocator is asked. First in,
+    /// first out rather than a stack so that a freed table page stays free
+    /// (and, in guard mode, unmapped from the EL2 map) for as long as
+    /// possible: a use after free keeps faulting until hundreds of other
+    /// pages were handed out. Table pages are freed and allocated one at a
+    /// time, in bursts of hundreds (a GiB of pages is 512 tables); a ring
+    /// makes each a push or a pop, where the buddy
     /// allocator's ordered sets cost a tree update (and often a node
     /// allocation) per page and per merge of buddies. Its pages are free
     /// pages like the buddy allocator's: counted in `free_pages`, and
@@ -90,7 +94,7 @@ struct PoolState {
     /// the buddy allocator cannot serve (it is only asked once the cache is
     /// empty), and no contiguous allocation needs the cached pages merged
     /// back into blocks.
-    cache: Vec<PhysAddr>,
+    cache: alloc::collections::VecDeque<PhysAddr>,
     /// Pages the cache may hold: `CACHE_PAGES`, or the pool's size if
     /// smaller; the rest of a burst of frees goes to the buddy allocator.
     cache_cap: usize,
@@ -100,11 +104,11 @@ struct PoolState {
 }
 
 impl PoolState {
-    /// Takes a free page: the cache's most recently freed one, else one from
+    /// Takes a free page: the cache's least recently freed one, else one from
     /// the buddy allocator. `None` when neither has one (every page is
     /// handed out or in a CPU's reserve).
     fn take(&mut self) -> Option<PhysAddr> {
-        let pa = match self.cache.pop() {
+        let pa = match self.cache.pop_front() {
             Some(pa) => pa,
             None => PhysAddr(self.frames.alloc(1)? * PAGE_SIZE),
         };
@@ -115,8 +119,9 @@ impl PoolState {
     /// Gives back a free page (already unmapped from the EL2 map in guard
     /// mode): to the cache while it has room, else to the buddy allocator.
     fn put(&mut self, pa: PhysAddr) {
+        debug_assert!(!self.cache.contains(&pa), "page {pa:?} freed twice");
         if self.cache.len() < self.cache_cap {
-            self.cache.push(pa);
+            self.cache.push_back(pa);
         } else {
             self.frames.dealloc(pa.0 / PAGE_SIZE, 1);
         }
@@ -259,7 +264,7 @@ impl<'m, A: MmArch> PagePool<'m, A> {
             state: SpinMutex::new(PoolState {
                 free_pages: pages,
                 frames,
-                cache: Vec::with_capacity(cache_cap),
+                cache: alloc::collections::VecDeque::with_capacity(cache_cap),
                 cache_cap,
                 fail_after: None,
             }),
@@ -705,19 +710,20 @@ mod tests {
         assert_eq!(pool.state.lock().cache, [pages[1], pages[2]]);
         assert!(!el2.mapped(pages[1]) && !el2.mapped(pages[2]));
         assert_eq!(pool.free_pages(), 7);
-        // The most recently freed page first, mapped again.
-        assert_eq!(pool.alloc_zeroed(), Ok(pages[2]));
-        assert!(el2.mapped(pages[2]));
+        // The least recently freed page first (a freed page stays unmapped
+        // as long as possible), mapped again.
+        assert_eq!(pool.alloc_zeroed(), Ok(pages[1]));
+        assert!(el2.mapped(pages[1]));
         assert_eq!(pool.free_pages(), 6);
         // The reserve takes from the cache too; its pages are mapped.
         pool.top_up(2).expect("reserve");
         assert!(pool.state.lock().cache.is_empty());
-        assert!(el2.mapped(pages[1]));
+        assert!(el2.mapped(pages[2]));
         assert_eq!((pool.free_pages(), pool.reserved()), (6, 2));
         pool.release_reserve();
         assert_eq!(pool.free_pages(), 6);
         // SAFETY: unused pages from this pool.
-        unsafe { pool.free_many(&[pages[0], pages[2]]) };
+        unsafe { pool.free_many(&[pages[0], pages[1]]) };
         assert_eq!(pool.free_pages(), 8);
         assert!(all_unmapped(), "a free page is still mapped");
         assert_eq!(
