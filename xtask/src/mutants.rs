@@ -106,9 +106,9 @@ pub const MUTANTS: &[Mutant] = &[
     Mutant {
         name: "table-removal-as-leaf",
         file: "src/mm/stage2.rs",
-        find: "            _ if detached_table => InvalKind::Table,\n",
-        replace: "",
-        what: "an unmap run that detaches a table queues a leaf-kind invalidation",
+        find: "            _ if detached_table => InvalKind::Table,\n            Some(level) => InvalKind::Leaf(level as u8),\n            None => InvalKind::Table,\n",
+        replace: "            _ if detached_table => InvalKind::Leaf(3),\n            Some(level) => InvalKind::Leaf(level as u8),\n            None => InvalKind::Leaf(3),\n",
+        what: "an unmap that detaches a table (a whole 2 MiB window of pages, an empty table under a new block, a merged region) queues a leaf-kind invalidation, which leaves the table entry in walk caches",
         expect: Expect::Killed,
     },
     Mutant {
