@@ -314,32 +314,49 @@ struct TableReserve(Arc<SpinMutex<ReservePages>>);
 
 impl Translation<Stage2Attributes> for TableReserve {
     fn allocate_table(&mut self) -> (NonNull<PageTable<Stage2Attributes>>, PhysicalAddress) {
-        // The prepare step counted the tables exactly; running dry means
-        // that count is wrong, which is a bug, not a runtime condition.
-        let mut pages = self.0.lock();
-        let pa = pages
-            .reserve
-            .pop()
-            .expect("stage-2 table reserve exhausted: prepare step under-counted");
-        // A new table holds nothing yet (whatever level it ends up at).
-        *pages.valid.slot(pa.0) = 0;
-        let ptr = NonNull::new(pa.0 as *mut PageTable<Stage2Attributes>)
-            .expect("pool pages are never at address 0");
-        (ptr, PhysicalAddress(pa.0))
+        take_prepared_table(&self.0)
     }
 
     unsafe fn deallocate_table(&mut self, page_table: NonNull<PageTable<Stage2Attributes>>) {
-        self.0
-            .lock()
-            .detached
-            .push(PhysAddr(page_table.as_ptr() as usize));
+        note_detached(&self.0, page_table);
     }
 
     fn physical_to_virtual(&self, pa: PhysicalAddress) -> NonNull<PageTable<Stage2Attributes>> {
-        // Pool pages are identity-mapped.
-        NonNull::new(pa.0 as *mut PageTable<Stage2Attributes>)
-            .expect("table descriptors never point at address 0")
+        identity_table(pa)
     }
+}
+
+/// A table page for aarch64-paging, from the prepared reserve. The prepare
+/// step counted the tables exactly; running dry means that count is wrong,
+/// which is a bug, not a runtime condition.
+fn take_prepared_table(
+    pages: &SpinMutex<ReservePages>,
+) -> (NonNull<PageTable<Stage2Attributes>>, PhysicalAddress) {
+    let mut pages = pages.lock();
+    let pa = pages
+        .reserve
+        .pop()
+        .expect("stage-2 table reserve exhausted: prepare step under-counted");
+    // A new table holds nothing yet (whatever level it ends up at).
+    *pages.valid.slot(pa.0) = 0;
+    let ptr = NonNull::new(pa.0 as *mut PageTable<Stage2Attributes>)
+        .expect("pool pages are never at address 0");
+    (ptr, PhysicalAddress(pa.0))
+}
+
+/// A table aarch64-paging detached: kept for the lazy state's deferred
+/// free (after the invalidation hiding it).
+fn note_detached(pages: &SpinMutex<ReservePages>, table: NonNull<PageTable<Stage2Attributes>>) {
+    pages
+        .lock()
+        .detached
+        .push(PhysAddr(table.as_ptr() as usize));
+}
+
+/// The table at `pa`: pool pages are identity-mapped.
+fn identity_table(pa: PhysicalAddress) -> NonNull<PageTable<Stage2Attributes>> {
+    NonNull::new(pa.0 as *mut PageTable<Stage2Attributes>)
+        .expect("table descriptors never point at address 0")
 }
 
 /// The table-page source of a subtree built unpublished
@@ -349,32 +366,18 @@ struct SubtreeTables<'a>(&'a SpinMutex<ReservePages>);
 
 impl Translation<Stage2Attributes> for SubtreeTables<'_> {
     fn allocate_table(&mut self) -> (NonNull<PageTable<Stage2Attributes>>, PhysicalAddress) {
-        let mut pages = self.0.lock();
-        let pa = pages
-            .reserve
-            .pop()
-            .expect("stage-2 table reserve exhausted: prepare step under-counted");
-        // A new table holds nothing yet (whatever level it ends up at).
-        *pages.valid.slot(pa.0) = 0;
-        let ptr = NonNull::new(pa.0 as *mut PageTable<Stage2Attributes>)
-            .expect("pool pages are never at address 0");
-        (ptr, PhysicalAddress(pa.0))
+        take_prepared_table(self.0)
     }
 
     unsafe fn deallocate_table(&mut self, page_table: NonNull<PageTable<Stage2Attributes>>) {
         // A subtree is built over invalid entries only, so nothing is ever
         // detached from it; if something were, it goes where the live
         // tables' detached pages go.
-        self.0
-            .lock()
-            .detached
-            .push(PhysAddr(page_table.as_ptr() as usize));
+        note_detached(self.0, page_table);
     }
 
     fn physical_to_virtual(&self, pa: PhysicalAddress) -> NonNull<PageTable<Stage2Attributes>> {
-        // Pool pages are identity-mapped.
-        NonNull::new(pa.0 as *mut PageTable<Stage2Attributes>)
-            .expect("table descriptors never point at address 0")
+        identity_table(pa)
     }
 }
 
@@ -1237,31 +1240,10 @@ impl<'m, A: MmArch> Stage2<'m, A> {
                 }
             });
             writes += runs.iter().map(|(_, _, n)| n).sum::<usize>();
-            if runs.len() > 1 && runs.iter().all(|(_, level, _)| *level == 3) {
-                // Pages with holes between them (a range with pages given
-                // back): all in one level-3 table, which no run covers whole
-                // (it stays). One pass over the window writes every run's
-                // pages invalid, rather than one table update per run.
-                // One invalidation from the first run to the last: the
-                // holes between them hold invalid entries, which nothing
-                // caches, so covering them is free (one range TLBI per
-                // window with FEAT_TLBIRANGE, rather than one per run).
-                self.clear_pages(&(start..end));
-                if let Some(table) = self.l3_table(start) {
-                    let cleared: usize = runs.iter().map(|(_, _, n)| n).sum();
-                    self.count_sub(table, cleared);
-                }
-                let span = runs[0].0.start..runs[runs.len() - 1].0.end;
-                self.mm.queue_stage2_invalidation(
-                    self.vmid,
-                    span.start as u64,
-                    (span.end - span.start) as u64,
-                    InvalKind::Leaf(3),
-                );
-            } else {
-                for (r, level, _) in &runs {
-                    self.unmap_entries(r, Some(*level));
-                }
+            // No level-3 table here (`scan_pages` took those windows): the
+            // runs are blocks, each unmapped whole.
+            for (r, level, _) in &runs {
+                self.unmap_entries(r, Some(*level));
             }
             start = end;
         }
@@ -1881,22 +1863,6 @@ impl<'m, A: MmArch> Stage2<'m, A> {
             kind,
             pages.detached.drain(..),
         );
-    }
-
-    /// Writes every valid entry in `window` invalid, in one pass. `window`
-    /// must lie in one level-3 table (so nothing is split or detached).
-    fn clear_pages(&mut self, window: &Range<usize>) {
-        self.mapping
-            .modify_range(&MemoryRegion::new(window.start, window.end), &|_, d| {
-                debug_assert_eq!(d.level(), 3, "clear_pages outside a level-3 table");
-                if d.flags().contains(Stage2Attributes::VALID) {
-                    d.set(PhysicalAddress(0), Stage2Attributes::empty())
-                } else {
-                    Ok(())
-                }
-            })
-            .expect("page clearing in a checked region");
-        debug_assert!(self.reserve_pages().detached.is_empty());
     }
 
     /// Writes `piece` into the tables (allocating from the reserve).
